@@ -1,1 +1,200 @@
-fn main() {}
+//! The `onnx-idprune` command line: parses arguments, calls the library,
+//! prints one line on error and picks the exit code.
+//!
+//! Exit codes: 0 success, 1 error, 2 usage error, 3 fidelity gate not met.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use onnx_idprune::calib::Provider;
+use onnx_idprune::onnx::ExternalData;
+use onnx_idprune::plan::Plan;
+use onnx_idprune::{Error, PruneJob};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "onnx-idprune",
+    version,
+    about = "Prune CLIP/BLIP ONNX models guided by the intrinsic dimension of each layer",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    prune: PruneArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show the towers and transformer blocks of a model.
+    Inspect {
+        /// The model.
+        input: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Estimate the intrinsic dimension of each layer, or of a data matrix.
+    Id {
+        /// The model (omit with --data).
+        input: Option<PathBuf>,
+        /// Calibration data (.npz, arrays named after the model inputs).
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// A data matrix (.npy, rows = samples) instead of a model.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct PruneArgs {
+    /// The model to prune.
+    #[arg(required = true)]
+    input: Option<PathBuf>,
+    /// Where to write the pruned model (never the input).
+    #[arg(required = true)]
+    output: Option<PathBuf>,
+    /// Apply this plan exactly: no calibration, no ONNX Runtime needed.
+    #[arg(long, value_name = "FILE")]
+    plan: Option<PathBuf>,
+    /// Write the plan that was applied (normalised JSON).
+    #[arg(long, value_name = "FILE")]
+    plan_out: Option<PathBuf>,
+    /// Calibration data (.npz, arrays named after graph inputs, axis 0 = sample).
+    #[arg(long, value_name = "FILE.npz")]
+    calib: Option<PathBuf>,
+    /// Fraction of transformer-block parameters to keep, 0 < F <= 1.
+    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan")]
+    keep_params: Option<f64>,
+    /// Execution provider (strict unless --allow-fallback).
+    #[arg(long, value_name = "EP", default_value = "cpu", value_parser = parse_provider)]
+    ep: Provider,
+    /// Run on CPU when the requested provider cannot be registered.
+    #[arg(long)]
+    allow_fallback: bool,
+    /// The ONNX Runtime shared library (else ORT_DYLIB_PATH, else the project-local copy).
+    #[arg(long, value_name = "PATH")]
+    ort_lib: Option<PathBuf>,
+    /// Where tensor data goes: auto (like the input; external above 2 GiB), always (OUT.data next to OUT), never.
+    #[arg(long, value_name = "WHEN", value_enum)]
+    external_data: Option<ExternalDataArg>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ExternalDataArg {
+    Auto,
+    Always,
+    Never,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not in (0, 1]"))
+    }
+}
+
+fn parse_provider(s: &str) -> Result<Provider, String> {
+    s.parse()
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; usage errors exit 2.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("onnx-idprune: {}", one_line(&e));
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// The whole context chain on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<Error>() {
+        Some(_) | None => 1,
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Inspect { .. }) => {
+            bail!("inspect: architecture discovery is not available in this build yet")
+        }
+        Some(Command::Id { .. }) => {
+            bail!("id: intrinsic-dimension estimation is not available in this build yet")
+        }
+        None => prune(cli.prune),
+    }
+}
+
+fn prune(args: PruneArgs) -> Result<()> {
+    let (Some(input), Some(output)) = (args.input, args.output) else {
+        unreachable!("clap requires IN and OUT");
+    };
+    if args.calib.is_some() || args.keep_params.is_some() {
+        bail!(
+            "calibration (--calib, --keep-params) is not available in this build yet; pass --plan FILE to apply a plan"
+        );
+    }
+    let _ = (args.ep, args.allow_fallback, args.ort_lib); // used by calibration stages
+    let mut job = PruneJob::new(&input, &output);
+    if let Some(plan) = &args.plan {
+        job = job.with_plan(Plan::read(plan)?);
+    }
+    job.plan_out = args.plan_out;
+    job.external_data = args.external_data.map(|e| match e {
+        ExternalDataArg::Auto => ExternalData::Auto,
+        ExternalDataArg::Always => ExternalData::Always,
+        ExternalDataArg::Never => ExternalData::Never,
+    });
+    let outcome = job
+        .run()
+        .with_context(|| format!("{} -> {}", input.display(), output.display()))?;
+    let mut line = format!(
+        "wrote {} ({} bytes",
+        output.display(),
+        outcome.saved.model_bytes
+    );
+    if let Some(data) = &outcome.saved.external_file {
+        line.push_str(&format!(
+            " + {} bytes in {}",
+            outcome.saved.external_bytes,
+            data.display()
+        ));
+    }
+    let blocks = outcome.plan.blocks.len();
+    line.push_str(&format!(
+        "; plan: {blocks} block action{})",
+        if blocks == 1 { "" } else { "s" }
+    ));
+    eprintln!("onnx-idprune: {line}");
+    Ok(())
+}

@@ -806,10 +806,10 @@ impl Graph {
     }
 
     fn disconnect(&mut self, value: &str, u: Use) {
-        if let Some(list) = self.uses.get_mut(value) {
-            if let Some(pos) = list.iter().position(|x| *x == u) {
-                list.remove(pos);
-            }
+        if let Some(list) = self.uses.get_mut(value)
+            && let Some(pos) = list.iter().position(|x| *x == u)
+        {
+            list.remove(pos);
         }
         if let Some(Producer::Node(from, _)) = self.producers.get(value) {
             let edge: Option<EdgeIndex> = self

@@ -336,10 +336,10 @@ fn check_tensor(path: &Path, tensor: &TensorProto) -> Result<(), LoadError> {
                 dtype::name(dt)
             )));
         }
-        if let Some(want) = dtype::raw_len(dt, elements) {
-            if raw.len() as u64 != want {
-                return Err(mismatch("bytes", raw.len(), want));
-            }
+        if let Some(want) = dtype::raw_len(dt, elements)
+            && raw.len() as u64 != want
+        {
+            return Err(mismatch("bytes", raw.len(), want));
         }
         return Ok(());
     }

@@ -21,8 +21,8 @@ pub mod proto {
 
 pub use load::{LoadError, LoadedModel, load, load_bytes};
 pub use save::{
-    ExternalData, SaveError, SaveOptions, SaveSummary, check_not_input, encode_to_vec,
-    external_path, save,
+    ExternalData, SaveError, SaveOptions, SaveSummary, check_distinct, check_not_input,
+    encode_to_vec, external_path, save,
 };
 
 /// Protobuf's hard limit for one message: models above it need external data.

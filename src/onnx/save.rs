@@ -111,20 +111,22 @@ pub fn external_path(out: &Path) -> PathBuf {
 /// the model itself (also through another path or a hard link) or its
 /// external data. Checked before any work so that nothing is written.
 pub fn check_not_input(out: &Path, inputs: &[PathBuf]) -> Result<(), SaveError> {
-    for target in [out.to_path_buf(), external_path(out)] {
-        let Some(resolved) = resolve_destination(&target) else {
-            continue;
-        };
-        for input in inputs {
-            if same_file(&resolved, input) {
-                return Err(SaveError::OverwritesInput {
-                    path: target,
-                    input: input.clone(),
-                });
-            }
-        }
+    check_distinct(out, inputs)?;
+    check_distinct(&external_path(out), inputs)
+}
+
+/// Refuses writing `target` when it is (or links to) one of `files`.
+pub fn check_distinct(target: &Path, files: &[PathBuf]) -> Result<(), SaveError> {
+    let Some(resolved) = resolve_destination(target) else {
+        return Ok(());
+    };
+    match files.iter().find(|f| same_file(&resolved, f)) {
+        Some(input) => Err(SaveError::OverwritesInput {
+            path: target.to_path_buf(),
+            input: input.clone(),
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn resolve_destination(path: &Path) -> Option<PathBuf> {

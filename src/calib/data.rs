@@ -1,0 +1,184 @@
+//! Named input arrays and `.npz` calibration files.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray_npy::NpzReader;
+
+use crate::ir::{Dim, Graph};
+use crate::onnx::dtype;
+
+/// An array of one of the element types model inputs use.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Array {
+    /// float32
+    F32(ArrayD<f32>),
+    /// int64
+    I64(ArrayD<i64>),
+    /// int32
+    I32(ArrayD<i32>),
+    /// bool
+    Bool(ArrayD<bool>),
+}
+
+impl Array {
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Array::F32(a) => a.shape(),
+            Array::I64(a) => a.shape(),
+            Array::I32(a) => a.shape(),
+            Array::Bool(a) => a.shape(),
+        }
+    }
+
+    /// `TensorProto.DataType` code of the elements.
+    pub fn data_type(&self) -> i32 {
+        match self {
+            Array::F32(_) => dtype::code::FLOAT,
+            Array::I64(_) => dtype::code::INT64,
+            Array::I32(_) => dtype::code::INT32,
+            Array::Bool(_) => dtype::code::BOOL,
+        }
+    }
+
+    /// Rows `start..end` of axis 0.
+    pub fn rows(&self, start: usize, end: usize) -> Array {
+        let s = ndarray::Slice::from(start..end);
+        match self {
+            Array::F32(a) => Array::F32(a.slice_axis(Axis(0), s).to_owned()),
+            Array::I64(a) => Array::I64(a.slice_axis(Axis(0), s).to_owned()),
+            Array::I32(a) => Array::I32(a.slice_axis(Axis(0), s).to_owned()),
+            Array::Bool(a) => Array::Bool(a.slice_axis(Axis(0), s).to_owned()),
+        }
+    }
+
+    /// Whether any element is NaN or infinite (integers never are).
+    pub fn has_non_finite(&self) -> bool {
+        matches!(self, Array::F32(a) if a.iter().any(|v| !v.is_finite()))
+    }
+}
+
+/// Named arrays in input order.
+pub type Inputs = IndexMap<String, Array>;
+
+/// Problems with input data.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataError {
+    /// The file could not be read or is not a valid npz archive.
+    #[error("cannot read {}: {reason}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An array does not fit the model input of the same name.
+    #[error("{}: {reason}", path.display())]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// What does not fit.
+        reason: String,
+    },
+}
+
+/// Reads the arrays named after `graph`'s inputs from an npz file and
+/// checks their element types and trailing shapes (axis 0 is the sample
+/// axis). Arrays the model does not take are ignored; NaN or infinite
+/// values are refused.
+pub fn read_npz(path: &Path, graph: &Graph) -> Result<(Inputs, usize), DataError> {
+    let read = |reason: String| DataError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mismatch = |reason: String| DataError::Mismatch {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = File::open(path).map_err(|e| read(e.to_string()))?;
+    let mut npz = NpzReader::new(file).map_err(|e| read(format!("not an npz archive ({e})")))?;
+    let names = npz.names().map_err(|e| read(e.to_string()))?;
+    let mut inputs = Inputs::new();
+    let mut samples: Option<usize> = None;
+    for input in graph
+        .inputs
+        .iter()
+        .filter(|i| graph.initializer(i.name()).is_none())
+    {
+        let name = input.name();
+        let entry = names
+            .iter()
+            .find(|n| n.as_str() == name || n.strip_suffix(".npy") == Some(name))
+            .ok_or_else(|| {
+                mismatch(format!(
+                    "no array named '{name}' (the model's input); it has {names:?}"
+                ))
+            })?
+            .clone();
+        let declared = graph.value_type(name);
+        let want = declared.as_ref().map_or(0, |t| t.elem_type);
+        let array = match want {
+            dtype::code::FLOAT => npz
+                .by_name::<ndarray::OwnedRepr<f32>, IxDyn>(&entry)
+                .map(Array::F32),
+            dtype::code::INT64 => npz
+                .by_name::<ndarray::OwnedRepr<i64>, IxDyn>(&entry)
+                .map(Array::I64),
+            dtype::code::INT32 => npz
+                .by_name::<ndarray::OwnedRepr<i32>, IxDyn>(&entry)
+                .map(Array::I32),
+            dtype::code::BOOL => npz
+                .by_name::<ndarray::OwnedRepr<bool>, IxDyn>(&entry)
+                .map(Array::Bool),
+            other => {
+                return Err(mismatch(format!(
+                    "model input '{name}' takes {}, which calibration files do not support",
+                    dtype::name(other)
+                )));
+            }
+        }
+        .map_err(|e| {
+            mismatch(format!(
+                "array '{name}' cannot be read as {} ({e})",
+                dtype::name(want)
+            ))
+        })?;
+        let shape = array.shape().to_vec();
+        if let Some(dims) = declared.and_then(|t| t.shape) {
+            if dims.len() != shape.len() {
+                return Err(mismatch(format!(
+                    "array '{name}' has {} axes {shape:?}, the model input has {}",
+                    shape.len(),
+                    dims.len()
+                )));
+            }
+            for (axis, (dim, &got)) in dims.iter().zip(&shape).enumerate().skip(1) {
+                if let Dim::Fixed(want) = dim
+                    && *want != got as i64
+                {
+                    return Err(mismatch(format!(
+                        "array '{name}' has shape {shape:?} but the model input needs {want} along axis {axis}"
+                    )));
+                }
+            }
+        }
+        if array.has_non_finite() {
+            return Err(mismatch(format!(
+                "array '{name}' contains NaN or infinite values"
+            )));
+        }
+        let n = shape.first().copied().unwrap_or(0);
+        if let Some(prev) = samples.filter(|&p| p != n) {
+            return Err(mismatch(format!(
+                "array '{name}' has {n} samples, other inputs have {prev}"
+            )));
+        }
+        samples = Some(n);
+        inputs.insert(name.to_string(), array);
+    }
+    Ok((inputs, samples.unwrap_or(0)))
+}
