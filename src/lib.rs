@@ -43,12 +43,12 @@ pub enum Error {
     #[error(transparent)]
     Load(#[from] onnx::LoadError),
     /// The model's graph is malformed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Graph {
         /// The model file.
         path: PathBuf,
         /// The problem.
-        source: ir::IrError,
+        error: ir::IrError,
     },
     /// Writing the output failed.
     #[error(transparent)]
@@ -66,12 +66,12 @@ pub enum Error {
     #[error("{0}")]
     Unsupported(String),
     /// Writing the plan file failed.
-    #[error("cannot write {}: {source}", path.display())]
+    #[error("cannot write {}: {error}", path.display())]
     Write {
         /// The file.
         path: PathBuf,
         /// The operating system's error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -100,9 +100,9 @@ impl Source {
 pub fn open(path: &Path) -> Result<Source, Error> {
     let mut file = onnx::load(path)?;
     let proto = std::mem::take(&mut file.proto);
-    let model = Model::from_proto(proto).map_err(|source| Error::Graph {
+    let model = Model::from_proto(proto).map_err(|error| Error::Graph {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     Ok(Source { file, model })
 }
@@ -222,9 +222,9 @@ impl PruneJob {
 /// rename).
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), Error> {
     use std::io::Write;
-    let err = |source| Error::Write {
+    let err = |error| Error::Write {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let folder = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

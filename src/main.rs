@@ -6,13 +6,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use onnx_idprune::PruneJob;
 use onnx_idprune::calib::Provider;
 use onnx_idprune::onnx::ExternalData;
 use onnx_idprune::plan::Plan;
-use onnx_idprune::{Error, PruneJob};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -137,10 +137,10 @@ fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
 }
 
-fn exit_code(e: &anyhow::Error) -> u8 {
-    match e.downcast_ref::<Error>() {
-        Some(_) | None => 1,
-    }
+/// Exit code for an error: 1 for every library and input error (usage
+/// errors exit 2 from clap before this point).
+fn exit_code(_: &anyhow::Error) -> u8 {
+    1
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -175,9 +175,7 @@ fn prune(args: PruneArgs) -> Result<()> {
         ExternalDataArg::Always => ExternalData::Always,
         ExternalDataArg::Never => ExternalData::Never,
     });
-    let outcome = job
-        .run()
-        .with_context(|| format!("{} -> {}", input.display(), output.display()))?;
+    let outcome = job.run()?;
     let mut line = format!(
         "wrote {} ({} bytes",
         output.display(),

@@ -197,6 +197,8 @@ pub struct Runtime {
     pub provider: Provider,
     /// The library in use.
     pub library: PathBuf,
+    /// Why the requested provider was replaced by CPU, when it was.
+    pub fallback: Option<String>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -208,6 +210,11 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+enum ModelSource<'a> {
+    Bytes(&'a [u8]),
+    File(&'a Path),
+}
+
 fn session_err(e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Session(e.to_string())
 }
@@ -215,6 +222,16 @@ fn session_err(e: impl std::fmt::Display) -> RuntimeError {
 impl Runtime {
     /// Creates a session for an encoded model.
     pub fn from_bytes(model: &[u8], options: &RuntimeOptions) -> Result<Self, RuntimeError> {
+        Self::create(ModelSource::Bytes(model), options)
+    }
+
+    /// Creates a session for a model file; ONNX Runtime reads it (and its
+    /// external data) itself.
+    pub fn from_file(model: &Path, options: &RuntimeOptions) -> Result<Self, RuntimeError> {
+        Self::create(ModelSource::File(model), options)
+    }
+
+    fn create(model: ModelSource<'_>, options: &RuntimeOptions) -> Result<Self, RuntimeError> {
         let (library, environment) = load_library(options.library.as_deref())?;
         let mut builder = Session::builder(environment).map_err(session_err)?;
         let level = if options.optimize {
@@ -231,6 +248,7 @@ impl Runtime {
                 .map_err(session_err)?;
         }
         let mut provider = Provider::Cpu;
+        let mut fallback = None;
         let registered = match options.provider {
             Provider::Cpu => Ok(()),
             Provider::Cuda => ep::CUDA::default().register(&mut builder),
@@ -239,10 +257,10 @@ impl Runtime {
         match registered {
             Ok(()) => provider = options.provider,
             Err(e) if options.allow_fallback => {
-                eprintln!(
-                    "onnx-idprune: warning: {} unavailable ({e}); running on CPU",
+                fallback = Some(format!(
+                    "{} unavailable ({e}); running on CPU",
                     options.provider
-                );
+                ));
             }
             Err(e) => {
                 return Err(RuntimeError::ProviderUnavailable {
@@ -251,11 +269,16 @@ impl Runtime {
                 });
             }
         }
-        let session = builder.commit_from_memory(model).map_err(session_err)?;
+        let session = match model {
+            ModelSource::Bytes(bytes) => builder.commit_from_memory(bytes),
+            ModelSource::File(path) => builder.commit_from_file(path),
+        }
+        .map_err(session_err)?;
         Ok(Self {
             session,
             provider,
             library,
+            fallback,
         })
     }
 

@@ -39,12 +39,12 @@ pub struct LoadedModel {
 #[non_exhaustive]
 pub enum LoadError {
     /// The file could not be opened, mapped or read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The operating system's error.
-        source: io::Error,
+        error: io::Error,
     },
     /// The bytes are not a decodable ONNX model.
     #[error("{} is not a valid ONNX model: {reason}", path.display())]
@@ -78,9 +78,9 @@ pub enum LoadError {
 
 /// Loads the model at `path`, resolving external data relative to its folder.
 pub fn load(path: &Path) -> Result<LoadedModel, LoadError> {
-    let io_err = |source| LoadError::Io {
+    let io_err = |error| LoadError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let file = File::open(path).map_err(io_err)?;
     let meta = file.metadata().map_err(io_err)?;

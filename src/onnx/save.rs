@@ -69,12 +69,12 @@ pub struct SaveSummary {
 #[non_exhaustive]
 pub enum SaveError {
     /// Writing, renaming or creating the temporary file failed.
-    #[error("cannot write {}: {source}", path.display())]
+    #[error("cannot write {}: {error}", path.display())]
     Io {
         /// The destination.
         path: PathBuf,
         /// The operating system's error.
-        source: io::Error,
+        error: io::Error,
     },
     /// The model does not fit one protobuf message.
     #[error(
@@ -159,9 +159,9 @@ pub fn save(
     out: &Path,
     options: &SaveOptions,
 ) -> Result<SaveSummary, SaveError> {
-    let io_err = |source| SaveError::Io {
+    let io_err = |error| SaveError::Io {
         path: out.to_path_buf(),
-        source,
+        error,
     };
     let folder = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -178,6 +178,10 @@ pub fn save(
         .to_string_lossy()
         .into_owned();
 
+    if !folder.is_dir() {
+        let reason = format!("folder {} does not exist", folder.display());
+        return Err(io_err(io::Error::new(io::ErrorKind::NotFound, reason)));
+    }
     let externalize = match options.external_data {
         ExternalData::Always => true,
         ExternalData::Never => false,

@@ -65,12 +65,12 @@ impl BlockAction {
 #[non_exhaustive]
 pub enum PlanError {
     /// The plan file could not be read.
-    #[error("cannot read plan {}: {source}", path.display())]
+    #[error("cannot read plan {}: {error}", path.display())]
     Io {
         /// The plan file.
         path: PathBuf,
         /// The operating system's error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Not valid plan JSON.
     #[error("plan {}: {reason}", path.display())]
@@ -104,9 +104,9 @@ impl Plan {
 
     /// Reads and validates a plan file.
     pub fn read(path: &Path) -> Result<Self, PlanError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| PlanError::Io {
             path: path.into(),
-            source,
+            error,
         })?;
         Self::parse(&text).map_err(|e| match e {
             PlanError::Syntax { reason, .. } => PlanError::Syntax {

@@ -1,0 +1,159 @@
+//! Shared helpers for integration tests: a fresh folder per test, a command
+//! for the built binary, and checks for how a failed run must look.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Folder with the committed fixtures.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Every committed fixture model, sorted by name.
+pub fn fixture_models() -> Vec<PathBuf> {
+    let mut models: Vec<PathBuf> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    models.sort();
+    assert!(models.len() >= 8, "fixtures missing: {models:?}");
+    models
+}
+
+/// A fresh temporary folder for one test.
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.path(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    pub fn copy_fixture(&self, name: &str) -> PathBuf {
+        let bytes = std::fs::read(fixtures().join(name)).unwrap();
+        self.write(name, bytes)
+    }
+
+    /// Names of all entries in the folder, sorted.
+    pub fn listing(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Writes the empty plan and returns its path.
+    pub fn empty_plan(&self) -> PathBuf {
+        self.write(
+            "empty.json",
+            r#"{"format": "onnx-idprune-plan", "version": 1, "blocks": []}"#,
+        )
+    }
+}
+
+/// A finished run of the binary.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the binary with `args`.
+pub fn run<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(env!("CARGO_BIN_EXE_onnx-idprune"))
+        .args(args)
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+impl Run {
+    pub fn assert_ok(&self) -> &Self {
+        assert_eq!(
+            self.code, 0,
+            "expected success, got {}: {}",
+            self.code, self.stderr
+        );
+        self
+    }
+
+    /// The run failed with `code`, printed exactly one line to stderr that
+    /// mentions `needle`, and did not panic.
+    pub fn assert_error(&self, code: i32, needle: &str) -> &Self {
+        assert_eq!(self.code, code, "exit code; stderr: {}", self.stderr);
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "expected one line on stderr, got: {}",
+            self.stderr
+        );
+        assert!(lines[0].starts_with("onnx-idprune: "), "{}", lines[0]);
+        assert!(
+            lines[0].to_lowercase().contains(&needle.to_lowercase()),
+            "stderr should mention '{needle}': {}",
+            lines[0]
+        );
+        self
+    }
+}
+
+/// After a failed run: OUT, its data file and any temporary file are absent.
+pub fn assert_no_output(sandbox: &Sandbox, out: &Path, before: &[String]) {
+    assert!(
+        !out.exists(),
+        "{} must not exist after a failure",
+        out.display()
+    );
+    let data = PathBuf::from(format!("{}.data", out.display()));
+    assert!(
+        !data.exists(),
+        "{} must not exist after a failure",
+        data.display()
+    );
+    assert_eq!(
+        sandbox.listing(),
+        before,
+        "the failed run left files behind"
+    );
+}
+
+/// Contents and modification time of a file, for "input unchanged" checks.
+pub fn fingerprint(path: &Path) -> (std::time::SystemTime, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+    (modified, bytes)
+}
