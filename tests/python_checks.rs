@@ -1,0 +1,59 @@
+//! Checks by tools nobody here wrote: `onnx.checker` with full shape
+//! inference and the Python ONNX Runtime package, on every round-tripped
+//! fixture (embedded and external data).
+//!
+//! Needs the test Python environment (`scripts/install-python-env.sh`, or a
+//! Python with tests/requirements.txt given in ONNX_IDPRUNE_PYTHON); fails,
+//! rather than skips, without it.
+
+mod util;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use util::{Sandbox, run};
+
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("ONNX_IDPRUNE_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(venv.exists(), "no test Python at {}: run scripts/install-python-env.sh", venv.display());
+    venv
+}
+
+#[test]
+fn round_trips_pass_onnx_checker_and_onnxruntime() {
+    let sandbox = Sandbox::new();
+    let plan = sandbox.empty_plan();
+    let mut pairs = Vec::new();
+    for model in util::fixture_models() {
+        let name = model.file_name().unwrap().to_string_lossy().into_owned();
+        for external in ["never", "always"] {
+            let out = sandbox.path(&format!("{external}-{name}"));
+            run([
+                model.as_os_str(),
+                out.as_os_str(),
+                "--plan".as_ref(),
+                plan.as_os_str(),
+                "--external-data".as_ref(),
+                external.as_ref(),
+            ])
+            .assert_ok();
+            pairs.push(model.clone());
+            pairs.push(out);
+        }
+    }
+    let script = util::fixtures().join("../tests/scripts/check_models.py");
+    let output = Command::new(python())
+        .arg(script)
+        .arg("--exact")
+        .arg("--calib")
+        .arg(util::fixtures().join("calib/clip_tiny_calib.npz"))
+        .args(&pairs)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.ends_with(": ok")).count(), pairs.len() / 2, "{stdout}");
+}
