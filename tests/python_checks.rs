@@ -18,7 +18,11 @@ pub fn python() -> PathBuf {
         return PathBuf::from(p);
     }
     let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(venv.exists(), "no test Python at {}: run scripts/install-python-env.sh", venv.display());
+    assert!(
+        venv.exists(),
+        "no test Python at {}: run scripts/install-python-env.sh",
+        venv.display()
+    );
     venv
 }
 
@@ -54,6 +58,14 @@ fn round_trips_pass_onnx_checker_and_onnxruntime() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(stdout.lines().filter(|l| l.ends_with(": ok")).count(), pairs.len() / 2, "{stdout}");
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with(": ok")).count(),
+        pairs.len() / 2,
+        "{stdout}"
+    );
 }

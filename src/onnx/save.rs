@@ -41,6 +41,9 @@ pub struct SaveOptions {
     pub inline_threshold: usize,
     /// Offsets in the external data file are multiples of this (mmap-able).
     pub alignment: u64,
+    /// Largest model file allowed; above it `Auto` moves weights out and
+    /// `Never` fails. Protobuf's 2 GiB unless a test lowers it.
+    pub size_limit: u64,
 }
 
 impl Default for SaveOptions {
@@ -48,6 +51,7 @@ impl Default for SaveOptions {
         Self {
             external_data: ExternalData::Auto,
             inline_threshold: 1024,
+            size_limit: PROTOBUF_LIMIT,
             alignment: 4096,
         }
     }
@@ -78,7 +82,7 @@ pub enum SaveError {
     },
     /// The model does not fit one protobuf message.
     #[error(
-        "{}: the model needs {bytes} bytes, over protobuf's 2 GiB limit; store weights as external data",
+        "{}: the model needs {bytes} bytes, over the {limit}-byte limit of one protobuf message; store weights as external data (--external-data auto or always)",
         path.display()
     )]
     TooLarge {
@@ -86,6 +90,8 @@ pub enum SaveError {
         path: PathBuf,
         /// Encoded size.
         bytes: u64,
+        /// The limit.
+        limit: u64,
     },
     /// The destination would overwrite one of the input files.
     #[error("refusing to write {}: it is an input file ({})", path.display(), input.display())]
@@ -185,7 +191,7 @@ pub fn save(
     let externalize = match options.external_data {
         ExternalData::Always => true,
         ExternalData::Never => false,
-        ExternalData::Auto => model.encoded_len() as u64 > PROTOBUF_LIMIT,
+        ExternalData::Auto => model.encoded_len() as u64 > options.size_limit,
     };
     let mut staged_data = None;
     let owned;
@@ -208,10 +214,11 @@ pub fn save(
     };
 
     let len = model.encoded_len() as u64;
-    if len > PROTOBUF_LIMIT {
+    if len > options.size_limit {
         return Err(SaveError::TooLarge {
             path: out.to_path_buf(),
             bytes: len,
+            limit: options.size_limit,
         });
     }
     let mut tmp = temp_in(&folder, &file_name).map_err(io_err)?;
@@ -499,6 +506,41 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["m.onnx", "m.onnx.data"]);
+    }
+
+    #[test]
+    fn auto_moves_weights_out_only_above_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = sample_model();
+        let size = model.encoded_len() as u64;
+        let small = dir.path().join("small.onnx");
+        let fits = SaveOptions {
+            size_limit: size,
+            ..Default::default()
+        };
+        assert_eq!(save(&model, &small, &fits).unwrap().external_file, None);
+
+        let big = dir.path().join("big.onnx");
+        let over = SaveOptions {
+            size_limit: size - 1,
+            ..Default::default()
+        };
+        let summary = save(&model, &big, &over).unwrap();
+        assert!(summary.external_file.is_some() && summary.model_bytes < 1000);
+
+        let never = SaveOptions {
+            external_data: ExternalData::Never,
+            ..over
+        };
+        let err = save(&model, &dir.path().join("never.onnx"), &never).unwrap_err();
+        assert!(err.to_string().contains("external data"), "{err}");
+        assert!(!dir.path().join("never.onnx").exists());
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["big.onnx", "big.onnx.data", "small.onnx"]);
     }
 
     #[test]
