@@ -22,10 +22,12 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod arch;
 pub mod calib;
 pub mod ir;
 pub mod onnx;
 pub mod plan;
+pub mod report;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

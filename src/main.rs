@@ -145,14 +145,24 @@ fn exit_code(_: &anyhow::Error) -> u8 {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Some(Command::Inspect { .. }) => {
-            bail!("inspect: architecture discovery is not available in this build yet")
-        }
+        Some(Command::Inspect { input, json }) => inspect(&input, json),
         Some(Command::Id { .. }) => {
             bail!("id: intrinsic-dimension estimation is not available in this build yet")
         }
         None => prune(cli.prune),
     }
+}
+
+fn inspect(input: &std::path::Path, json: bool) -> Result<()> {
+    let source = onnx_idprune::open(input)?;
+    let arch = onnx_idprune::arch::discover(&source.model.graph)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&arch.to_json())?);
+    } else {
+        print!("{}", onnx_idprune::report::architecture_table(&arch));
+    }
+    Ok(())
 }
 
 fn prune(args: PruneArgs) -> Result<()> {

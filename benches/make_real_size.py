@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Export real-size CLIP and BLIP models (random weights) for benchmarks and
+acceptance checks on real geometry.
+
+Usage: python benches/make_real_size.py OUT_DIR [--dynamo] [--fused] [--blip]
+
+Always: transformers' default CLIPConfig, i.e. CLIP ViT-B/32 (vision 768 wide
+x 12 layers, 12 heads, MLP 3072, patch 32 at 224 px; text 512 wide x 12
+layers, 8 heads, MLP 2048; about 151 M parameters), seeded, exported with the
+TorchScript exporter at opset 17 (~600 MB).
+  --dynamo  also the dynamo exporter at opset 18 (static shapes)
+  --fused   also the TorchScript export after ONNX Runtime's transformer
+            optimizer (SkipLayerNormalization, Attention, QuickGelu)
+  --blip    also BLIP image-text retrieval at base size (BlipConfig defaults:
+            ViT-B/16 at 384 px, BERT-base text with cross-attention), TorchScript
+            opset 17 (~900 MB)
+Needs the packages of fixtures/requirements.txt; nothing is downloaded from a
+model hub. Not committed: generated on demand.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import BlipConfig, CLIPConfig  # noqa: E402
+
+import generate  # noqa: E402  (the fixture generator: export helpers)
+
+
+def main() -> int:
+    out_dir = sys.argv[1]
+    os.makedirs(out_dir, exist_ok=True)
+    generate.seed_everything(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    config = CLIPConfig(text_config={"eos_token_id": 2}, vision_config={})
+    generate.set_eager(config)
+    model = generate.ClipExport(config).eval()
+    generate.make_weights_realistic(model, seed=0)
+    rng = np.random.default_rng(0)
+    sample = {
+        "input_ids": rng.integers(1, 1000, size=(2, 16), dtype=np.int64),
+        "pixel_values": rng.standard_normal((2, 3, 224, 224)).astype(np.float32),
+        "attention_mask": np.ones((2, 16), dtype=np.int64),
+    }
+    names = ["input_ids", "pixel_values", "attention_mask"]
+    outputs = ["logits_per_image", "logits_per_text", "text_embeds", "image_embeds"]
+    path = os.path.join(out_dir, "clip_b32_torchscript_op17.onnx")
+    generate.export_torchscript(model, path, names, outputs, sample, 17, {"input_ids", "attention_mask"})
+    print(f"{path}: {os.path.getsize(path)} bytes")
+    if "--dynamo" in sys.argv:
+        path = os.path.join(out_dir, "clip_b32_dynamo_op18.onnx")
+        generate.export_dynamo(model, path, names, outputs, sample, 18)
+        print(f"{path}: {os.path.getsize(path)} bytes")
+    np.savez(os.path.join(out_dir, "clip_b32_inputs.npz"), **sample)
+    if "--fused" in sys.argv:
+        src = os.path.join(out_dir, "clip_b32_torchscript_op17.onnx")
+        dst = os.path.join(out_dir, "clip_b32_ort_fused.onnx")
+        ops = generate.ort_optimize(src, dst, "clip", 0)
+        print(f"{dst}: {os.path.getsize(dst)} bytes; fused ops {dict((k, v) for k, v in ops.items() if k in generate.FUSED_OPS)}")
+    if "--blip" in sys.argv:
+        del model
+        config = BlipConfig()
+        generate.set_eager(config)
+        blip = generate.BlipItmExport(config).eval()
+        generate.make_weights_realistic(blip, seed=0)
+        size = config.vision_config.image_size
+        blip_sample = {
+            "input_ids": rng.integers(1, 1000, size=(2, 16), dtype=np.int64),
+            "pixel_values": rng.standard_normal((2, 3, size, size)).astype(np.float32),
+            "attention_mask": np.ones((2, 16), dtype=np.int64),
+        }
+        path = os.path.join(out_dir, "blip_itm_base_torchscript_op17.onnx")
+        generate.export_torchscript(blip, path, names, ["itm_score"], blip_sample, 17, {"input_ids", "attention_mask"})
+        print(f"{path}: {os.path.getsize(path)} bytes")
+        np.savez(os.path.join(out_dir, "blip_base_inputs.npz"), **blip_sample)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
