@@ -62,7 +62,9 @@ def main() -> int:
         print(f"{dst}: {os.path.getsize(dst)} bytes; fused ops {dict((k, v) for k, v in ops.items() if k in generate.FUSED_OPS)}")
     if "--blip" in sys.argv:
         del model
-        config = BlipConfig()
+        # BlipTextConfig defaults to 8 heads; the released BLIP ITM-base
+        # checkpoints use BERT-base's 12 heads of 64.
+        config = BlipConfig(text_config={"num_attention_heads": 12})
         generate.set_eager(config)
         blip = generate.BlipItmExport(config).eval()
         generate.make_weights_realistic(blip, seed=0)
