@@ -28,6 +28,7 @@ pub mod ir;
 pub mod onnx;
 pub mod plan;
 pub mod report;
+pub mod rewrite;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -55,9 +56,20 @@ pub enum Error {
     /// Writing the output failed.
     #[error(transparent)]
     Save(#[from] onnx::SaveError),
-    /// The plan is invalid or cannot be applied.
+    /// The plan is invalid.
     #[error(transparent)]
     Plan(#[from] plan::PlanError),
+    /// The model's architecture could not be discovered.
+    #[error("{}: {error}", path.display())]
+    Discover {
+        /// The model file.
+        path: PathBuf,
+        /// What went wrong.
+        error: arch::DiscoverError,
+    },
+    /// The plan does not fit the model or a rewrite failed.
+    #[error(transparent)]
+    Rewrite(#[from] rewrite::RewriteError),
     /// ONNX Runtime could not be loaded or failed.
     #[error(transparent)]
     Runtime(#[from] calib::RuntimeError),
@@ -132,6 +144,8 @@ pub struct Outcome {
     pub saved: SaveSummary,
     /// The plan that was applied.
     pub plan: Plan,
+    /// The rewrites made, in order (`drop_block vision/3`, …).
+    pub rewrites: Vec<String>,
     /// Seconds spent in each stage, in order.
     pub timings: Vec<(&'static str, f64)>,
 }
@@ -178,13 +192,15 @@ impl PruneJob {
         }
         lap("load", &mut timings);
 
-        if let Some(first) = plan.blocks.first() {
-            return Err(Error::Unsupported(format!(
-                "plan entry 0 ({}): graph rewrites are not available in this build yet; only an empty plan (a faithful round trip) can be applied",
-                first.label()
-            )));
+        let mut model = source.model;
+        let mut rewrites = Vec::new();
+        if !plan.is_empty() {
+            let arch = arch::discover(&model.graph).map_err(|error| Error::Discover {
+                path: self.input.clone(),
+                error,
+            })?;
+            rewrites = rewrite::apply(&mut model, &arch, &plan)?.rewrites;
         }
-        let model = source.model;
         lap("rewrite", &mut timings);
 
         let external_data =
@@ -215,6 +231,7 @@ impl PruneJob {
         Ok(Outcome {
             saved,
             plan: plan.normalized(),
+            rewrites,
             timings,
         })
     }

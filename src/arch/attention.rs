@@ -64,10 +64,12 @@ pub struct Attention {
     pub heads: usize,
     /// Width of one head.
     pub head_dim: usize,
-    /// Nodes whose constants or attributes encode the head count or the
-    /// merged width (Reshape nodes, the Concat building their shapes, the
-    /// fused operator). A head-pruning rewrite must update all of them.
-    pub head_sites: Vec<NodeId>,
+    /// Reshapes that split a projection into heads (`[B, T, H, D]` or packed
+    /// `[B, T, 3, H, D]`); their target shape may encode H.
+    pub split_sites: Vec<NodeId>,
+    /// Reshapes that merge the heads back (`[B, T, H·D]`); their target may
+    /// encode the merged width.
+    pub merge_sites: Vec<NodeId>,
     /// The value the queries are computed from.
     pub query_input: String,
     /// The value the keys and values are computed from.
@@ -202,17 +204,19 @@ fn from_softmax(graph: &Graph, softmax: NodeId) -> Option<Attention> {
     if q_width == 0 || (packed && q.out_features % 3 != 0) {
         return None;
     }
-    let mut head_sites: Vec<NodeId> = Vec::new();
-    for id in q_path.iter().chain(&k_path).chain(&v_path).chain(&out_path) {
-        if graph.node(*id).op() == "Reshape" && !head_sites.contains(id) {
-            head_sites.push(*id);
-            if let Some(concat) = graph.producer_node(&graph.node(*id).inputs()[1])
-                && graph.node(concat).op() == "Concat"
-            {
-                head_sites.push(concat);
-            }
+    let reshapes = |path: &[NodeId]| -> Vec<NodeId> {
+        path.iter()
+            .copied()
+            .filter(|id| graph.node(*id).op() == "Reshape")
+            .collect()
+    };
+    let mut split_sites = reshapes(&q_path);
+    for id in reshapes(&k_path).into_iter().chain(reshapes(&v_path)) {
+        if !split_sites.contains(&id) {
+            split_sites.push(id);
         }
     }
+    let merge_sites = reshapes(&out_path);
     let (heads, head_dim) = head_geometry(graph, &q_path, q_width, scale)?;
     let query_input = q.input.clone();
     let key_input = k.input.clone();
@@ -227,7 +231,8 @@ fn from_softmax(graph: &Graph, softmax: NodeId) -> Option<Attention> {
         anchor: softmax,
         heads,
         head_dim,
-        head_sites,
+        split_sites,
+        merge_sites,
         query_input,
         key_input,
     })
@@ -263,7 +268,8 @@ fn from_fused(graph: &Graph, id: NodeId) -> Option<Attention> {
         anchor: id,
         heads,
         head_dim: inner / heads,
-        head_sites: vec![id],
+        split_sites: Vec::new(),
+        merge_sites: Vec::new(),
         query_input: inputs[0].clone(),
         key_input: inputs[0].clone(),
     })

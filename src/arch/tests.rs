@@ -180,8 +180,9 @@ fn two_pre_norm_blocks_form_a_text_tower() {
     assert_eq!(block.input(), tower.blocks[0].output());
     assert_eq!(block.output(), z);
     assert_eq!(block.params, 4 * (64 + 8) + (128 + 16) + (128 + 8) + 4 * 8);
-    // Reshapes of q, k, v and the merge all encode the head layout.
-    assert_eq!(block.attention.body.head_sites.len(), 4);
+    // Reshapes of q, k, v split into heads; one merges them.
+    assert_eq!(block.attention.body.split_sites.len(), 3);
+    assert_eq!(block.attention.body.merge_sites.len(), 1);
     assert!(arch.unmatched.is_empty());
 }
 

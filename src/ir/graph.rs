@@ -658,6 +658,30 @@ impl Graph {
         Ok(node)
     }
 
+    /// Sets (or adds) an attribute of node `id`. Attributes never name
+    /// values of this graph, so edges are unaffected.
+    pub fn set_attribute(&mut self, id: NodeId, attribute: AttributeProto) -> Result<(), IrError> {
+        let node = self
+            .dag
+            .node_weight_mut(id)
+            .ok_or_else(|| IrError::Edit("node does not exist".into()))?;
+        if attribute.g.is_some() || !attribute.graphs.is_empty() {
+            return Err(IrError::Edit(
+                "subgraph attributes cannot be set this way".into(),
+            ));
+        }
+        match node
+            .proto
+            .attribute
+            .iter_mut()
+            .find(|a| a.name == attribute.name)
+        {
+            Some(existing) => *existing = attribute,
+            None => node.proto.attribute.push(attribute),
+        }
+        Ok(())
+    }
+
     /// Adds (or replaces) an initializer.
     pub fn set_initializer(&mut self, tensor: Tensor) -> Result<(), IrError> {
         let name = tensor.name().to_string();

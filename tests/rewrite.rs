@@ -1,0 +1,179 @@
+//! Plans applied to every export form agree with the same pruning done on
+//! the PyTorch model (`fixtures/reference_plans.py` wrote the reference
+//! outputs), the file shrinks, and the applied plan re-applies identically.
+
+mod util;
+
+use std::path::Path;
+
+use ndarray_npy::NpzReader;
+use onnx_idprune::calib::{Array, Runtime, RuntimeOptions, data};
+use util::{Sandbox, run};
+
+const CLIP_FORMS: &[&str] = &[
+    "clip_tiny_torchscript_op17.onnx",
+    "clip_tiny_torchscript_op16.onnx",
+    "clip_tiny_dynamo_op18.onnx",
+    "clip_tiny_ort_fused.onnx",
+    "clip_tiny_vision_torchscript_op17.onnx",
+    "clip_tiny_text_torchscript_op17.onnx",
+];
+const BLIP_FORMS: &[&str] = &[
+    "blip_itm_tiny_torchscript_op17.onnx",
+    "blip_itm_tiny_dynamo_op18.onnx",
+];
+
+fn inputs(model: &Path) -> data::Inputs {
+    let source = onnx_idprune::open(model).unwrap();
+    let (inputs, _) = data::read_npz(
+        &util::fixtures().join("calib/clip_tiny_calib.npz"),
+        &source.model.graph,
+    )
+    .unwrap();
+    inputs.into_iter().map(|(k, v)| (k, v.rows(0, 2))).collect()
+}
+
+fn reference(plan: &str) -> Vec<(String, ndarray::ArrayD<f32>)> {
+    let file = std::fs::File::open(util::fixtures().join(format!("reference/{plan}.npz"))).unwrap();
+    let mut npz = NpzReader::new(file).unwrap();
+    let names = npz.names().unwrap();
+    names
+        .iter()
+        .map(|n| {
+            (
+                n.trim_end_matches(".npy").to_string(),
+                npz.by_name::<ndarray::OwnedRepr<f32>, ndarray::IxDyn>(n)
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn check_plan(plan: &str, forms: &[&str]) {
+    let sandbox = Sandbox::new();
+    let plan_path = util::fixtures().join(format!("plans/{plan}.json"));
+    let plan_text = std::fs::read_to_string(&plan_path).unwrap();
+    let expected = reference(plan);
+    let mut checked = 0;
+    for form in forms {
+        let label = format!("{plan} on {form}");
+        let model = util::fixtures().join(form);
+        let single_tower = form.contains("_vision_") || form.contains("_text_");
+        let plan_for_form = if single_tower {
+            // keep only the entries for the tower this file has
+            let tower = if form.contains("_vision_") {
+                "vision"
+            } else {
+                "text"
+            };
+            let mut json: serde_json::Value = serde_json::from_str(&plan_text).unwrap();
+            json["blocks"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|b| b["tower"] == tower);
+            sandbox.write(&format!("{form}.plan.json"), json.to_string())
+        } else {
+            plan_path.clone()
+        };
+        let out = sandbox.path(&format!("pruned-{form}"));
+        let applied = sandbox.path(&format!("applied-{form}.json"));
+        let result = run([
+            model.as_os_str(),
+            out.as_os_str(),
+            "--plan".as_ref(),
+            plan_for_form.as_os_str(),
+            "--plan-out".as_ref(),
+            applied.as_os_str(),
+        ]);
+        assert_eq!(result.code, 0, "{label}: {}", result.stderr);
+        assert!(
+            std::fs::metadata(&out).unwrap().len() < std::fs::metadata(&model).unwrap().len(),
+            "{label}: file did not shrink"
+        );
+
+        // The written plan reproduces the output byte for byte.
+        let again = sandbox.path(&format!("again-{form}"));
+        run([
+            model.as_os_str(),
+            again.as_os_str(),
+            "--plan".as_ref(),
+            applied.as_os_str(),
+        ])
+        .assert_ok();
+        assert!(
+            std::fs::read(&again).unwrap() == std::fs::read(&out).unwrap(),
+            "{label}: --plan-out does not reproduce"
+        );
+
+        let mut runtime = Runtime::from_file(&out, &RuntimeOptions::default())
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let outputs = runtime
+            .run(&inputs(&model))
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        for (name, got) in outputs {
+            let Array::F32(got) = got else {
+                panic!("{label}: {name} is not float")
+            };
+            let want = &expected
+                .iter()
+                .find(|(n, _)| *n == name)
+                .unwrap_or_else(|| panic!("{label}: no reference for {name}"))
+                .1;
+            assert_eq!(got.shape(), want.shape(), "{label}: {name} shape");
+            // Single-tower files return unnormalised embeddings, CLIPModel
+            // normalised ones: compare directions.
+            let (got, want) = if name.ends_with("_embeds") {
+                (unit_rows(&got), unit_rows(want))
+            } else {
+                (got, want.clone())
+            };
+            let want = &want;
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+            let err = got
+                .iter()
+                .zip(want.iter())
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+                / scale;
+            assert!(
+                err <= 1e-4,
+                "{label}: {name} relative error {err:.2e} against PyTorch"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= forms.len());
+}
+
+fn unit_rows(a: &ndarray::ArrayD<f32>) -> ndarray::ArrayD<f32> {
+    let mut a = a.clone();
+    for mut row in a.rows_mut() {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        row.mapv_inplace(|v| v / norm);
+    }
+    a
+}
+
+#[test]
+fn clip_mixed_actions_match_pytorch() {
+    check_plan("clip_mixed", CLIP_FORMS);
+}
+
+#[test]
+fn clip_block_drops_match_pytorch() {
+    check_plan("clip_drop_blocks", CLIP_FORMS);
+}
+
+#[test]
+fn clip_heads_and_neurons_match_pytorch() {
+    check_plan("clip_slim", CLIP_FORMS);
+}
+
+#[test]
+fn blip_mixed_actions_match_pytorch() {
+    check_plan("blip_mixed", BLIP_FORMS);
+}
+
+#[test]
+fn blip_sub_block_drops_match_pytorch() {
+    check_plan("blip_sub_blocks", BLIP_FORMS);
+}
