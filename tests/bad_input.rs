@@ -277,9 +277,18 @@ fn plan_problems() {
             r#"{"format":"onnx-idprune-plan","version":1,"blocks":[{"tower":"text","index":0,"keep_heads":[2,2]}]}"#,
             "duplicated",
         ),
+        // plans made for another model
         (
-            r#"{"format":"onnx-idprune-plan","version":1,"blocks":[{"tower":"text","index":0,"drop":true}]}"#,
-            "entry 0 (text/0)",
+            r#"{"format":"onnx-idprune-plan","version":1,"blocks":[{"tower":"text","index":0,"drop":true},{"tower":"text","index":7,"drop":true}]}"#,
+            "plan entry 1 (text/7): the text tower has 2 blocks",
+        ),
+        (
+            r#"{"format":"onnx-idprune-plan","version":1,"blocks":[{"tower":"vision","index":1,"keep_heads":[0,4]}]}"#,
+            "head 4 does not exist: the block has 4 heads",
+        ),
+        (
+            r#"{"format":"onnx-idprune-plan","version":1,"blocks":[{"tower":"text","index":1,"keep_mlp":[3,48]}]}"#,
+            "neuron 48 does not exist: the MLP has 48 neurons",
         ),
     ];
     for (text, needle) in cases {
@@ -294,6 +303,20 @@ fn plan_problems() {
         .assert_error(1, needle);
         assert_no_output(&sandbox, &out, &before);
     }
+    let text_only = sandbox.copy_fixture("clip_tiny_text_torchscript_op17.onnx");
+    let plan = sandbox.write(
+        "plan.json",
+        r#"{"format":"onnx-idprune-plan","version":1,"blocks":[{"tower":"vision","index":0,"drop":true}]}"#,
+    );
+    let before = sandbox.listing();
+    run([
+        text_only.as_os_str(),
+        out.as_os_str(),
+        "--plan".as_ref(),
+        plan.as_os_str(),
+    ])
+    .assert_error(1, "the model has no vision tower");
+    assert_no_output(&sandbox, &out, &before);
     let missing = sandbox.path("missing.json");
     run([
         input.as_os_str(),

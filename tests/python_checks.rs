@@ -69,3 +69,80 @@ fn round_trips_pass_onnx_checker_and_onnxruntime() {
         "{stdout}"
     );
 }
+
+#[test]
+fn pruned_models_pass_onnx_checker_with_full_shape_inference() {
+    let sandbox = Sandbox::new();
+    let mut pairs = Vec::new();
+    for (plan, forms) in [
+        (
+            "clip_mixed",
+            &[
+                "clip_tiny_torchscript_op17.onnx",
+                "clip_tiny_torchscript_op16.onnx",
+                "clip_tiny_dynamo_op18.onnx",
+                "clip_tiny_ort_fused.onnx",
+            ][..],
+        ),
+        (
+            "clip_drop_blocks",
+            &["clip_tiny_dynamo_op18.onnx", "clip_tiny_ort_fused.onnx"][..],
+        ),
+        (
+            "clip_slim",
+            &[
+                "clip_tiny_torchscript_op16.onnx",
+                "clip_tiny_dynamo_op18.onnx",
+            ][..],
+        ),
+        (
+            "blip_mixed",
+            &[
+                "blip_itm_tiny_torchscript_op17.onnx",
+                "blip_itm_tiny_dynamo_op18.onnx",
+            ][..],
+        ),
+        (
+            "blip_sub_blocks",
+            &[
+                "blip_itm_tiny_torchscript_op17.onnx",
+                "blip_itm_tiny_dynamo_op18.onnx",
+            ][..],
+        ),
+    ] {
+        let plan_path = util::fixtures().join(format!("plans/{plan}.json"));
+        for form in forms {
+            let model = util::fixtures().join(form);
+            let out = sandbox.path(&format!("{plan}-{form}"));
+            run([
+                model.as_os_str(),
+                out.as_os_str(),
+                "--plan".as_ref(),
+                plan_path.as_os_str(),
+            ])
+            .assert_ok();
+            pairs.push(model);
+            pairs.push(out);
+        }
+    }
+    let script = util::fixtures().join("../tests/scripts/check_models.py");
+    let output = Command::new(python())
+        .arg(script)
+        .arg("--no-compare")
+        .arg("--calib")
+        .arg(util::fixtures().join("calib/clip_tiny_calib.npz"))
+        .args(&pairs)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with(": ok")).count(),
+        pairs.len() / 2,
+        "{stdout}"
+    );
+}

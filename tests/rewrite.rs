@@ -91,6 +91,24 @@ fn check_plan(plan: &str, forms: &[&str]) {
             "{label}: file did not shrink"
         );
 
+        // The applied plan is recorded in the model's metadata.
+        let proto = {
+            use prost::Message;
+            onnx_idprune::onnx::proto::ModelProto::decode(std::fs::read(&out).unwrap().as_slice())
+                .unwrap()
+        };
+        let recorded = proto
+            .metadata_props
+            .iter()
+            .find(|e| e.key() == "onnx_idprune.plan")
+            .map(|e| e.value().to_string());
+        let recorded: serde_json::Value =
+            serde_json::from_str(&recorded.unwrap_or_else(|| panic!("{label}: no plan metadata")))
+                .unwrap();
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&applied).unwrap()).unwrap();
+        assert_eq!(recorded, written, "{label}: recorded plan");
+
         // The written plan reproduces the output byte for byte.
         let again = sandbox.path(&format!("again-{form}"));
         run([
