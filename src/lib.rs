@@ -24,6 +24,7 @@
 
 pub mod arch;
 pub mod calib;
+pub mod id;
 pub mod ir;
 pub mod onnx;
 pub mod plan;

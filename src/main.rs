@@ -53,6 +53,15 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Estimator.
+        #[arg(long, value_enum, default_value = "twonn")]
+        estimator: onnx_idprune::id::Estimator,
+        /// TwoNN variant: facco (smallest 90% of μ) or paper (block analysis).
+        #[arg(long, value_enum, default_value = "facco")]
+        variant: onnx_idprune::id::Variant,
+        /// Neighbours for --estimator mle.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(2..=1000))]
+        k: u32,
     },
 }
 
@@ -146,8 +155,32 @@ fn exit_code(_: &anyhow::Error) -> u8 {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Inspect { input, json }) => inspect(&input, json),
-        Some(Command::Id { .. }) => {
-            bail!("id: intrinsic-dimension estimation is not available in this build yet")
+        Some(Command::Id {
+            input,
+            calib,
+            data,
+            json,
+            estimator,
+            variant,
+            k,
+        }) => {
+            let options = onnx_idprune::id::IdOptions {
+                estimator,
+                variant,
+                k: k as usize,
+                ..Default::default()
+            };
+            match (input, calib, data) {
+                (None, None, Some(data)) => id_of_data(&data, &options, json),
+                (Some(_), _, Some(_)) => {
+                    bail!("id: give either a model (with --calib) or --data, not both")
+                }
+                (Some(_), _, None) => bail!(
+                    "id: per-layer profiles of a model are not available in this build yet; use --data"
+                ),
+                (None, _, None) => bail!("id: give a model with --calib, or --data X.npy"),
+                (None, Some(_), Some(_)) => bail!("id: --calib needs a model"),
+            }
         }
         None => prune(cli.prune),
     }
@@ -161,6 +194,31 @@ fn inspect(input: &std::path::Path, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&arch.to_json())?);
     } else {
         print!("{}", onnx_idprune::report::architecture_table(&arch));
+    }
+    Ok(())
+}
+
+fn id_of_data(
+    path: &std::path::Path,
+    options: &onnx_idprune::id::IdOptions,
+    json: bool,
+) -> Result<()> {
+    let data = onnx_idprune::calib::data::read_matrix(path)?;
+    let estimate = onnx_idprune::id::estimate(data.view(), options)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&estimate)?);
+    } else {
+        println!(
+            "{}: intrinsic dimension {:.3} ({:?}/{:?}; {} samples of dimension {}, {} duplicates removed)",
+            path.display(),
+            estimate.id,
+            estimate.estimator,
+            estimate.variant,
+            estimate.n,
+            estimate.dim,
+            estimate.duplicates_removed
+        );
     }
     Ok(())
 }

@@ -182,3 +182,22 @@ pub fn read_npz(path: &Path, graph: &Graph) -> Result<(Inputs, usize), DataError
     }
     Ok((inputs, samples.unwrap_or(0)))
 }
+
+/// Reads a 2-D `.npy` matrix (rows = samples) of float32 or float64 as f32.
+pub fn read_matrix(path: &Path) -> Result<ndarray::Array2<f32>, DataError> {
+    use ndarray_npy::ReadNpyExt;
+    let read = |reason: String| DataError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let open = || File::open(path).map_err(|e| read(e.to_string()));
+    if let Ok(a) = ndarray::Array2::<f32>::read_npy(open()?) {
+        return Ok(a);
+    }
+    match ndarray::Array2::<f64>::read_npy(open()?) {
+        Ok(a) => Ok(a.mapv(|v| v as f32)),
+        Err(e) => Err(read(format!(
+            "not a 2-D float32 or float64 .npy matrix ({e})"
+        ))),
+    }
+}
