@@ -183,19 +183,48 @@ pub fn read_npz(path: &Path, graph: &Graph) -> Result<(Inputs, usize), DataError
     Ok((inputs, samples.unwrap_or(0)))
 }
 
-/// Reads a 2-D `.npy` matrix (rows = samples) of float32 or float64 as f32.
-pub fn read_matrix(path: &Path) -> Result<ndarray::Array2<f32>, DataError> {
-    use ndarray_npy::ReadNpyExt;
+/// A 2-D matrix from an `.npy` file: float32 files are memory-mapped (no
+/// copy), float64 files are read and converted.
+pub enum Matrix {
+    /// A mapped float32 file.
+    Mapped(memmap2::Mmap),
+    /// Converted data.
+    Owned(ndarray::Array2<f32>),
+}
+
+impl Matrix {
+    /// The matrix.
+    pub fn view(&self) -> ndarray::ArrayView2<'_, f32> {
+        use ndarray_npy::ViewNpyExt;
+        match self {
+            Matrix::Mapped(map) => {
+                ndarray::ArrayView2::<f32>::view_npy(map).expect("checked when opened")
+            }
+            Matrix::Owned(a) => a.view(),
+        }
+    }
+}
+
+/// Opens a 2-D `.npy` matrix (rows = samples) of float32 or float64.
+pub fn read_matrix(path: &Path) -> Result<Matrix, DataError> {
+    use ndarray_npy::{ReadNpyExt, ViewNpyExt};
     let read = |reason: String| DataError::Read {
         path: path.to_path_buf(),
         reason,
     };
     let open = || File::open(path).map_err(|e| read(e.to_string()));
+    let file = open()?;
+    // SAFETY: read-only mapping of an input file that is not modified while we run.
+    if let Ok(map) = unsafe { memmap2::Mmap::map(&file) }
+        && ndarray::ArrayView2::<f32>::view_npy(&map).is_ok()
+    {
+        return Ok(Matrix::Mapped(map));
+    }
     if let Ok(a) = ndarray::Array2::<f32>::read_npy(open()?) {
-        return Ok(a);
+        return Ok(Matrix::Owned(a));
     }
     match ndarray::Array2::<f64>::read_npy(open()?) {
-        Ok(a) => Ok(a.mapv(|v| v as f32)),
+        Ok(a) => Ok(Matrix::Owned(a.mapv(|v| v as f32))),
         Err(e) => Err(read(format!(
             "not a 2-D float32 or float64 .npy matrix ({e})"
         ))),

@@ -139,7 +139,8 @@ pub fn estimate(data: ArrayView2<'_, f32>, options: &IdOptions) -> Result<IdEsti
             gib: (n * n * 4) as f64 / (1u64 << 30) as f64,
         });
     }
-    let (unique, duplicates) = dedupe(data);
+    let (deduped, duplicates) = dedupe(data);
+    let unique = deduped.as_ref().map_or(data, |d| d.view());
     let need = match options.estimator {
         Estimator::Twonn => 4,
         Estimator::Mle => options.k + 1,
@@ -151,12 +152,12 @@ pub fn estimate(data: ArrayView2<'_, f32>, options: &IdOptions) -> Result<IdEsti
             need,
         });
     }
-    let squared = knn::pairwise_squared(unique.view());
+    let squared = knn::pairwise_squared(unique);
     let all: Vec<usize> = (0..unique.nrows()).collect();
     let id = match (options.estimator, options.variant) {
-        (Estimator::Mle, _) => mle(&knn::neighbours(unique.view(), &squared, &all, options.k)),
+        (Estimator::Mle, _) => mle(&knn::neighbours(unique, &squared, &all, options.k)),
         (Estimator::Twonn, Variant::Facco) => twonn_fit(
-            ratios(&knn::neighbours(unique.view(), &squared, &all, 2)),
+            ratios(&knn::neighbours(unique, &squared, &all, 2)),
             Discard::Fraction(0.1),
         ),
         (Estimator::Twonn, Variant::Paper) => {
@@ -175,7 +176,7 @@ pub fn estimate(data: ArrayView2<'_, f32>, options: &IdOptions) -> Result<IdEsti
                     .chunks_exact(size)
                     .map(|block| {
                         twonn_fit(
-                            ratios(&knn::neighbours(unique.view(), &squared, block, 2)),
+                            ratios(&knn::neighbours(unique, &squared, block, 2)),
                             Discard::LastTwo,
                         )
                     })
@@ -196,21 +197,40 @@ pub fn estimate(data: ArrayView2<'_, f32>, options: &IdOptions) -> Result<IdEsti
 }
 
 /// Removes exact duplicate rows (bitwise, with -0.0 == 0.0), keeping the
-/// first of each; returns the rows left and how many were removed.
-pub fn dedupe(data: ArrayView2<'_, f32>) -> (Array2<f32>, usize) {
-    let mut seen: HashMap<Vec<u32>, ()> = HashMap::with_capacity(data.nrows());
+/// first of each; returns the rows left (`None`: no duplicates, use the
+/// input) and how many were removed.
+pub fn dedupe(data: ArrayView2<'_, f32>) -> (Option<Array2<f32>>, usize) {
+    let bits = |v: f32| if v == 0.0 { 0 } else { v.to_bits() };
+    // Hash rows without copying them; compare rows only on equal hashes.
+    let hashes: Vec<u64> = data
+        .outer_iter()
+        .map(|row| {
+            row.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &v| {
+                (h ^ bits(v) as u64).wrapping_mul(0x0000_0100_0000_01b3)
+            })
+        })
+        .collect();
+    let mut first: HashMap<u64, Vec<usize>> = HashMap::with_capacity(data.nrows());
     let mut keep = Vec::with_capacity(data.nrows());
-    for (i, row) in data.outer_iter().enumerate() {
-        let key: Vec<u32> = row
-            .iter()
-            .map(|v| if *v == 0.0 { 0 } else { v.to_bits() })
-            .collect();
-        if seen.insert(key, ()).is_none() {
+    for (i, &h) in hashes.iter().enumerate() {
+        let same = |j: &usize| {
+            data.row(*j)
+                .iter()
+                .zip(data.row(i).iter())
+                .all(|(a, b)| bits(*a) == bits(*b))
+        };
+        let bucket = first.entry(h).or_default();
+        if !bucket.iter().any(same) {
+            bucket.push(i);
             keep.push(i);
         }
     }
     let removed = data.nrows() - keep.len();
-    (data.select(Axis(0), &keep), removed)
+    if removed == 0 {
+        (None, 0)
+    } else {
+        (Some(data.select(Axis(0), &keep)), removed)
+    }
 }
 
 /// μ = r2/r1 of every point with r1 < r2.
