@@ -16,15 +16,28 @@ use rayon::prelude::*;
 
 /// Rows per GEMM block.
 const BLOCK: usize = 512;
-/// Extra candidates re-measured exactly beyond the k requested.
-const SLACK: usize = 1;
+/// Relative error allowed for in the Gram-form squared distances (f32
+/// accumulation over long rows): candidates within this margin of the k-th
+/// nearest are re-measured too.
+const MARGIN: f64 = 1e-5;
+/// At most this many candidates per point are re-measured.
+const MAX_CANDIDATES: usize = 64;
+
+/// Approximate squared distances and the (centred) squared norms they
+/// came from.
+pub struct Distances {
+    /// N×N approximate squared distances.
+    pub squared: Array2<f32>,
+    /// Squared norms of the centred rows.
+    pub norms: Vec<f64>,
+}
 
 /// All pairwise squared distances (approximate, f32), row-major N×N.
 ///
 /// The data are centred first (distances do not change): activations often
 /// share a large common offset, and removing it keeps the Gram form's
 /// cancellation error small.
-pub fn pairwise_squared(data: ArrayView2<'_, f32>) -> Array2<f32> {
+pub fn pairwise_squared(data: ArrayView2<'_, f32>) -> Distances {
     let (n, dim) = data.dim();
     let sum = data
         .axis_chunks_iter(Axis(0), 64)
@@ -84,7 +97,10 @@ pub fn pairwise_squared(data: ArrayView2<'_, f32>) -> Array2<f32> {
             out[[c, r]] = d;
         }
     }
-    out
+    Distances {
+        squared: out,
+        norms,
+    }
 }
 
 /// Exact Euclidean distance between two rows, in f64.
@@ -97,28 +113,46 @@ pub fn exact_distance(a: ndarray::ArrayView1<'_, f32>, b: ndarray::ArrayView1<'_
 }
 
 /// For every point of `subset` (indices into `data`), the distances to its
-/// `k` nearest other points of `subset`, ascending. `squared` is
-/// [`pairwise_squared`] of `data`.
+/// `k` nearest other points of `subset`, ascending. `distances` is
+/// [`pairwise_squared`] of `data`. Candidates are the k nearest by the
+/// approximate distances plus any within the error margin of the k-th; they
+/// are re-measured exactly.
 pub fn neighbours(
     data: ArrayView2<'_, f32>,
-    squared: &Array2<f32>,
+    distances: &Distances,
     subset: &[usize],
     k: usize,
 ) -> Vec<Vec<f64>> {
-    let want = (k + SLACK).min(subset.len().saturating_sub(1));
+    let largest_norm = subset
+        .iter()
+        .map(|&j| distances.norms[j])
+        .fold(0f64, f64::max);
     subset
         .par_iter()
         .map(|&i| {
-            let row = squared.row(i);
+            let row = distances.squared.row(i);
             let mut candidates: Vec<(f32, usize)> = subset
                 .iter()
                 .filter(|&&j| j != i)
                 .map(|&j| (row[j], j))
                 .collect();
-            if candidates.len() > want {
-                candidates
-                    .select_nth_unstable_by(want, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-                candidates.truncate(want + 1);
+            let order =
+                |a: &(f32, usize), b: &(f32, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+            if candidates.len() > k {
+                candidates.select_nth_unstable_by(k - 1, order);
+                let kth = candidates[k - 1].0 as f64;
+                let limit = kth + MARGIN * (distances.norms[i] + largest_norm);
+                let (near, rest) = candidates.split_at_mut(k);
+                let mut extra: Vec<(f32, usize)> = rest
+                    .iter()
+                    .copied()
+                    .filter(|c| (c.0 as f64) <= limit)
+                    .collect();
+                extra.sort_by(order);
+                extra.truncate(MAX_CANDIDATES.saturating_sub(k));
+                let mut chosen = near.to_vec();
+                chosen.extend(extra);
+                candidates = chosen;
             }
             let mut exact: Vec<f64> = candidates
                 .iter()
@@ -169,9 +203,9 @@ mod tests {
             let noise = (state >> 40) as f32 / (1u64 << 24) as f32;
             1000.0 + (i % 17) as f32 * 0.01 + j as f32 + noise * 1e-3
         });
-        let squared = pairwise_squared(data.view());
+        let distances = pairwise_squared(data.view());
         let all: Vec<usize> = (0..data.nrows()).collect();
-        let fast = neighbours(data.view(), &squared, &all, 3);
+        let fast = neighbours(data.view(), &distances, &all, 3);
         let slow = naive(data.view(), 3);
         for (f, s) in fast.iter().zip(&slow) {
             for (a, b) in f.iter().zip(s) {

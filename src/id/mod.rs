@@ -152,12 +152,12 @@ pub fn estimate(data: ArrayView2<'_, f32>, options: &IdOptions) -> Result<IdEsti
             need,
         });
     }
-    let squared = knn::pairwise_squared(unique);
+    let distances = knn::pairwise_squared(unique);
     let all: Vec<usize> = (0..unique.nrows()).collect();
     let id = match (options.estimator, options.variant) {
-        (Estimator::Mle, _) => mle(&knn::neighbours(unique, &squared, &all, options.k)),
+        (Estimator::Mle, _) => mle(&knn::neighbours(unique, &distances, &all, options.k)),
         (Estimator::Twonn, Variant::Facco) => twonn_fit(
-            ratios(&knn::neighbours(unique, &squared, &all, 2)),
+            ratios(&knn::neighbours(unique, &distances, &all, 2)),
             Discard::Fraction(0.1),
         ),
         (Estimator::Twonn, Variant::Paper) => {
@@ -176,7 +176,7 @@ pub fn estimate(data: ArrayView2<'_, f32>, options: &IdOptions) -> Result<IdEsti
                     .chunks_exact(size)
                     .map(|block| {
                         twonn_fit(
-                            ratios(&knn::neighbours(unique, &squared, block, 2)),
+                            ratios(&knn::neighbours(unique, &distances, block, 2)),
                             Discard::LastTwo,
                         )
                     })
