@@ -28,6 +28,7 @@ pub mod id;
 pub mod ir;
 pub mod onnx;
 pub mod plan;
+pub mod profile;
 pub mod report;
 pub mod rewrite;
 

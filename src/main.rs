@@ -59,6 +59,17 @@ enum Command {
         /// TwoNN variant: facco (smallest 90% of μ) or paper (block analysis).
         #[arg(long, value_enum, default_value = "facco")]
         variant: onnx_idprune::id::Variant,
+        /// Calibration samples to use (the first N of the file).
+        #[arg(long, default_value_t = 512)]
+        samples: usize,
+        /// How token outputs become one vector per sample.
+        #[arg(long, value_enum, default_value = "flatten")]
+        pooling: onnx_idprune::calib::collect::Pooling,
+        /// Also write an SVG plot of ID per block.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
         /// Neighbours for --estimator mle.
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(2..=1000))]
         k: u32,
@@ -97,6 +108,31 @@ struct PruneArgs {
     /// Where tensor data goes: auto (like the input; external above 2 GiB), always (OUT.data next to OUT), never.
     #[arg(long, value_name = "WHEN", value_enum)]
     external_data: Option<ExternalDataArg>,
+}
+
+/// ONNX Runtime settings shared by the commands that run models.
+#[derive(Args, Debug, Clone)]
+struct RuntimeArgs {
+    /// Execution provider (strict unless --allow-fallback).
+    #[arg(long, value_name = "EP", default_value = "cpu", value_parser = parse_provider)]
+    ep: Provider,
+    /// Run on CPU when the requested provider cannot be registered.
+    #[arg(long)]
+    allow_fallback: bool,
+    /// The ONNX Runtime shared library (else ORT_DYLIB_PATH, else the project-local copy).
+    #[arg(long, value_name = "PATH")]
+    ort_lib: Option<PathBuf>,
+}
+
+impl RuntimeArgs {
+    fn options(&self) -> onnx_idprune::calib::RuntimeOptions {
+        onnx_idprune::calib::RuntimeOptions {
+            library: self.ort_lib.clone(),
+            provider: self.ep,
+            allow_fallback: self.allow_fallback,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -163,6 +199,10 @@ fn run(cli: Cli) -> Result<()> {
             estimator,
             variant,
             k,
+            samples,
+            pooling,
+            svg,
+            runtime,
         }) => {
             let options = onnx_idprune::id::IdOptions {
                 estimator,
@@ -175,9 +215,31 @@ fn run(cli: Cli) -> Result<()> {
                 (Some(_), _, Some(_)) => {
                     bail!("id: give either a model (with --calib) or --data, not both")
                 }
-                (Some(_), _, None) => bail!(
-                    "id: per-layer profiles of a model are not available in this build yet; use --data"
-                ),
+                (Some(input), Some(calib), None) => {
+                    let profile_options = onnx_idprune::profile::ProfileOptions {
+                        samples,
+                        pooling,
+                        id: options,
+                        runtime: runtime.options(),
+                        max_memory: onnx_idprune::profile::default_max_memory(),
+                    };
+                    let profile = onnx_idprune::profile::profile(&input, &calib, &profile_options)?;
+                    if let Some(path) = &svg {
+                        onnx_idprune::write_atomic(
+                            path,
+                            onnx_idprune::report::profile_svg(&profile).as_bytes(),
+                        )?;
+                    }
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&profile)?);
+                    } else {
+                        print!("{}", onnx_idprune::report::profile_table(&profile));
+                    }
+                    Ok(())
+                }
+                (Some(_), None, None) => {
+                    bail!("id: a model needs calibration data (--calib FILE.npz)")
+                }
                 (None, _, None) => bail!("id: give a model with --calib, or --data X.npy"),
                 (None, Some(_), Some(_)) => bail!("id: --calib needs a model"),
             }

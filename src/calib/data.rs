@@ -55,6 +55,16 @@ impl Array {
         }
     }
 
+    /// The rows at `index` of axis 0, in that order.
+    pub fn select_rows(&self, index: &[usize]) -> Array {
+        match self {
+            Array::F32(a) => Array::F32(a.select(Axis(0), index)),
+            Array::I64(a) => Array::I64(a.select(Axis(0), index)),
+            Array::I32(a) => Array::I32(a.select(Axis(0), index)),
+            Array::Bool(a) => Array::Bool(a.select(Axis(0), index)),
+        }
+    }
+
     /// Whether any element is NaN or infinite (integers never are).
     pub fn has_non_finite(&self) -> bool {
         matches!(self, Array::F32(a) if a.iter().any(|v| !v.is_finite()))

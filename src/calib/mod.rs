@@ -6,6 +6,7 @@
 //! element types models take, read from `.npz` files and checked against the
 //! model's declared inputs.
 
+pub mod collect;
 pub mod data;
 pub mod runtime;
 

@@ -658,6 +658,32 @@ impl Graph {
         Ok(node)
     }
 
+    /// Gives node `id` an output at `slot` (which must be unused) named
+    /// `name` (which must be new); for optional outputs such as
+    /// SkipLayerNormalization's residual sum.
+    pub fn add_output(&mut self, id: NodeId, slot: usize, name: &str) -> Result<(), IrError> {
+        if self.producers.contains_key(name) {
+            return Err(IrError::Edit(format!("value '{name}' already exists")));
+        }
+        let node = self
+            .dag
+            .node_weight_mut(id)
+            .ok_or_else(|| IrError::Edit("node does not exist".into()))?;
+        if node.proto.output.get(slot).is_some_and(|o| !o.is_empty()) {
+            return Err(IrError::Edit(format!(
+                "output {slot} of node {} is in use",
+                node.label()
+            )));
+        }
+        if node.proto.output.len() <= slot {
+            node.proto.output.resize(slot + 1, String::new());
+        }
+        node.proto.output[slot] = name.to_string();
+        self.producers
+            .insert(name.to_string(), Producer::Node(id, slot));
+        Ok(())
+    }
+
     /// Sets (or adds) an attribute of node `id`. Attributes never name
     /// values of this graph, so edges are unaffected.
     pub fn set_attribute(&mut self, id: NodeId, attribute: AttributeProto) -> Result<(), IrError> {

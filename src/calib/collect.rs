@@ -1,0 +1,216 @@
+//! Instrumentation and feature collection: the tapped tensors become extra
+//! graph outputs of an in-memory copy of the model, which ONNX Runtime runs
+//! over the calibration samples batch by batch.
+//!
+//! Why graph optimisations are off: ONNX Runtime fuses at session load (a
+//! LayerNorm+Add into SkipLayerNormalization, say) and a tensor inside a
+//! fused pattern stops existing; a tapped output would then silently be a
+//! different tensor or disappear. With optimisations disabled every tapped
+//! value is computed exactly as the graph states it.
+//!
+//! Each tap goes through a `Cast` to float32, so float16 and bfloat16
+//! models are measured in f32 like any other.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use ndarray::{Array2, ArrayD, Axis, Ix3};
+
+use super::data::{Array, Inputs};
+use super::runtime::{Runtime, RuntimeError, RuntimeOptions};
+use crate::ir::{Dim, Model};
+use crate::onnx::proto::{AttributeProto, NodeProto, TypeProto, ValueInfoProto, type_proto};
+
+/// How a layer's `[batch, tokens, channels]` output becomes one vector per
+/// sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// All tokens × channels in one vector (the paper's choice); padded
+    /// text positions are zeroed.
+    Flatten,
+    /// The first token.
+    Cls,
+    /// Mean over the tokens that are not padding.
+    Mean,
+}
+
+/// A value to record, and the graph input holding its padding mask (text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tap {
+    /// The value.
+    pub value: String,
+    /// A `[batch, tokens]` 0/1 input marking real tokens, if any.
+    pub mask: Option<String>,
+}
+
+/// Output name used for a tap.
+fn tap_output(value: &str) -> String {
+    format!("{value}::idprune_tap")
+}
+
+/// A copy of `model` whose outputs also include every tap (cast to f32).
+pub fn instrument(model: &Model, taps: &[Tap]) -> Result<Model, RuntimeError> {
+    let mut copy = model.clone();
+    for tap in taps {
+        let output = tap_output(&tap.value);
+        let cast = NodeProto {
+            op_type: Some("Cast".into()),
+            name: Some(format!("{}/idprune_tap", tap.value)),
+            input: vec![tap.value.clone()],
+            output: vec![output.clone()],
+            attribute: vec![AttributeProto {
+                name: Some("to".into()),
+                r#type: Some(2),
+                i: Some(1),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        copy.graph
+            .add_node(cast)
+            .map_err(|e| RuntimeError::Session(format!("cannot tap '{}': {e}", tap.value)))?;
+        copy.graph.outputs.push(ValueInfoProto {
+            name: Some(output),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(1),
+                    shape: None,
+                })),
+                denotation: None,
+            }),
+            ..Default::default()
+        });
+    }
+    Ok(copy)
+}
+
+/// The batch size the model requires (a fixed first dimension on every
+/// input), if any.
+pub fn static_batch(model: &Model) -> Option<usize> {
+    let graph = &model.graph;
+    graph
+        .inputs
+        .iter()
+        .filter(|i| graph.initializer(i.name()).is_none())
+        .find_map(|i| match graph.value_type(i.name())?.shape?.first()? {
+            Dim::Fixed(b) if *b > 0 => Some(*b as usize),
+            _ => None,
+        })
+}
+
+/// Runs `samples` calibration samples through `model` with `taps` and
+/// returns one `samples × features` matrix per tap.
+pub fn collect(
+    model: &Model,
+    inputs: &Inputs,
+    samples: usize,
+    taps: &[Tap],
+    pooling: Pooling,
+    options: &RuntimeOptions,
+) -> Result<(Vec<Array2<f32>>, crate::calib::Provider), RuntimeError> {
+    let instrumented = instrument(model, taps)?;
+    let bytes = crate::onnx::encode_to_vec(&instrumented.to_proto());
+    if bytes.len() as u64 > crate::onnx::PROTOBUF_LIMIT {
+        return Err(RuntimeError::Session(
+            "models over 2 GiB cannot be calibrated in this build yet".into(),
+        ));
+    }
+    let options = RuntimeOptions {
+        optimize: false,
+        ..options.clone()
+    };
+    let mut runtime = Runtime::from_bytes(&bytes, &options)?;
+    let fixed = static_batch(model);
+    let batch = fixed.unwrap_or(16).max(1);
+    let progress = ProgressBar::new(samples as u64).with_message("calibration");
+    progress.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} samples ({eta})")
+            .expect("valid template"),
+    );
+    let mut rows: Vec<Vec<Array2<f32>>> = vec![Vec::new(); taps.len()];
+    let mut start = 0;
+    while start < samples {
+        let end = (start + batch).min(samples);
+        // A model with a fixed batch size gets full batches: pad by repeating
+        // the last sample and drop the extra rows afterwards.
+        let take = if fixed.is_some() { batch } else { end - start };
+        let index: Vec<usize> = (start..start + take).map(|i| i.min(samples - 1)).collect();
+        let feed: Inputs = inputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.select_rows(&index)))
+            .collect();
+        let outputs = runtime.run(&feed)?;
+        for (t, tap) in taps.iter().enumerate() {
+            let name = tap_output(&tap.value);
+            let Some((_, Array::F32(values))) = outputs.iter().find(|(n, _)| *n == name) else {
+                return Err(RuntimeError::Session(format!(
+                    "tap '{}' produced no float output",
+                    tap.value
+                )));
+            };
+            let mask = tap.mask.as_ref().and_then(|m| feed.get(m));
+            let pooled = pool(values, mask, pooling)?;
+            rows[t].push(
+                pooled
+                    .slice_axis(Axis(0), (0..end - start).into())
+                    .to_owned(),
+            );
+        }
+        progress.inc((end - start) as u64);
+        start = end;
+    }
+    progress.finish_and_clear();
+    let features = rows
+        .into_iter()
+        .map(|parts| {
+            let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+            ndarray::concatenate(Axis(0), &views).expect("equal widths across batches")
+        })
+        .collect();
+    Ok((features, runtime.provider))
+}
+
+/// One row per sample from a `[batch, tokens, channels]` (or `[batch, d]`)
+/// output.
+fn pool(
+    values: &ArrayD<f32>,
+    mask: Option<&Array>,
+    pooling: Pooling,
+) -> Result<Array2<f32>, RuntimeError> {
+    let batch = values.shape()[0];
+    if values.ndim() == 2 {
+        return Ok(values.clone().into_dimensionality().expect("rank 2"));
+    }
+    let v = values.view().into_dimensionality::<Ix3>().map_err(|_| {
+        RuntimeError::Session(format!(
+            "tapped tensor has shape {:?}, expected [batch, tokens, channels]",
+            values.shape()
+        ))
+    })?;
+    let (_, tokens, channels) = v.dim();
+    let keep = |b: usize, t: usize| -> f32 {
+        match mask {
+            Some(Array::I64(m)) if m.ndim() == 2 && m.shape()[1] == tokens => {
+                (m[[b, t]] != 0) as u8 as f32
+            }
+            Some(Array::I32(m)) if m.ndim() == 2 && m.shape()[1] == tokens => {
+                (m[[b, t]] != 0) as u8 as f32
+            }
+            _ => 1.0,
+        }
+    };
+    Ok(match pooling {
+        Pooling::Flatten => Array2::from_shape_fn((batch, tokens * channels), |(b, i)| {
+            v[[b, i / channels, i % channels]] * keep(b, i / channels)
+        }),
+        Pooling::Cls => Array2::from_shape_fn((batch, channels), |(b, c)| v[[b, 0, c]]),
+        Pooling::Mean => Array2::from_shape_fn((batch, channels), |(b, c)| {
+            let (mut sum, mut count) = (0f32, 0f32);
+            for t in 0..tokens {
+                let w = keep(b, t);
+                sum += v[[b, t, c]] * w;
+                count += w;
+            }
+            sum / count.max(1.0)
+        }),
+    })
+}

@@ -1,0 +1,222 @@
+//! The per-layer intrinsic-dimension profile of a model: calibrate, tap
+//! every block's output, estimate the ID of each.
+
+use std::path::Path;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::arch::{self, TowerKind};
+use crate::calib::collect::{self, Pooling, Tap};
+use crate::calib::{Provider, RuntimeOptions, data};
+use crate::id::{self, IdEstimate, IdOptions};
+use crate::{Error, open};
+
+/// ID of one block's output.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerId {
+    /// Block index in its tower.
+    pub block: usize,
+    /// The estimate (with sample count, dimension, duplicates).
+    #[serde(flatten)]
+    pub estimate: IdEstimate,
+}
+
+/// The profile of one tower.
+#[derive(Debug, Clone, Serialize)]
+pub struct TowerProfile {
+    /// `vision` or `text`.
+    pub name: &'static str,
+    /// One entry per block, in order.
+    pub layers: Vec<LayerId>,
+}
+
+/// The profile of a model.
+#[derive(Debug, Clone, Serialize)]
+pub struct Profile {
+    /// Towers, vision first.
+    pub towers: Vec<TowerProfile>,
+    /// Calibration samples used.
+    pub samples: usize,
+    /// How token outputs became vectors.
+    pub pooling: Pooling,
+    /// The execution provider that ran.
+    pub provider: Provider,
+}
+
+/// How to build a profile.
+#[derive(Debug, Clone)]
+pub struct ProfileOptions {
+    /// Samples to use (the first N of the file).
+    pub samples: usize,
+    /// Pooling.
+    pub pooling: Pooling,
+    /// ID estimation.
+    pub id: IdOptions,
+    /// ONNX Runtime.
+    pub runtime: RuntimeOptions,
+    /// Bytes of features held at once; more taps run in several passes.
+    pub max_memory: u64,
+}
+
+/// A quarter of physical memory (or 4 GiB when unknown).
+pub fn default_max_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024 / 4)
+        })
+        .unwrap_or(4 << 30)
+}
+
+/// Measures the ID of every block output of the model at `model_path` on
+/// the samples in `calib_path`.
+pub fn profile(
+    model_path: &Path,
+    calib_path: &Path,
+    options: &ProfileOptions,
+) -> Result<Profile, Error> {
+    let source = open(model_path)?;
+    let architecture = arch::discover(&source.model.graph).map_err(|error| Error::Discover {
+        path: model_path.to_path_buf(),
+        error,
+    })?;
+    let (inputs, available) = data::read_npz(calib_path, &source.model.graph)?;
+    if available < options.samples {
+        return Err(Error::Data(data::DataError::Mismatch {
+            path: calib_path.to_path_buf(),
+            reason: format!(
+                "it has {available} samples, {} were asked for (--samples)",
+                options.samples
+            ),
+        }));
+    }
+    let mask = source
+        .model
+        .graph
+        .inputs
+        .iter()
+        .map(|i| i.name().to_string())
+        .find(|n| n.contains("mask") && inputs.contains_key(n));
+    // Tap each block's residual stream. A fused join that folded the sum
+    // into the next norm (the last block before a final norm) is given its
+    // optional sum output, so every block is measured before normalisation.
+    let mut model = source.model.clone();
+    let mut taps: Vec<(TowerKind, usize, Tap)> = Vec::new();
+    for tower in &architecture.towers {
+        for block in &tower.blocks {
+            let mask = (tower.kind == TowerKind::Text)
+                .then(|| mask.clone())
+                .flatten();
+            let join = &block.mlp.join;
+            let value = match &join.sum {
+                None if !block.norm_after_join
+                    && model.graph.node(join.node).op() == "SkipLayerNormalization" =>
+                {
+                    let name = model
+                        .graph
+                        .fresh_name(&format!("{}::residual_sum", join.stream_out));
+                    model
+                        .graph
+                        .add_output(join.node, 3, &name)
+                        .map_err(|error| Error::Graph {
+                            path: model_path.to_path_buf(),
+                            error,
+                        })?;
+                    name
+                }
+                _ => block.output().to_string(),
+            };
+            taps.push((tower.kind, block.index, Tap { value, mask }));
+        }
+    }
+    let source = crate::Source {
+        file: source.file,
+        model,
+    };
+    // Probe one sample to learn each tap's width, then group taps so that
+    // one pass holds at most `max_memory` bytes of features.
+    let all: Vec<Tap> = taps.iter().map(|t| t.2.clone()).collect();
+    let probe_inputs: data::Inputs = inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.rows(0, available.min(1))))
+        .collect();
+    let (probe, _) = collect::collect(
+        &source.model,
+        &probe_inputs,
+        1,
+        &all,
+        options.pooling,
+        &options.runtime,
+    )?;
+    let bytes: Vec<u64> = probe
+        .iter()
+        .map(|p| (p.ncols() * options.samples * 4) as u64)
+        .collect();
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut held = 0u64;
+    for (i, b) in bytes.iter().enumerate() {
+        if held + b > options.max_memory && !groups.last().unwrap().is_empty() {
+            groups.push(Vec::new());
+            held = 0;
+        }
+        groups.last_mut().unwrap().push(i);
+        held += b;
+    }
+    let progress = ProgressBar::new(taps.len() as u64).with_message("intrinsic dimension");
+    progress.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} layers").expect("valid template"),
+    );
+    let mut results: Vec<Option<IdEstimate>> = vec![None; taps.len()];
+    let mut provider = options.runtime.provider;
+    for group in groups {
+        let group_taps: Vec<Tap> = group.iter().map(|&i| taps[i].2.clone()).collect();
+        let (features, used) = collect::collect(
+            &source.model,
+            &inputs,
+            options.samples,
+            &group_taps,
+            options.pooling,
+            &options.runtime,
+        )?;
+        provider = used;
+        for (&i, matrix) in group.iter().zip(features) {
+            let (kind, block, _) = &taps[i];
+            let estimate = id::estimate(matrix.view(), &options.id).map_err(|e| {
+                Error::Unsupported(format!(
+                    "{}/{}: intrinsic dimension: {e}",
+                    kind.name(),
+                    block
+                ))
+            })?;
+            results[i] = Some(estimate);
+            progress.inc(1);
+        }
+    }
+    progress.finish_and_clear();
+    let mut towers: Vec<TowerProfile> = Vec::new();
+    for ((kind, block, _), estimate) in taps.iter().zip(results) {
+        let estimate = estimate.expect("every tap was measured");
+        match towers.iter_mut().find(|t| t.name == kind.name()) {
+            Some(t) => t.layers.push(LayerId {
+                block: *block,
+                estimate,
+            }),
+            None => towers.push(TowerProfile {
+                name: kind.name(),
+                layers: vec![LayerId {
+                    block: *block,
+                    estimate,
+                }],
+            }),
+        }
+    }
+    Ok(Profile {
+        towers,
+        samples: options.samples,
+        pooling: options.pooling,
+        provider,
+    })
+}
