@@ -12,7 +12,7 @@
 //! models are measured in f32 like any other.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use ndarray::{Array2, ArrayD, Axis, Ix3};
+use ndarray::{Array2, ArrayD, Ix3};
 
 use super::data::{Array, Inputs};
 use super::runtime::{Runtime, RuntimeError, RuntimeOptions};
@@ -126,7 +126,9 @@ pub fn collect(
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} samples ({eta})")
             .expect("valid template"),
     );
-    let mut rows: Vec<Vec<Array2<f32>>> = vec![Vec::new(); taps.len()];
+    // One samples × features matrix per tap, allocated once its width is
+    // known (first batch) and filled in place: no second copy.
+    let mut features: Vec<Option<Array2<f32>>> = vec![None; taps.len()];
     let mut start = 0;
     while start < samples {
         let end = (start + batch).min(samples);
@@ -149,22 +151,27 @@ pub fn collect(
             };
             let mask = tap.mask.as_ref().and_then(|m| feed.get(m));
             let pooled = pool(values, mask, pooling)?;
-            rows[t].push(
-                pooled
-                    .slice_axis(Axis(0), (0..end - start).into())
-                    .to_owned(),
-            );
+            let matrix =
+                features[t].get_or_insert_with(|| Array2::zeros((samples, pooled.ncols())));
+            if matrix.ncols() != pooled.ncols() {
+                return Err(RuntimeError::Session(format!(
+                    "tap '{}' changed width between batches ({} vs {}); calibrate with equal sequence lengths",
+                    tap.value,
+                    matrix.ncols(),
+                    pooled.ncols()
+                )));
+            }
+            matrix
+                .slice_mut(ndarray::s![start..end, ..])
+                .assign(&pooled.slice(ndarray::s![..end - start, ..]));
         }
         progress.inc((end - start) as u64);
         start = end;
     }
     progress.finish_and_clear();
-    let features = rows
+    let features = features
         .into_iter()
-        .map(|parts| {
-            let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-            ndarray::concatenate(Axis(0), &views).expect("equal widths across batches")
-        })
+        .map(|f| f.unwrap_or_else(|| Array2::zeros((0, 0))))
         .collect();
     Ok((features, runtime.provider))
 }
