@@ -9,4 +9,5 @@ cargo build --locked --release
 mkdir -p out
 set -x
 target/release/onnx-idprune fixtures/clip_tiny_torchscript_op17.onnx out/clip_tiny.onnx \
-  --plan fixtures/plans/empty.json --plan-out out/plan.json
+  --calib fixtures/calib/clip_tiny_calib.npz --keep-params 0.75 \
+  --plan-out out/plan.json --report out/report.json

@@ -24,6 +24,7 @@
 
 pub mod arch;
 pub mod calib;
+pub mod decide;
 pub mod id;
 pub mod ir;
 pub mod onnx;
@@ -31,6 +32,7 @@ pub mod plan;
 pub mod profile;
 pub mod report;
 pub mod rewrite;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -81,6 +83,16 @@ pub enum Error {
     /// The request needs a feature this build does not have yet.
     #[error("{0}")]
     Unsupported(String),
+    /// The pruned model does not follow the original closely enough.
+    #[error(
+        "fidelity gate not met: held-out output cosine {got:.6} is below --min-fidelity {required}; nothing written"
+    )]
+    Fidelity {
+        /// Measured minimum cosine.
+        got: f64,
+        /// Required.
+        required: f64,
+    },
     /// Writing the plan file failed.
     #[error("cannot write {}: {error}", path.display())]
     Write {
@@ -137,6 +149,14 @@ pub struct PruneJob {
     /// External data placement. `None`: like the input (external if the
     /// input used external data), and external anyway above 2 GiB.
     pub external_data: Option<ExternalData>,
+    /// Calibration data and decision settings: make the plan from
+    /// measurements (used when `plan` is `None`).
+    pub decide: Option<(PathBuf, decide::DecideOptions)>,
+    /// Refuse to write OUT when the held-out output cosine is below this.
+    pub min_fidelity: Option<f64>,
+    /// Write a JSON report here (and a Markdown summary and an SVG plot
+    /// next to it).
+    pub report: Option<PathBuf>,
 }
 
 /// What a run did.
@@ -150,6 +170,10 @@ pub struct Outcome {
     pub rewrites: Vec<String>,
     /// Seconds spent in each stage, in order.
     pub timings: Vec<(&'static str, f64)>,
+    /// The decision stage's measurements, when the plan was made here.
+    pub decision: Option<decide::Decision>,
+    /// Fidelity on held-out samples, when measured.
+    pub fidelity: Option<verify::Fidelity>,
 }
 
 impl PruneJob {
@@ -161,6 +185,9 @@ impl PruneJob {
             plan: None,
             plan_out: None,
             external_data: None,
+            decide: None,
+            min_fidelity: None,
+            report: None,
         }
     }
 
@@ -178,32 +205,82 @@ impl PruneJob {
             timings.push((name, clock.elapsed().as_secs_f64()));
             clock = Instant::now();
         };
-        let Some(plan) = self.plan.clone() else {
+        if self.plan.is_none() && self.decide.is_none() {
             return Err(Error::Unsupported(
-                "calibration-driven pruning is not available in this build yet; pass --plan FILE to apply a plan".into(),
+                "give --plan FILE, or --calib FILE.npz with --keep-params F".into(),
             ));
-        };
+        }
         let source = open(&self.input)?;
         let protected = source.protected_files();
         onnx::check_not_input(&self.output, &protected)?;
-        if let Some(plan_out) = &self.plan_out {
-            let mut taken = protected.clone();
-            taken.push(self.output.clone());
-            taken.push(onnx::external_path(&self.output));
-            onnx::check_distinct(plan_out, &taken)?;
+        let mut taken = protected.clone();
+        taken.push(self.output.clone());
+        taken.push(onnx::external_path(&self.output));
+        for extra in [&self.plan_out, &self.report].into_iter().flatten() {
+            onnx::check_distinct(extra, &taken)?;
         }
         lap("load", &mut timings);
 
-        let mut model = source.model;
+        let needs_arch = self.plan.as_ref().is_none_or(|p| !p.is_empty());
+        let arch = if needs_arch {
+            Some(
+                arch::discover(&source.model.graph).map_err(|error| Error::Discover {
+                    path: self.input.clone(),
+                    error,
+                })?,
+            )
+        } else {
+            None
+        };
+        lap("discover", &mut timings);
+        let (plan, decision) = match (&self.plan, &self.decide, &arch) {
+            (Some(plan), _, _) => (plan.clone(), None),
+            (None, Some((calib, options)), Some(arch)) => {
+                let decision = decide::decide(&source, arch, calib, options)?;
+                (decision.plan.clone(), Some(decision))
+            }
+            _ => unreachable!("checked above"),
+        };
+        lap("calibrate+decide", &mut timings);
+
+        let mut model = source.model.clone();
         let mut rewrites = Vec::new();
-        if !plan.is_empty() {
-            let arch = arch::discover(&model.graph).map_err(|error| Error::Discover {
-                path: self.input.clone(),
-                error,
-            })?;
-            rewrites = rewrite::apply(&mut model, &arch, &plan)?.rewrites;
+        if let (false, Some(arch)) = (plan.is_empty(), &arch) {
+            rewrites = rewrite::apply(&mut model, arch, &plan)?.rewrites;
         }
+        let pruned = model.to_proto();
         lap("rewrite", &mut timings);
+
+        let mut fidelity = None;
+        if let (Some(decision), Some((_, options))) = (&decision, &self.decide)
+            && decision.holdout_samples > 0
+        {
+            let original = onnx::encode_to_vec(&source.model.to_proto());
+            let candidate = onnx::encode_to_vec(&pruned);
+            let fixed = calib::collect::static_batch(&source.model);
+            let measured = verify::compare(
+                &original,
+                &candidate,
+                &decision.holdout,
+                decision.holdout_samples,
+                fixed,
+                &options.profile.runtime,
+            )?;
+            if let Some(required) = self.min_fidelity
+                && measured.min_cosine < required
+            {
+                return Err(Error::Fidelity {
+                    got: measured.min_cosine,
+                    required,
+                });
+            }
+            fidelity = Some(measured);
+        } else if self.min_fidelity.is_some() {
+            return Err(Error::Unsupported(
+                "--min-fidelity needs held-out calibration samples (--calib with at least 8 samples)".into(),
+            ));
+        }
+        lap("verify", &mut timings);
 
         let external_data =
             self.external_data
@@ -216,26 +293,47 @@ impl PruneJob {
             external_data,
             ..Default::default()
         };
-        let saved = onnx::save(&model.to_proto(), &self.output, &options)?;
-        let plan_written = match &self.plan_out {
-            Some(plan_out) => write_atomic(plan_out, plan.to_json().as_bytes()),
-            None => Ok(()),
+        let saved = onnx::save(&pruned, &self.output, &options)?;
+        lap("save", &mut timings);
+        let mut outcome = Outcome {
+            saved,
+            plan: plan.normalized(),
+            rewrites,
+            timings: Vec::new(),
+            decision,
+            fidelity,
         };
-        if let Err(e) = plan_written {
-            // OUT and the plan go together: without the plan, no OUT.
+        let written = self.write_companions(&source, arch.as_ref(), &mut outcome, &timings);
+        if let Err(e) = written {
+            // OUT and its plan/report go together: without them, no OUT.
             let _ = std::fs::remove_file(&self.output);
-            if let Some(data) = &saved.external_file {
+            if let Some(data) = &outcome.saved.external_file {
                 let _ = std::fs::remove_file(data);
             }
             return Err(e);
         }
-        lap("save", &mut timings);
-        Ok(Outcome {
-            saved,
-            plan: plan.normalized(),
-            rewrites,
-            timings,
-        })
+        outcome.timings = timings;
+        Ok(outcome)
+    }
+
+    fn write_companions(
+        &self,
+        source: &Source,
+        arch: Option<&arch::Architecture>,
+        outcome: &mut Outcome,
+        timings: &[(&'static str, f64)],
+    ) -> Result<(), Error> {
+        if let Some(plan_out) = &self.plan_out {
+            write_atomic(plan_out, outcome.plan.to_json().as_bytes())?;
+        }
+        let Some(path) = &self.report else {
+            return Ok(());
+        };
+        let report = report::Report::new(self, source, arch, outcome, timings);
+        write_atomic(path, report.to_json().as_bytes())?;
+        write_atomic(&path.with_extension("md"), report.to_markdown().as_bytes())?;
+        write_atomic(&path.with_extension("svg"), report.to_svg().as_bytes())?;
+        Ok(())
     }
 }
 

@@ -94,17 +94,35 @@ struct PruneArgs {
     #[arg(long, value_name = "FILE.npz")]
     calib: Option<PathBuf>,
     /// Fraction of transformer-block parameters to keep, 0 < F <= 1.
-    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan")]
+    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib")]
     keep_params: Option<f64>,
-    /// Execution provider (strict unless --allow-fallback).
-    #[arg(long, value_name = "EP", default_value = "cpu", value_parser = parse_provider)]
-    ep: Provider,
-    /// Run on CPU when the requested provider cannot be registered.
-    #[arg(long)]
-    allow_fallback: bool,
-    /// The ONNX Runtime shared library (else ORT_DYLIB_PATH, else the project-local copy).
-    #[arg(long, value_name = "PATH")]
-    ort_lib: Option<PathBuf>,
+    /// What may be removed: blocks (whole blocks and attention/MLP sub-blocks).
+    /// units, all and unstructured are not available in this build yet.
+    #[arg(long, value_name = "MODE", default_value = "blocks")]
+    mode: String,
+    /// Importance: id (block influence × intrinsic dimension, the paper's rule), bi, magnitude.
+    #[arg(long, value_enum, default_value = "id")]
+    score: onnx_idprune::plan::importance::Score,
+    /// Calibration samples used for decisions (the first N of the file).
+    #[arg(long, default_value_t = 512)]
+    samples: usize,
+    /// Samples held out for verification (the last N of the file, at most a quarter).
+    #[arg(long, default_value_t = 64)]
+    holdout: usize,
+    /// How token outputs become one vector per sample for ID estimation.
+    #[arg(long, value_enum, default_value = "flatten")]
+    pooling: onnx_idprune::calib::collect::Pooling,
+    /// TwoNN variant for the layer IDs.
+    #[arg(long, value_enum, default_value = "facco")]
+    variant: onnx_idprune::id::Variant,
+    /// Refuse to write OUT (exit 3) if the held-out output cosine is below F.
+    #[arg(long, value_name = "F", value_parser = clap::value_parser!(f64))]
+    min_fidelity: Option<f64>,
+    /// Write a JSON report (plus a Markdown summary and an SVG plot next to it).
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// Where tensor data goes: auto (like the input; external above 2 GiB), always (OUT.data next to OUT), never.
     #[arg(long, value_name = "WHEN", value_enum)]
     external_data: Option<ExternalDataArg>,
@@ -184,8 +202,11 @@ fn one_line(e: &anyhow::Error) -> String {
 
 /// Exit code for an error: 1 for every library and input error (usage
 /// errors exit 2 from clap before this point).
-fn exit_code(_: &anyhow::Error) -> u8 {
-    1
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<onnx_idprune::Error>() {
+        Some(onnx_idprune::Error::Fidelity { .. }) => 3,
+        _ => 1,
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -289,16 +310,42 @@ fn prune(args: PruneArgs) -> Result<()> {
     let (Some(input), Some(output)) = (args.input, args.output) else {
         unreachable!("clap requires IN and OUT");
     };
-    if args.calib.is_some() || args.keep_params.is_some() {
+    if args.mode != "blocks" {
         bail!(
-            "calibration (--calib, --keep-params) is not available in this build yet; pass --plan FILE to apply a plan"
+            "--mode {}: only 'blocks' (whole blocks and sub-blocks) is available in this build",
+            args.mode
         );
     }
-    let _ = (args.ep, args.allow_fallback, args.ort_lib); // used by calibration stages
     let mut job = PruneJob::new(&input, &output);
-    if let Some(plan) = &args.plan {
-        job = job.with_plan(Plan::read(plan)?);
+    match (&args.plan, &args.calib, args.keep_params) {
+        (Some(plan), _, _) => job = job.with_plan(Plan::read(plan)?),
+        (None, Some(calib), Some(keep)) => {
+            let id = onnx_idprune::id::IdOptions {
+                variant: args.variant,
+                ..Default::default()
+            };
+            let profile = onnx_idprune::profile::ProfileOptions {
+                samples: args.samples,
+                pooling: args.pooling,
+                id,
+                runtime: args.runtime.options(),
+                max_memory: onnx_idprune::profile::default_max_memory(),
+            };
+            let options = onnx_idprune::decide::DecideOptions {
+                keep,
+                score: args.score,
+                holdout: args.holdout,
+                profile,
+            };
+            job.decide = Some((calib.clone(), options));
+        }
+        (None, Some(_), None) => {
+            bail!("--calib needs --keep-params F (the fraction of block parameters to keep)")
+        }
+        (None, None, _) => bail!("give --plan FILE, or --calib FILE.npz with --keep-params F"),
     }
+    job.min_fidelity = args.min_fidelity;
+    job.report = args.report;
     job.plan_out = args.plan_out;
     job.external_data = args.external_data.map(|e| match e {
         ExternalDataArg::Auto => ExternalData::Auto,
@@ -320,9 +367,16 @@ fn prune(args: PruneArgs) -> Result<()> {
     }
     let blocks = outcome.plan.blocks.len();
     line.push_str(&format!(
-        "; plan: {blocks} block action{})",
+        "; plan: {blocks} block action{}",
         if blocks == 1 { "" } else { "s" }
     ));
+    if let Some(f) = &outcome.fidelity {
+        line.push_str(&format!("; held-out cosine {:.4}", f.min_cosine));
+        if let Some(t) = f.top1_agreement {
+            line.push_str(&format!(", top-1 agreement {:.1}%", 100.0 * t));
+        }
+    }
+    line.push(')');
     eprintln!("onnx-idprune: {line}");
     Ok(())
 }

@@ -59,6 +59,98 @@ pub struct ProfileOptions {
     pub max_memory: u64,
 }
 
+/// The ID of each tap's pooled values over the first `options.samples`
+/// samples. Taps are measured in passes holding at most
+/// `options.max_memory` bytes of features (a one-sample probe learns each
+/// tap's width first). `labels` name the taps in errors.
+pub fn estimate_taps(
+    model: &crate::ir::Model,
+    inputs: &data::Inputs,
+    taps: &[Tap],
+    labels: &[String],
+    options: &ProfileOptions,
+) -> Result<(Vec<IdEstimate>, Provider), Error> {
+    let probe_inputs: data::Inputs = inputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.rows(0, 1)))
+        .collect();
+    let (probe, _) = collect::collect(
+        model,
+        &probe_inputs,
+        1,
+        taps,
+        options.pooling,
+        &options.runtime,
+    )?;
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut held = 0u64;
+    for (i, p) in probe.iter().enumerate() {
+        let bytes = (p.ncols() * options.samples * 4) as u64;
+        if held + bytes > options.max_memory && !groups.last().expect("non-empty").is_empty() {
+            groups.push(Vec::new());
+            held = 0;
+        }
+        groups.last_mut().expect("non-empty").push(i);
+        held += bytes;
+    }
+    let progress = ProgressBar::new(taps.len() as u64).with_message("intrinsic dimension");
+    progress.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} layers").expect("valid template"),
+    );
+    let mut results: Vec<Option<IdEstimate>> = vec![None; taps.len()];
+    let mut provider = options.runtime.provider;
+    for group in groups {
+        let group_taps: Vec<Tap> = group.iter().map(|&i| taps[i].clone()).collect();
+        let (features, used) = collect::collect(
+            model,
+            inputs,
+            options.samples,
+            &group_taps,
+            options.pooling,
+            &options.runtime,
+        )?;
+        provider = used;
+        for (&i, matrix) in group.iter().zip(features) {
+            let estimate = id::estimate(matrix.view(), &options.id).map_err(|e| {
+                Error::Unsupported(format!("{}: intrinsic dimension: {e}", labels[i]))
+            })?;
+            results[i] = Some(estimate);
+            progress.inc(1);
+        }
+    }
+    progress.finish_and_clear();
+    Ok((
+        results
+            .into_iter()
+            .map(|r| r.expect("every tap measured"))
+            .collect(),
+        provider,
+    ))
+}
+
+/// The residual stream after `join` as a value to tap: the sum, before any
+/// norm that follows. A fused join that folded the sum into the next norm
+/// (the last block before a final norm) gets its optional sum output.
+pub fn residual_value(
+    model: &mut crate::ir::Model,
+    block: &arch::Block,
+    join: &arch::Join,
+) -> Result<String, crate::ir::IrError> {
+    match &join.sum {
+        None if !block.norm_after_join
+            && model.graph.node(join.node).op() == "SkipLayerNormalization" =>
+        {
+            let name = model
+                .graph
+                .fresh_name(&format!("{}::residual_sum", join.stream_out));
+            model.graph.add_output(join.node, 3, &name)?;
+            Ok(name)
+        }
+        Some(sum) if !block.norm_after_join => Ok(sum.clone()),
+        _ => Ok(join.stream_out.clone()),
+    }
+}
+
 /// A quarter of physical memory (or 4 GiB when unknown).
 pub fn default_max_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -110,25 +202,12 @@ pub fn profile(
             let mask = (tower.kind == TowerKind::Text)
                 .then(|| mask.clone())
                 .flatten();
-            let join = &block.mlp.join;
-            let value = match &join.sum {
-                None if !block.norm_after_join
-                    && model.graph.node(join.node).op() == "SkipLayerNormalization" =>
-                {
-                    let name = model
-                        .graph
-                        .fresh_name(&format!("{}::residual_sum", join.stream_out));
-                    model
-                        .graph
-                        .add_output(join.node, 3, &name)
-                        .map_err(|error| Error::Graph {
-                            path: model_path.to_path_buf(),
-                            error,
-                        })?;
-                    name
+            let value = residual_value(&mut model, block, &block.mlp.join).map_err(|error| {
+                Error::Graph {
+                    path: model_path.to_path_buf(),
+                    error,
                 }
-                _ => block.output().to_string(),
-            };
+            })?;
             taps.push((tower.kind, block.index, Tap { value, mask }));
         }
     }
@@ -136,66 +215,13 @@ pub fn profile(
         file: source.file,
         model,
     };
-    // Probe one sample to learn each tap's width, then group taps so that
-    // one pass holds at most `max_memory` bytes of features.
     let all: Vec<Tap> = taps.iter().map(|t| t.2.clone()).collect();
-    let probe_inputs: data::Inputs = inputs
+    let labels: Vec<String> = taps
         .iter()
-        .map(|(k, v)| (k.clone(), v.rows(0, available.min(1))))
+        .map(|(k, b, _)| format!("{}/{}", k.name(), b))
         .collect();
-    let (probe, _) = collect::collect(
-        &source.model,
-        &probe_inputs,
-        1,
-        &all,
-        options.pooling,
-        &options.runtime,
-    )?;
-    let bytes: Vec<u64> = probe
-        .iter()
-        .map(|p| (p.ncols() * options.samples * 4) as u64)
-        .collect();
-    let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
-    let mut held = 0u64;
-    for (i, b) in bytes.iter().enumerate() {
-        if held + b > options.max_memory && !groups.last().unwrap().is_empty() {
-            groups.push(Vec::new());
-            held = 0;
-        }
-        groups.last_mut().unwrap().push(i);
-        held += b;
-    }
-    let progress = ProgressBar::new(taps.len() as u64).with_message("intrinsic dimension");
-    progress.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} layers").expect("valid template"),
-    );
-    let mut results: Vec<Option<IdEstimate>> = vec![None; taps.len()];
-    let mut provider = options.runtime.provider;
-    for group in groups {
-        let group_taps: Vec<Tap> = group.iter().map(|&i| taps[i].2.clone()).collect();
-        let (features, used) = collect::collect(
-            &source.model,
-            &inputs,
-            options.samples,
-            &group_taps,
-            options.pooling,
-            &options.runtime,
-        )?;
-        provider = used;
-        for (&i, matrix) in group.iter().zip(features) {
-            let (kind, block, _) = &taps[i];
-            let estimate = id::estimate(matrix.view(), &options.id).map_err(|e| {
-                Error::Unsupported(format!(
-                    "{}/{}: intrinsic dimension: {e}",
-                    kind.name(),
-                    block
-                ))
-            })?;
-            results[i] = Some(estimate);
-            progress.inc(1);
-        }
-    }
-    progress.finish_and_clear();
+    let (estimates, provider) = estimate_taps(&source.model, &inputs, &all, &labels, options)?;
+    let results: Vec<Option<IdEstimate>> = estimates.into_iter().map(Some).collect();
     let mut towers: Vec<TowerProfile> = Vec::new();
     for ((kind, block, _), estimate) in taps.iter().zip(results) {
         let estimate = estimate.expect("every tap was measured");

@@ -97,16 +97,30 @@ pub fn static_batch(model: &Model) -> Option<usize> {
         })
 }
 
-/// Runs `samples` calibration samples through `model` with `taps` and
-/// returns one `samples × features` matrix per tap.
-pub fn collect(
+/// One batch of tapped outputs, handed to a [`run_batches`] consumer.
+pub struct Batch<'a> {
+    /// Sample range `start..end` of this batch (rows past `end - start` are
+    /// padding for a static batch size and must be ignored).
+    pub start: usize,
+    /// End of the range.
+    pub end: usize,
+    /// The tapped outputs, one per tap, `[batch, …]`.
+    pub taps: Vec<&'a ArrayD<f32>>,
+    /// The inputs fed (for padding masks).
+    pub feed: &'a Inputs,
+}
+
+/// Runs the first `samples` calibration samples through `model` with
+/// `taps`, batch by batch (the model's static batch size, else 16), and
+/// hands every batch to `consume`. Returns the provider that ran.
+pub fn run_batches(
     model: &Model,
     inputs: &Inputs,
     samples: usize,
     taps: &[Tap],
-    pooling: Pooling,
     options: &RuntimeOptions,
-) -> Result<(Vec<Array2<f32>>, crate::calib::Provider), RuntimeError> {
+    mut consume: impl FnMut(Batch<'_>) -> Result<(), RuntimeError>,
+) -> Result<crate::calib::Provider, RuntimeError> {
     let instrumented = instrument(model, taps)?;
     let bytes = crate::onnx::encode_to_vec(&instrumented.to_proto());
     if bytes.len() as u64 > crate::onnx::PROTOBUF_LIMIT {
@@ -126,9 +140,7 @@ pub fn collect(
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} samples ({eta})")
             .expect("valid template"),
     );
-    // One samples × features matrix per tap, allocated once its width is
-    // known (first batch) and filled in place: no second copy.
-    let mut features: Vec<Option<Array2<f32>>> = vec![None; taps.len()];
+    let names: Vec<String> = taps.iter().map(|t| tap_output(&t.value)).collect();
     let mut start = 0;
     while start < samples {
         let end = (start + batch).min(samples);
@@ -141,15 +153,45 @@ pub fn collect(
             .map(|(k, v)| (k.clone(), v.select_rows(&index)))
             .collect();
         let outputs = runtime.run(&feed)?;
-        for (t, tap) in taps.iter().enumerate() {
-            let name = tap_output(&tap.value);
-            let Some((_, Array::F32(values))) = outputs.iter().find(|(n, _)| *n == name) else {
+        let mut tapped = Vec::with_capacity(taps.len());
+        for (tap, name) in taps.iter().zip(&names) {
+            let Some((_, Array::F32(values))) = outputs.iter().find(|(n, _)| n == name) else {
                 return Err(RuntimeError::Session(format!(
                     "tap '{}' produced no float output",
                     tap.value
                 )));
             };
-            let mask = tap.mask.as_ref().and_then(|m| feed.get(m));
+            tapped.push(values);
+        }
+        consume(Batch {
+            start,
+            end,
+            taps: tapped,
+            feed: &feed,
+        })?;
+        progress.inc((end - start) as u64);
+        start = end;
+    }
+    progress.finish_and_clear();
+    Ok(runtime.provider)
+}
+
+/// Runs `samples` calibration samples through `model` with `taps` and
+/// returns one `samples × features` matrix per tap.
+pub fn collect(
+    model: &Model,
+    inputs: &Inputs,
+    samples: usize,
+    taps: &[Tap],
+    pooling: Pooling,
+    options: &RuntimeOptions,
+) -> Result<(Vec<Array2<f32>>, crate::calib::Provider), RuntimeError> {
+    // One samples × features matrix per tap, allocated once its width is
+    // known (first batch) and filled in place: no second copy.
+    let mut features: Vec<Option<Array2<f32>>> = vec![None; taps.len()];
+    let provider = run_batches(model, inputs, samples, taps, options, |batch| {
+        for (t, (tap, values)) in taps.iter().zip(&batch.taps).enumerate() {
+            let mask = tap.mask.as_ref().and_then(|m| batch.feed.get(m));
             let pooled = pool(values, mask, pooling)?;
             let matrix =
                 features[t].get_or_insert_with(|| Array2::zeros((samples, pooled.ncols())));
@@ -161,19 +203,84 @@ pub fn collect(
                     pooled.ncols()
                 )));
             }
+            let rows = batch.end - batch.start;
             matrix
-                .slice_mut(ndarray::s![start..end, ..])
-                .assign(&pooled.slice(ndarray::s![..end - start, ..]));
+                .slice_mut(ndarray::s![batch.start..batch.end, ..])
+                .assign(&pooled.slice(ndarray::s![..rows, ..]));
         }
-        progress.inc((end - start) as u64);
-        start = end;
-    }
-    progress.finish_and_clear();
+        Ok(())
+    })?;
     let features = features
         .into_iter()
         .map(|f| f.unwrap_or_else(|| Array2::zeros((0, 0))))
         .collect();
-    Ok((features, runtime.provider))
+    Ok((features, provider))
+}
+
+/// For each pair of taps (indices into `taps`), the mean over samples and
+/// real tokens of the cosine similarity between the two tensors' token
+/// vectors — the block-influence statistic (ShortGPT: influence =
+/// 1 − this).
+pub fn mean_cosines(
+    model: &Model,
+    inputs: &Inputs,
+    samples: usize,
+    taps: &[Tap],
+    pairs: &[(usize, usize)],
+    options: &RuntimeOptions,
+) -> Result<(Vec<f64>, crate::calib::Provider), RuntimeError> {
+    let mut sums = vec![(0f64, 0f64); pairs.len()];
+    let provider = run_batches(model, inputs, samples, taps, options, |batch| {
+        for (p, &(a, b)) in pairs.iter().enumerate() {
+            let (x, y) = (batch.taps[a], batch.taps[b]);
+            if x.shape() != y.shape() || x.ndim() < 2 {
+                return Err(RuntimeError::Session(format!(
+                    "cannot compare '{}' {:?} with '{}' {:?}",
+                    taps[a].value,
+                    x.shape(),
+                    taps[b].value,
+                    y.shape()
+                )));
+            }
+            let width = *x.shape().last().expect("rank ≥ 2");
+            let tokens = x.len() / x.shape()[0] / width;
+            let mask = taps[a].mask.as_ref().and_then(|m| batch.feed.get(m));
+            let (xs, ys) = (x.as_slice_memory_order(), y.as_slice_memory_order());
+            let (Some(xs), Some(ys)) = (xs, ys) else {
+                return Err(RuntimeError::Session(
+                    "tapped tensors are not contiguous".into(),
+                ));
+            };
+            for sample in 0..batch.end - batch.start {
+                for t in 0..tokens {
+                    let real = match mask {
+                        Some(Array::I64(m)) if m.ndim() == 2 && m.shape()[1] == tokens => {
+                            m[[sample, t]] != 0
+                        }
+                        Some(Array::I32(m)) if m.ndim() == 2 && m.shape()[1] == tokens => {
+                            m[[sample, t]] != 0
+                        }
+                        _ => true,
+                    };
+                    if !real {
+                        continue;
+                    }
+                    let offset = (sample * tokens + t) * width;
+                    let (u, v) = (&xs[offset..offset + width], &ys[offset..offset + width]);
+                    let (mut dot, mut nu, mut nv) = (0f64, 0f64, 0f64);
+                    for (&p, &q) in u.iter().zip(v) {
+                        dot += p as f64 * q as f64;
+                        nu += p as f64 * p as f64;
+                        nv += q as f64 * q as f64;
+                    }
+                    sums[p].0 += dot / (nu.sqrt() * nv.sqrt()).max(1e-30);
+                    sums[p].1 += 1.0;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok((sums.iter().map(|(s, n)| s / n.max(1.0)).collect(), provider))
 }
 
 /// One row per sample from a `[batch, tokens, channels]` (or `[batch, d]`)

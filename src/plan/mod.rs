@@ -8,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod importance;
+
 use serde::{Deserialize, Serialize};
 
 /// The `format` value every plan carries.

@@ -95,6 +95,15 @@ pub fn profile_table(profile: &crate::profile::Profile) -> String {
 
 /// An SVG line plot of ID per block, one line per tower.
 pub fn profile_svg(profile: &crate::profile::Profile) -> String {
+    profile_svg_marked(profile, &[])
+}
+
+/// [`profile_svg`] with removed sub-blocks marked: `(tower, block, label)`
+/// draws a red ring and the label (`A` attention, `M` MLP) at that point.
+pub fn profile_svg_marked(
+    profile: &crate::profile::Profile,
+    marks: &[(&str, usize, &str)],
+) -> String {
     const W: f64 = 720.0;
     const H: f64 = 360.0;
     const L: f64 = 60.0;
@@ -185,6 +194,269 @@ pub fn profile_svg(profile: &crate::profile::Profile) -> String {
             tower.name
         );
     }
+    for (t, (tower, block, label)) in marks.iter().enumerate() {
+        let Some(layer) = profile
+            .towers
+            .iter()
+            .find(|p| p.name == *tower)
+            .and_then(|p| p.layers.iter().find(|l| l.block == *block))
+        else {
+            continue;
+        };
+        let (cx, cy) = (x(layer.block), y(layer.estimate.id));
+        let _ = writeln!(
+            svg,
+            r##"<circle cx="{cx:.1}" cy="{cy:.1}" r="7" fill="none" stroke="#d62728" stroke-width="2"/>"##
+        );
+        let dy = if t % 2 == 0 { -10.0 } else { 18.0 };
+        let _ = writeln!(
+            svg,
+            r##"<text x="{:.1}" y="{:.1}" fill="#d62728" text-anchor="middle">{label}</text>"##,
+            cx,
+            cy + dy
+        );
+    }
+    if !marks.is_empty() {
+        let _ = writeln!(
+            svg,
+            r##"<text x="{}" y="{}" fill="#d62728">removed: A attention, M MLP</text>"##,
+            L + 10.0,
+            T + 16.0
+        );
+    }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// The run report: JSON for machines, Markdown and SVG for people.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// Input model.
+    pub input: String,
+    /// Output model.
+    pub output: String,
+    /// Requested fraction of block parameters to keep (plan-driven runs: none).
+    pub keep_params: Option<f64>,
+    /// Importance score used.
+    pub score: Option<crate::plan::importance::Score>,
+    /// Parameters before and after, in total, in blocks and per tower.
+    pub params: serde_json::Value,
+    /// Approximate linear-layer FLOPs per token inside blocks
+    /// (2 × block parameters), before and after.
+    pub block_flops_per_token: [u64; 2],
+    /// File sizes (model + external data) before and after.
+    pub bytes: [u64; 2],
+    /// The plan applied.
+    pub plan: crate::plan::Plan,
+    /// The rewrites made.
+    pub rewrites: Vec<String>,
+    /// Per sub-block measurements and decisions.
+    pub candidates: Vec<crate::plan::importance::Candidate>,
+    /// Fidelity on held-out samples.
+    pub fidelity: Option<crate::verify::Fidelity>,
+    /// Samples used for decisions and held out.
+    pub samples: serde_json::Value,
+    /// The execution provider that ran.
+    pub provider: Option<crate::calib::Provider>,
+    /// Seconds per stage.
+    pub timings: Vec<(String, f64)>,
+}
+
+impl Report {
+    /// Gathers what a run did.
+    pub fn new(
+        job: &crate::PruneJob,
+        source: &crate::Source,
+        before: Option<&Architecture>,
+        outcome: &crate::Outcome,
+        timings: &[(&'static str, f64)],
+    ) -> Self {
+        // After-counts come from what the plan removes, not from
+        // re-discovering the pruned graph (a block without attention is no
+        // longer a transformer block to the matchers, but its MLP remains).
+        let removed = before
+            .map(|a| crate::plan::importance::removed_params(a, &source.model.graph, &outcome.plan))
+            .unwrap_or_default();
+        let mut towers_before = serde_json::Map::new();
+        let mut towers_after = serde_json::Map::new();
+        for t in before.map(|a| a.towers.as_slice()).unwrap_or_default() {
+            let params: u64 = t.blocks.iter().map(|b| b.params).sum();
+            let gone = removed
+                .iter()
+                .find(|(k, _)| *k == t.kind)
+                .map_or(0, |r| r.1);
+            towers_before.insert(t.kind.name().into(), params.into());
+            towers_after.insert(t.kind.name().into(), (params - gone.min(params)).into());
+        }
+        let blocks_before = before.map_or(0, |a| a.params_blocks());
+        let blocks_after =
+            blocks_before - removed.iter().map(|r| r.1).sum::<u64>().min(blocks_before);
+        let total_before = before.map(|a| a.params_total);
+        let decision = outcome.decision.as_ref();
+        Report {
+            input: job.input.display().to_string(),
+            output: job.output.display().to_string(),
+            keep_params: job.decide.as_ref().map(|(_, o)| o.keep),
+            score: job.decide.as_ref().map(|(_, o)| o.score),
+            params: serde_json::json!({
+                "blocks_before": blocks_before,
+                "blocks_after": blocks_after,
+                "blocks_kept": blocks_after as f64 / blocks_before.max(1) as f64,
+                "total_before": total_before,
+                "total_after": total_before.map(|t| t - (blocks_before - blocks_after)),
+                "towers_before": towers_before,
+                "towers_after": towers_after,
+            }),
+            block_flops_per_token: [2 * blocks_before, 2 * blocks_after],
+            bytes: [
+                source.file.file_len
+                    + source
+                        .file
+                        .external_files
+                        .iter()
+                        .filter_map(|f| std::fs::metadata(f).ok())
+                        .map(|m| m.len())
+                        .sum::<u64>(),
+                outcome.saved.model_bytes + outcome.saved.external_bytes,
+            ],
+            plan: outcome.plan.clone(),
+            rewrites: outcome.rewrites.clone(),
+            candidates: decision.map(|d| d.candidates.clone()).unwrap_or_default(),
+            fidelity: outcome.fidelity.clone(),
+            samples: serde_json::json!({
+                "decision": decision.map(|d| d.samples),
+                "holdout": decision.map(|d| d.holdout_samples),
+            }),
+            provider: decision.map(|d| d.provider),
+            timings: timings.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    /// Pretty JSON with a trailing newline.
+    pub fn to_json(&self) -> String {
+        let mut text = serde_json::to_string_pretty(self).expect("reports serialize");
+        text.push('\n');
+        text
+    }
+
+    /// A Markdown summary.
+    pub fn to_markdown(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# onnx-idprune report\n\n`{}` → `{}`\n",
+            self.input, self.output
+        );
+        let p = &self.params;
+        let _ = writeln!(out, "| | before | after | kept |\n|---|---:|---:|---:|");
+        let kept = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_f64(), b.as_f64()) {
+            (Some(x), Some(y)) if x > 0.0 => format!("{:.1}%", 100.0 * y / x),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "| block parameters | {} | {} | {} |",
+            p["blocks_before"],
+            p["blocks_after"],
+            kept(&p["blocks_before"], &p["blocks_after"])
+        );
+        if let Some(towers) = p["towers_before"].as_object() {
+            for (name, before) in towers {
+                let after = &p["towers_after"][name];
+                let _ = writeln!(
+                    out,
+                    "| {name} tower | {before} | {after} | {} |",
+                    kept(before, after)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "| file bytes | {} | {} | {:.1}% |",
+            self.bytes[0],
+            self.bytes[1],
+            100.0 * self.bytes[1] as f64 / self.bytes[0].max(1) as f64
+        );
+        if let Some(f) = &self.fidelity {
+            let _ = writeln!(out, "\n## Fidelity on {} held-out samples\n", f.samples);
+            for o in &f.outputs {
+                let _ = writeln!(out, "- `{}`: mean cosine {:.6}", o.name, o.cosine);
+            }
+            if let Some(t) = f.top1_agreement {
+                let _ = writeln!(out, "- image→text top-1 agreement: {:.1}%", 100.0 * t);
+            }
+        }
+        if !self.candidates.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n## Sub-blocks\n\n| tower | block | part | params | ID | influence | score | removed |\n|---|---:|---|---:|---:|---:|---:|---|"
+            );
+            for c in &self.candidates {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:?} | {} | {:.2} | {:.4} | {:.4} | {} |",
+                    c.tower.name(),
+                    c.block,
+                    c.part,
+                    c.params,
+                    c.id,
+                    c.influence,
+                    c.score,
+                    if c.removed { "yes" } else { "" }
+                );
+            }
+        }
+        let _ = writeln!(out, "\n## Rewrites\n");
+        for r in &self.rewrites {
+            let _ = writeln!(out, "- {r}");
+        }
+        out
+    }
+
+    /// ID per block (the stream each MLP writes), vision vs text, removed
+    /// sub-blocks marked.
+    pub fn to_svg(&self) -> String {
+        use crate::plan::importance::Part;
+        let mut towers: Vec<crate::profile::TowerProfile> = Vec::new();
+        for c in self.candidates.iter().filter(|c| c.part == Part::Mlp) {
+            let estimate = crate::id::IdEstimate {
+                estimator: crate::id::Estimator::Twonn,
+                variant: crate::id::Variant::Facco,
+                n: 0,
+                dim: 0,
+                duplicates_removed: 0,
+                id: c.id,
+            };
+            let layer = crate::profile::LayerId {
+                block: c.block,
+                estimate,
+            };
+            match towers.iter_mut().find(|t| t.name == c.tower.name()) {
+                Some(t) => t.layers.push(layer),
+                None => towers.push(crate::profile::TowerProfile {
+                    name: c.tower.name(),
+                    layers: vec![layer],
+                }),
+            }
+        }
+        let marks: Vec<(&'static str, usize, &'static str)> = self
+            .candidates
+            .iter()
+            .filter(|c| c.removed)
+            .map(|c| {
+                (
+                    c.tower.name(),
+                    c.block,
+                    if c.part == Part::Attention { "A" } else { "M" },
+                )
+            })
+            .collect();
+        let profile = crate::profile::Profile {
+            towers,
+            samples: 0,
+            pooling: crate::calib::collect::Pooling::Flatten,
+            provider: self.provider.unwrap_or(crate::calib::Provider::Cpu),
+        };
+        profile_svg_marked(&profile, &marks)
+    }
 }

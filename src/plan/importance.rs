@@ -1,0 +1,261 @@
+//! Deciding what to remove: importance per sub-block and a global
+//! threshold across both towers.
+//!
+//! Importance follows the ID-pruning paper's rule — a base score times the
+//! raw intrinsic dimension of the layer, with ONE threshold for all layers
+//! of both towers. Because vision layers have far higher ID than text
+//! layers, the same threshold removes more of the text tower: the
+//! asymmetric strategy.
+//!
+//! - `id` (default): block influence × ID. Block influence (ShortGPT) of a
+//!   sub-block is 1 − the mean cosine similarity between the residual
+//!   stream entering and leaving it (tokens of all calibration samples,
+//!   padding excluded): how much the sub-block changes the stream. ID is
+//!   that of the stream it writes (TwoNN on the pooled calibration
+//!   features).
+//! - `bi`: block influence alone.
+//! - `magnitude`: mean |w| of the sub-block's weight matrices alone.
+//!
+//! Allocation: sub-blocks sorted by score (ascending; ties by tower, block,
+//! attention before MLP) are removed until the kept share of
+//! transformer-block parameters is at most `--keep-params`. A block that
+//! loses both sub-blocks is dropped whole (its norms go too). Each tower
+//! keeps at least one attention and one MLP sub-block.
+
+use serde::Serialize;
+
+use super::{BlockAction, Plan};
+use crate::arch::{Architecture, Block, TowerKind};
+use crate::ir::Graph;
+
+/// How sub-blocks are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Score {
+    /// Block influence × intrinsic dimension (the paper's rule).
+    Id,
+    /// Block influence alone.
+    Bi,
+    /// Mean absolute weight alone.
+    Magnitude,
+}
+
+/// A sub-block kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Part {
+    /// Self-attention.
+    Attention,
+    /// MLP.
+    Mlp,
+}
+
+/// Measurements and the decision for one sub-block.
+#[derive(Debug, Clone, Serialize)]
+pub struct Candidate {
+    /// Tower.
+    pub tower: TowerKind,
+    /// Block index.
+    pub block: usize,
+    /// Which sub-block.
+    pub part: Part,
+    /// Parameters removed with it (weights and biases).
+    pub params: u64,
+    /// Intrinsic dimension of the stream it writes.
+    pub id: f64,
+    /// Block influence, 1 − cos(stream in, stream out).
+    pub influence: f64,
+    /// Mean |w| of its weight matrices.
+    pub magnitude: f64,
+    /// The importance used for the decision.
+    pub score: f64,
+    /// Whether it is removed.
+    pub removed: bool,
+}
+
+/// Parameters that removing a sub-block removes: its weights and biases,
+/// and the norm in front of it when only it reads that norm (pre-norm). A
+/// post-norm sub-block keeps its norm; a fused norm stays with the join
+/// node that computes it.
+pub fn sub_block_params(graph: &Graph, block: &Block, part: Part) -> u64 {
+    let (names, join, input_norm) = match part {
+        Part::Attention => (
+            block.attention.body.parameters(),
+            &block.attention.join,
+            &block.attention.input_norm,
+        ),
+        Part::Mlp => (
+            block.mlp.body.parameters(),
+            &block.mlp.join,
+            &block.mlp.input_norm,
+        ),
+    };
+    let numel = |n: &String| crate::arch::patterns::numel(graph, n);
+    let bias = join.bias.iter().map(|b| numel(&b.name));
+    let norm: u64 = match input_norm {
+        Some(norm) if !block.norm_after_join && norm.kind != crate::arch::NormKind::Skip => {
+            let own: Vec<crate::ir::NodeId> = match part {
+                Part::Attention => match &block.attention.body.projections {
+                    crate::arch::Projections::Separate { q, k, v } => {
+                        vec![q.matmul, k.matmul, v.matmul]
+                    }
+                    crate::arch::Projections::Packed { qkv } => vec![qkv.matmul],
+                    crate::arch::Projections::Fused { node, .. } => vec![*node],
+                },
+                Part::Mlp => vec![block.mlp.body.fc1.matmul],
+            };
+            // Shape reads vanish with the sub-block too.
+            let only_this = graph
+                .consumers(&norm.output)
+                .iter()
+                .all(|r| own.contains(r) || matches!(graph.node(*r).op(), "Shape" | "Size"));
+            if only_this {
+                numel(&norm.scale) + norm.bias.as_ref().map_or(0, numel)
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    };
+    names.iter().map(numel).chain(bias).sum::<u64>() + norm
+}
+
+/// Mean |w| over a sub-block's weight matrices.
+pub fn sub_block_magnitude(graph: &Graph, block: &Block, part: Part) -> f64 {
+    let names = match part {
+        Part::Attention => block.attention.body.parameters(),
+        Part::Mlp => block.mlp.body.parameters(),
+    };
+    let (mut sum, mut count) = (0f64, 0f64);
+    for name in names {
+        let Some(t) = graph.initializer(&name) else {
+            continue;
+        };
+        if t.dims().len() != 2 {
+            continue;
+        }
+        if let Ok(values) = t.to_f32() {
+            sum += values.iter().map(|v| v.abs() as f64).sum::<f64>();
+            count += values.len() as f64;
+        }
+    }
+    sum / count.max(1.0)
+}
+
+/// Scores `candidates` with `score` and marks the ones to remove so that at
+/// most `keep` of `arch`'s block parameters remain. Returns the plan.
+pub fn allocate(
+    arch: &Architecture,
+    candidates: &mut [Candidate],
+    score: Score,
+    keep: f64,
+) -> Plan {
+    for c in candidates.iter_mut() {
+        c.score = match score {
+            Score::Id => c.influence * c.id,
+            Score::Bi => c.influence,
+            Score::Magnitude => c.magnitude,
+        };
+        c.removed = false;
+    }
+    let total = arch.params_blocks();
+    let budget = (total as f64 * (1.0 - keep)).ceil() as u64;
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (&candidates[a], &candidates[b]);
+        x.score
+            .total_cmp(&y.score)
+            .then((x.tower, x.block, x.part).cmp(&(y.tower, y.block, y.part)))
+    });
+    let mut removed = 0u64;
+    for i in order {
+        if removed >= budget {
+            break;
+        }
+        let c = &candidates[i];
+        // Keep one sub-block of each kind per tower.
+        let left = candidates
+            .iter()
+            .filter(|o| o.tower == c.tower && o.part == c.part && !o.removed)
+            .count();
+        if left <= 1 {
+            continue;
+        }
+        removed += c.params;
+        candidates[i].removed = true;
+    }
+    let mut blocks = Vec::new();
+    for tower in &arch.towers {
+        for block in &tower.blocks {
+            let gone = |part| {
+                candidates.iter().any(|c| {
+                    c.tower == tower.kind && c.block == block.index && c.part == part && c.removed
+                })
+            };
+            let (attention, mlp) = (gone(Part::Attention), gone(Part::Mlp));
+            if !(attention || mlp) {
+                continue;
+            }
+            blocks.push(BlockAction {
+                tower: tower.kind.name().to_string(),
+                index: block.index,
+                drop: attention && mlp,
+                drop_attention: attention && !mlp,
+                drop_mlp: mlp && !attention,
+                keep_heads: None,
+                keep_mlp: None,
+            });
+        }
+    }
+    Plan {
+        blocks,
+        ..Plan::empty()
+    }
+    .normalized()
+}
+
+/// Block parameters `plan` removes from each tower of `arch` (exact: the
+/// weights and biases that the rewrites slice away or drop).
+pub fn removed_params(arch: &Architecture, graph: &Graph, plan: &Plan) -> Vec<(TowerKind, u64)> {
+    let mut out: Vec<(TowerKind, u64)> = arch.towers.iter().map(|t| (t.kind, 0)).collect();
+    for action in &plan.blocks {
+        let kind = if action.tower == "vision" {
+            TowerKind::Vision
+        } else {
+            TowerKind::Text
+        };
+        let Some(block) = arch.tower(kind).and_then(|t| t.blocks.get(action.index)) else {
+            continue;
+        };
+        let mut removed = 0u64;
+        if action.drop {
+            removed += block.params;
+        }
+        if action.drop_attention {
+            removed += sub_block_params(graph, block, Part::Attention);
+        }
+        if action.drop_mlp {
+            removed += sub_block_params(graph, block, Part::Mlp);
+        }
+        if let Some(keep) = &action.keep_heads {
+            let a = &block.attention.body;
+            let gone = ((a.heads - keep.len()) * a.head_dim) as u64;
+            let input = match &a.projections {
+                crate::arch::Projections::Separate { q, .. } => q.in_features,
+                crate::arch::Projections::Packed { qkv } => qkv.in_features,
+                crate::arch::Projections::Fused { in_features, .. } => *in_features,
+            } as u64;
+            // q, k, v columns with their biases, and the output rows.
+            removed += 3 * gone * (input + 1) + gone * a.out.out_features as u64;
+        }
+        if let Some(keep) = &action.keep_mlp {
+            let m = &block.mlp.body;
+            let gone = (m.width() - keep.len()) as u64;
+            removed += gone * (m.fc1.in_features as u64 + 1) + gone * m.fc2.out_features as u64;
+        }
+        if let Some(entry) = out.iter_mut().find(|(k, _)| *k == kind) {
+            entry.1 += removed;
+        }
+    }
+    out
+}

@@ -1,0 +1,152 @@
+//! Fidelity of a pruned model against the original on held-out samples
+//! (never used for decisions), both run by ONNX Runtime as deployed (graph
+//! optimisations on).
+
+use serde::Serialize;
+
+use crate::calib::data::{Array, Inputs};
+use crate::calib::{Runtime, RuntimeError, RuntimeOptions};
+
+/// Agreement of one output.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputFidelity {
+    /// Output name.
+    pub name: String,
+    /// Mean over samples of the cosine similarity between the original's
+    /// and the pruned model's output for that sample.
+    pub cosine: f64,
+}
+
+/// How closely the pruned model follows the original.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fidelity {
+    /// Held-out samples compared.
+    pub samples: usize,
+    /// Per output.
+    pub outputs: Vec<OutputFidelity>,
+    /// The smallest per-output cosine (what `--min-fidelity` gates on).
+    pub min_cosine: f64,
+    /// CLIP-style models (`logits_per_image`): how often each image's
+    /// top-1 text within its batch is the same for both models.
+    pub top1_agreement: Option<f64>,
+}
+
+/// Runs `samples` rows of `inputs` through both models (`batch` rows at a
+/// time, padded to `fixed` when the model has a static batch size) and
+/// compares their outputs.
+pub fn compare(
+    original: &[u8],
+    pruned: &[u8],
+    inputs: &Inputs,
+    samples: usize,
+    fixed_batch: Option<usize>,
+    options: &RuntimeOptions,
+) -> Result<Fidelity, RuntimeError> {
+    let options = RuntimeOptions {
+        optimize: true,
+        ..options.clone()
+    };
+    let mut a = Runtime::from_bytes(original, &options)?;
+    let mut b = Runtime::from_bytes(pruned, &options)?;
+    let batch = fixed_batch.unwrap_or(16).max(1);
+    let mut sums: Vec<(String, f64)> = Vec::new();
+    let (mut agree, mut compared) = (0usize, 0usize);
+    let mut start = 0;
+    while start < samples {
+        let end = (start + batch).min(samples);
+        let take = if fixed_batch.is_some() {
+            batch
+        } else {
+            end - start
+        };
+        let index: Vec<usize> = (start..start + take).map(|i| i.min(samples - 1)).collect();
+        let feed: Inputs = inputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.select_rows(&index)))
+            .collect();
+        let (ra, rb) = (a.run(&feed)?, b.run(&feed)?);
+        for ((name, x), (_, y)) in ra.iter().zip(&rb) {
+            let (Array::F32(x), Array::F32(y)) = (x, y) else {
+                continue;
+            };
+            if x.shape() != y.shape() {
+                return Err(RuntimeError::Session(format!(
+                    "output '{name}' changed shape: {:?} vs {:?}",
+                    x.shape(),
+                    y.shape()
+                )));
+            }
+            let rows = x.shape()[0];
+            let width = x.len() / rows.max(1);
+            let (xs, ys) = (
+                x.as_slice_memory_order().unwrap_or_default(),
+                y.as_slice_memory_order().unwrap_or_default(),
+            );
+            let mut sum = 0f64;
+            for r in 0..end - start {
+                let (u, v) = (
+                    &xs[r * width..(r + 1) * width],
+                    &ys[r * width..(r + 1) * width],
+                );
+                sum += cosine(u, v);
+            }
+            match sums.iter_mut().find(|(n, _)| n == name) {
+                Some(entry) => entry.1 += sum,
+                None => sums.push((name.clone(), sum)),
+            }
+            if name == "logits_per_image" && x.ndim() == 2 {
+                for r in 0..end - start {
+                    let (u, v) = (
+                        &xs[r * width..(r + 1) * width],
+                        &ys[r * width..(r + 1) * width],
+                    );
+                    agree += usize::from(argmax(u) == argmax(v));
+                    compared += 1;
+                }
+            }
+        }
+        start = end;
+    }
+    let outputs: Vec<OutputFidelity> = sums
+        .into_iter()
+        .map(|(name, s)| OutputFidelity {
+            name,
+            cosine: s / samples.max(1) as f64,
+        })
+        .collect();
+    let min_cosine = outputs
+        .iter()
+        .map(|o| o.cosine)
+        .fold(f64::INFINITY, f64::min);
+    Ok(Fidelity {
+        samples,
+        outputs,
+        min_cosine: if min_cosine.is_finite() {
+            min_cosine
+        } else {
+            0.0
+        },
+        top1_agreement: (compared > 0).then(|| agree as f64 / compared as f64),
+    })
+}
+
+fn cosine(u: &[f32], v: &[f32]) -> f64 {
+    let (mut dot, mut nu, mut nv) = (0f64, 0f64, 0f64);
+    for (&p, &q) in u.iter().zip(v) {
+        dot += p as f64 * q as f64;
+        nu += p as f64 * p as f64;
+        nv += q as f64 * q as f64;
+    }
+    if nu == 0.0 && nv == 0.0 {
+        1.0
+    } else {
+        dot / (nu.sqrt() * nv.sqrt()).max(1e-30)
+    }
+}
+
+fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .fold(0, |best, (i, v)| if *v > values[best] { i } else { best })
+}

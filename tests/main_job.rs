@@ -1,0 +1,182 @@
+//! The main job: `IN OUT --calib c.npz --keep-params F` — decisions from
+//! calibration, the fidelity gate, the report, determinism.
+
+mod util;
+
+use serde_json::Value;
+use util::{Sandbox, assert_no_output, run};
+
+const CLIP: &str = "clip_tiny_torchscript_op17.onnx";
+
+fn prune(sandbox: &Sandbox, model: &str, out: &str, extra: &[&str]) -> util::Run {
+    let model = util::fixtures().join(model);
+    let calib = util::fixtures().join("calib/clip_tiny_calib.npz");
+    let mut args: Vec<std::ffi::OsString> = vec![
+        model.into(),
+        sandbox.path(out).into(),
+        "--calib".into(),
+        calib.into(),
+    ];
+    args.extend(extra.iter().map(|s| std::ffi::OsString::from(*s)));
+    run(args)
+}
+
+#[test]
+fn prunes_to_the_budget_with_a_report() {
+    let sandbox = Sandbox::new();
+    let report = sandbox.path("report.json");
+    let result = prune(
+        &sandbox,
+        CLIP,
+        "out.onnx",
+        &[
+            "--keep-params",
+            "0.75",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(result.code, 0, "{}", result.stderr);
+    assert!(
+        result.stderr.contains("held-out cosine"),
+        "{}",
+        result.stderr
+    );
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let kept = json["params"]["blocks_kept"].as_f64().unwrap();
+    assert!(kept <= 0.75 && kept > 0.4, "kept {kept}");
+    // 5 blocks × 2 sub-blocks, each measured.
+    let candidates = json["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 10);
+    for c in candidates {
+        assert!(
+            c["id"].as_f64().unwrap() > 0.0 && c["influence"].as_f64().unwrap().is_finite(),
+            "{c}"
+        );
+        assert!(
+            (c["score"].as_f64().unwrap()
+                - c["id"].as_f64().unwrap() * c["influence"].as_f64().unwrap())
+            .abs()
+                < 1e-9
+        );
+    }
+    // The plan is exactly the removed sub-blocks (a block losing both is dropped whole).
+    let removed = candidates.iter().filter(|c| c["removed"] == true).count();
+    assert!(removed > 0);
+    let actions: usize = json["plan"]["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| if b["drop"] == true { 2 } else { 1 })
+        .sum();
+    assert_eq!(actions, removed);
+    let fidelity = &json["fidelity"];
+    assert_eq!(fidelity["samples"], 16, "a quarter of 64 held out");
+    assert!(fidelity["min_cosine"].as_f64().unwrap() > 0.0);
+    assert!(fidelity["top1_agreement"].as_f64().is_some());
+    assert_eq!(json["provider"], "cpu");
+    assert!(json["bytes"][1].as_u64().unwrap() < json["bytes"][0].as_u64().unwrap());
+    let md = std::fs::read_to_string(sandbox.path("report.md")).unwrap();
+    assert!(md.contains("| block parameters |") && md.contains("## Sub-blocks"));
+    let svg = std::fs::read_to_string(sandbox.path("report.svg")).unwrap();
+    assert!(svg.contains("<polyline") && svg.contains("removed"));
+}
+
+#[test]
+fn deterministic_and_the_plan_re_applies_byte_for_byte() {
+    let sandbox = Sandbox::new();
+    let mut outputs = Vec::new();
+    for i in 0..2 {
+        let plan = sandbox.path(&format!("plan{i}.json"));
+        let result = prune(
+            &sandbox,
+            CLIP,
+            &format!("out{i}.onnx"),
+            &["--keep-params", "0.6", "--plan-out", plan.to_str().unwrap()],
+        );
+        assert_eq!(result.code, 0, "{}", result.stderr);
+        outputs.push((
+            std::fs::read(sandbox.path(&format!("out{i}.onnx"))).unwrap(),
+            std::fs::read(plan).unwrap(),
+        ));
+    }
+    assert!(
+        outputs[0] == outputs[1],
+        "same input and flags must give identical bytes"
+    );
+    let again = sandbox.path("again.onnx");
+    let model = util::fixtures().join(CLIP);
+    run([
+        model.as_os_str(),
+        again.as_os_str(),
+        "--plan".as_ref(),
+        sandbox.path("plan0.json").as_os_str(),
+    ])
+    .assert_ok();
+    assert!(std::fs::read(again).unwrap() == outputs[0].0);
+}
+
+#[test]
+fn the_fidelity_gate_exits_3_and_writes_nothing() {
+    let sandbox = Sandbox::new();
+    let before = sandbox.listing();
+    let result = prune(
+        &sandbox,
+        CLIP,
+        "out.onnx",
+        &["--keep-params", "0.5", "--min-fidelity", "0.99999"],
+    );
+    result.assert_error(3, "fidelity gate not met");
+    assert_no_output(&sandbox, &sandbox.path("out.onnx"), &before);
+    let result = prune(
+        &sandbox,
+        CLIP,
+        "ok.onnx",
+        &["--keep-params", "0.9", "--min-fidelity", "0.0"],
+    );
+    assert_eq!(result.code, 0, "{}", result.stderr);
+}
+
+#[test]
+fn works_on_other_export_forms() {
+    let sandbox = Sandbox::new();
+    for model in [
+        "clip_tiny_ort_fused.onnx",
+        "clip_tiny_dynamo_op18.onnx",
+        "blip_itm_tiny_torchscript_op17.onnx",
+    ] {
+        let result = prune(
+            &sandbox,
+            model,
+            &format!("p-{model}"),
+            &["--keep-params", "0.7", "--samples", "32"],
+        );
+        assert_eq!(result.code, 0, "{model}: {}", result.stderr);
+    }
+}
+
+#[test]
+fn usage_mistakes_are_explained() {
+    let sandbox = Sandbox::new();
+    prune(&sandbox, CLIP, "out.onnx", &[]).assert_error(1, "--calib needs --keep-params");
+    prune(
+        &sandbox,
+        CLIP,
+        "out.onnx",
+        &["--keep-params", "0.7", "--mode", "units"],
+    )
+    .assert_error(1, "only 'blocks'");
+    let model = util::fixtures().join(CLIP);
+    let out = sandbox.path("x.onnx");
+    assert_eq!(
+        run([
+            model.as_os_str(),
+            out.as_os_str(),
+            "--keep-params".as_ref(),
+            "0.5".as_ref()
+        ])
+        .code,
+        2
+    );
+    run([model.as_os_str(), out.as_os_str()]).assert_error(1, "give --plan FILE, or --calib");
+}
