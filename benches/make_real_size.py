@@ -11,6 +11,7 @@ TorchScript exporter at opset 17 (~600 MB).
   --dynamo  also the dynamo exporter at opset 18 (static shapes)
   --fused   also the TorchScript export after ONNX Runtime's transformer
             optimizer (SkipLayerNormalization, Attention, QuickGelu)
+  --blip-only  only the BLIP model below
   --blip    also BLIP image-text retrieval at base size (BlipConfig defaults:
             ViT-B/16 at 384 px, BERT-base text with cross-attention), TorchScript
             opset 17 (~900 MB)
@@ -33,6 +34,43 @@ import generate  # noqa: E402  (the fixture generator: export helpers)
 def main() -> int:
     out_dir = sys.argv[1]
     os.makedirs(out_dir, exist_ok=True)
+    if "--blip-only" not in sys.argv:
+        make_clip(out_dir)
+    if "--blip" in sys.argv or "--blip-only" in sys.argv:
+        make_blip(out_dir)
+    return 0
+
+
+def blip_model():
+    """BLIP ITM base, seeded on its own (check_real_size.py rebuilds it)."""
+    generate.seed_everything(1)
+    # BlipTextConfig defaults to 8 heads; the released BLIP ITM-base
+    # checkpoints use BERT-base's 12 heads of 64.
+    config = BlipConfig(text_config={"num_attention_heads": 12})
+    generate.set_eager(config)
+    blip = generate.BlipItmExport(config).eval()
+    generate.make_weights_realistic(blip, seed=1)
+    return blip
+
+
+def make_blip(out_dir):
+    torch.set_num_threads(os.cpu_count() or 1)
+    blip = blip_model()
+    size = blip.config.vision_config.image_size
+    rng = np.random.default_rng(1)
+    sample = {
+        "input_ids": rng.integers(1, 1000, size=(2, 16), dtype=np.int64),
+        "pixel_values": rng.standard_normal((2, 3, size, size)).astype(np.float32),
+        "attention_mask": np.ones((2, 16), dtype=np.int64),
+    }
+    names = ["input_ids", "pixel_values", "attention_mask"]
+    path = os.path.join(out_dir, "blip_itm_base_torchscript_op17.onnx")
+    generate.export_torchscript(blip, path, names, ["itm_score"], sample, 17, {"input_ids", "attention_mask"})
+    print(f"{path}: {os.path.getsize(path)} bytes")
+    np.savez(os.path.join(out_dir, "blip_base_inputs.npz"), **sample)
+
+
+def make_clip(out_dir):
     generate.seed_everything(0)
     torch.set_num_threads(os.cpu_count() or 1)
     config = CLIPConfig(text_config={"eos_token_id": 2}, vision_config={})
@@ -60,25 +98,7 @@ def main() -> int:
         dst = os.path.join(out_dir, "clip_b32_ort_fused.onnx")
         ops = generate.ort_optimize(src, dst, "clip", 0)
         print(f"{dst}: {os.path.getsize(dst)} bytes; fused ops {dict((k, v) for k, v in ops.items() if k in generate.FUSED_OPS)}")
-    if "--blip" in sys.argv:
-        del model
-        # BlipTextConfig defaults to 8 heads; the released BLIP ITM-base
-        # checkpoints use BERT-base's 12 heads of 64.
-        config = BlipConfig(text_config={"num_attention_heads": 12})
-        generate.set_eager(config)
-        blip = generate.BlipItmExport(config).eval()
-        generate.make_weights_realistic(blip, seed=0)
-        size = config.vision_config.image_size
-        blip_sample = {
-            "input_ids": rng.integers(1, 1000, size=(2, 16), dtype=np.int64),
-            "pixel_values": rng.standard_normal((2, 3, size, size)).astype(np.float32),
-            "attention_mask": np.ones((2, 16), dtype=np.int64),
-        }
-        path = os.path.join(out_dir, "blip_itm_base_torchscript_op17.onnx")
-        generate.export_torchscript(blip, path, names, ["itm_score"], blip_sample, 17, {"input_ids", "attention_mask"})
-        print(f"{path}: {os.path.getsize(path)} bytes")
-        np.savez(os.path.join(out_dir, "blip_base_inputs.npz"), **blip_sample)
-    return 0
+
 
 
 if __name__ == "__main__":
