@@ -15,7 +15,9 @@ use crate::calib::collect::{self, Tap};
 use crate::calib::data::{self, Inputs};
 use crate::plan::Plan;
 use crate::plan::importance::{self, Candidate, Part, Score};
-use crate::profile::{ProfileOptions, estimate_taps, residual_value};
+use crate::profile::{
+    ProfileOptions, estimate_matrices, estimate_taps, feature_bytes, residual_value,
+};
 use crate::{Error, Source};
 
 /// Settings of the decision stage.
@@ -117,14 +119,6 @@ pub fn decide(
         .iter()
         .flat_map(|&(_, _, x, h, y)| [(x, h), (h, y)])
         .collect();
-    let (cosines, provider) = collect::mean_cosines(
-        &model,
-        &decision_inputs,
-        samples,
-        &taps,
-        &pairs,
-        &options.profile.runtime,
-    )?;
     let measured: Vec<usize> = {
         let mut m: Vec<usize> = streams.iter().flat_map(|&(_, _, _, h, y)| [h, y]).collect();
         m.sort_unstable();
@@ -137,13 +131,48 @@ pub fn decide(
         samples,
         ..options.profile.clone()
     };
-    let (estimates, _) = estimate_taps(
+    // One pass measures influence and gathers the ID features when they fit
+    // in memory; otherwise influence first, then features in several passes.
+    let bytes: u64 = feature_bytes(
         &model,
         &decision_inputs,
         &id_taps,
-        &labels,
+        samples,
         &profile_options,
-    )?;
+    )?
+    .iter()
+    .sum();
+    let (cosines, estimates, provider) = if bytes <= options.profile.max_memory {
+        let pass = collect::collect_all(
+            &model,
+            &decision_inputs,
+            samples,
+            &taps,
+            &measured,
+            &pairs,
+            options.profile.pooling,
+            &options.profile.runtime,
+        )?;
+        let estimates = estimate_matrices(&pass.features, &labels, &options.profile.id)?;
+        (pass.cosines, estimates, pass.provider)
+    } else {
+        let (cosines, provider) = collect::mean_cosines(
+            &model,
+            &decision_inputs,
+            samples,
+            &taps,
+            &pairs,
+            &options.profile.runtime,
+        )?;
+        let (estimates, _) = estimate_taps(
+            &model,
+            &decision_inputs,
+            &id_taps,
+            &labels,
+            &profile_options,
+        )?;
+        (cosines, estimates, provider)
+    };
     let id_of = |tap: usize| estimates[measured.binary_search(&tap).expect("measured")].id;
 
     let mut candidates = Vec::new();

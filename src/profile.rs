@@ -70,6 +70,79 @@ pub fn estimate_taps(
     labels: &[String],
     options: &ProfileOptions,
 ) -> Result<(Vec<IdEstimate>, Provider), Error> {
+    let widths = feature_bytes(model, inputs, taps, options.samples, options)?;
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut held = 0u64;
+    for (i, &bytes) in widths.iter().enumerate() {
+        if held + bytes > options.max_memory && !groups.last().expect("non-empty").is_empty() {
+            groups.push(Vec::new());
+            held = 0;
+        }
+        groups.last_mut().expect("non-empty").push(i);
+        held += bytes;
+    }
+    let mut results: Vec<Option<IdEstimate>> = vec![None; taps.len()];
+    let mut provider = options.runtime.provider;
+    for group in groups {
+        let group_taps: Vec<Tap> = group.iter().map(|&i| taps[i].clone()).collect();
+        let group_labels: Vec<String> = group.iter().map(|&i| labels[i].clone()).collect();
+        let (features, used) = collect::collect(
+            model,
+            inputs,
+            options.samples,
+            &group_taps,
+            options.pooling,
+            &options.runtime,
+        )?;
+        provider = used;
+        for (&i, estimate) in
+            group
+                .iter()
+                .zip(estimate_matrices(&features, &group_labels, &options.id)?)
+        {
+            results[i] = Some(estimate);
+        }
+    }
+    Ok((
+        results
+            .into_iter()
+            .map(|r| r.expect("every tap measured"))
+            .collect(),
+        provider,
+    ))
+}
+
+/// The ID of each matrix (rows = samples), with a progress bar; `labels`
+/// name them in errors.
+pub fn estimate_matrices(
+    matrices: &[ndarray::Array2<f32>],
+    labels: &[String],
+    options: &IdOptions,
+) -> Result<Vec<IdEstimate>, Error> {
+    let progress = ProgressBar::new(matrices.len() as u64).with_message("intrinsic dimension");
+    progress.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} layers").expect("valid template"),
+    );
+    let mut out = Vec::with_capacity(matrices.len());
+    for (matrix, label) in matrices.iter().zip(labels) {
+        let estimate = id::estimate(matrix.view(), options)
+            .map_err(|e| Error::Unsupported(format!("{label}: intrinsic dimension: {e}")))?;
+        out.push(estimate);
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    Ok(out)
+}
+
+/// Bytes that the pooled features of `taps` over `samples` samples take,
+/// learnt from a one-sample probe run.
+pub fn feature_bytes(
+    model: &crate::ir::Model,
+    inputs: &data::Inputs,
+    taps: &[Tap],
+    samples: usize,
+    options: &ProfileOptions,
+) -> Result<Vec<u64>, Error> {
     let probe_inputs: data::Inputs = inputs
         .iter()
         .map(|(k, v)| (k.clone(), v.rows(0, 1)))
@@ -82,50 +155,10 @@ pub fn estimate_taps(
         options.pooling,
         &options.runtime,
     )?;
-    let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
-    let mut held = 0u64;
-    for (i, p) in probe.iter().enumerate() {
-        let bytes = (p.ncols() * options.samples * 4) as u64;
-        if held + bytes > options.max_memory && !groups.last().expect("non-empty").is_empty() {
-            groups.push(Vec::new());
-            held = 0;
-        }
-        groups.last_mut().expect("non-empty").push(i);
-        held += bytes;
-    }
-    let progress = ProgressBar::new(taps.len() as u64).with_message("intrinsic dimension");
-    progress.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} layers").expect("valid template"),
-    );
-    let mut results: Vec<Option<IdEstimate>> = vec![None; taps.len()];
-    let mut provider = options.runtime.provider;
-    for group in groups {
-        let group_taps: Vec<Tap> = group.iter().map(|&i| taps[i].clone()).collect();
-        let (features, used) = collect::collect(
-            model,
-            inputs,
-            options.samples,
-            &group_taps,
-            options.pooling,
-            &options.runtime,
-        )?;
-        provider = used;
-        for (&i, matrix) in group.iter().zip(features) {
-            let estimate = id::estimate(matrix.view(), &options.id).map_err(|e| {
-                Error::Unsupported(format!("{}: intrinsic dimension: {e}", labels[i]))
-            })?;
-            results[i] = Some(estimate);
-            progress.inc(1);
-        }
-    }
-    progress.finish_and_clear();
-    Ok((
-        results
-            .into_iter()
-            .map(|r| r.expect("every tap measured"))
-            .collect(),
-        provider,
-    ))
+    Ok(probe
+        .iter()
+        .map(|p| (p.ncols() * samples * 4) as u64)
+        .collect())
 }
 
 /// The residual stream after `join` as a value to tap: the sum, before any

@@ -176,6 +176,81 @@ pub fn run_batches(
     Ok(runtime.provider)
 }
 
+/// What one calibration pass gathered.
+#[derive(Debug, Clone)]
+pub struct Collected {
+    /// One `samples × features` matrix per requested feature tap, in order.
+    pub features: Vec<Array2<f32>>,
+    /// Per requested pair of taps: the mean over samples and real tokens of
+    /// the cosine similarity between their token vectors (the
+    /// block-influence statistic: influence = 1 − this).
+    pub cosines: Vec<f64>,
+    /// The provider that ran.
+    pub provider: crate::calib::Provider,
+}
+
+/// One pass over the first `samples` samples: pooled features of the taps
+/// listed in `feature_taps`, and token cosines of the tap `pairs` (indices
+/// into `taps`).
+#[allow(clippy::too_many_arguments)]
+pub fn collect_all(
+    model: &Model,
+    inputs: &Inputs,
+    samples: usize,
+    taps: &[Tap],
+    feature_taps: &[usize],
+    pairs: &[(usize, usize)],
+    pooling: Pooling,
+    options: &RuntimeOptions,
+) -> Result<Collected, RuntimeError> {
+    // Feature matrices are allocated once their width is known (first
+    // batch) and filled in place: no second copy.
+    let mut features: Vec<Option<Array2<f32>>> = vec![None; feature_taps.len()];
+    let mut sums = vec![(0f64, 0f64); pairs.len()];
+    let provider = run_batches(model, inputs, samples, taps, options, |batch| {
+        let rows = batch.end - batch.start;
+        for (slot, &t) in feature_taps.iter().enumerate() {
+            let tap = &taps[t];
+            let mask = tap.mask.as_ref().and_then(|m| batch.feed.get(m));
+            let pooled = pool(batch.taps[t], mask, pooling)?;
+            let matrix =
+                features[slot].get_or_insert_with(|| Array2::zeros((samples, pooled.ncols())));
+            if matrix.ncols() != pooled.ncols() {
+                return Err(RuntimeError::Session(format!(
+                    "tap '{}' changed width between batches ({} vs {}); calibrate with equal sequence lengths",
+                    tap.value,
+                    matrix.ncols(),
+                    pooled.ncols()
+                )));
+            }
+            matrix
+                .slice_mut(ndarray::s![batch.start..batch.end, ..])
+                .assign(&pooled.slice(ndarray::s![..rows, ..]));
+        }
+        for (p, &(a, b)) in pairs.iter().enumerate() {
+            let (sum, count) = token_cosines(
+                &taps[a],
+                batch.taps[a],
+                &taps[b],
+                batch.taps[b],
+                rows,
+                batch.feed,
+            )?;
+            sums[p].0 += sum;
+            sums[p].1 += count;
+        }
+        Ok(())
+    })?;
+    Ok(Collected {
+        features: features
+            .into_iter()
+            .map(|f| f.unwrap_or_else(|| Array2::zeros((0, 0))))
+            .collect(),
+        cosines: sums.iter().map(|(s, n)| s / n.max(1.0)).collect(),
+        provider,
+    })
+}
+
 /// Runs `samples` calibration samples through `model` with `taps` and
 /// returns one `samples × features` matrix per tap.
 pub fn collect(
@@ -186,41 +261,13 @@ pub fn collect(
     pooling: Pooling,
     options: &RuntimeOptions,
 ) -> Result<(Vec<Array2<f32>>, crate::calib::Provider), RuntimeError> {
-    // One samples × features matrix per tap, allocated once its width is
-    // known (first batch) and filled in place: no second copy.
-    let mut features: Vec<Option<Array2<f32>>> = vec![None; taps.len()];
-    let provider = run_batches(model, inputs, samples, taps, options, |batch| {
-        for (t, (tap, values)) in taps.iter().zip(&batch.taps).enumerate() {
-            let mask = tap.mask.as_ref().and_then(|m| batch.feed.get(m));
-            let pooled = pool(values, mask, pooling)?;
-            let matrix =
-                features[t].get_or_insert_with(|| Array2::zeros((samples, pooled.ncols())));
-            if matrix.ncols() != pooled.ncols() {
-                return Err(RuntimeError::Session(format!(
-                    "tap '{}' changed width between batches ({} vs {}); calibrate with equal sequence lengths",
-                    tap.value,
-                    matrix.ncols(),
-                    pooled.ncols()
-                )));
-            }
-            let rows = batch.end - batch.start;
-            matrix
-                .slice_mut(ndarray::s![batch.start..batch.end, ..])
-                .assign(&pooled.slice(ndarray::s![..rows, ..]));
-        }
-        Ok(())
-    })?;
-    let features = features
-        .into_iter()
-        .map(|f| f.unwrap_or_else(|| Array2::zeros((0, 0))))
-        .collect();
-    Ok((features, provider))
+    let all: Vec<usize> = (0..taps.len()).collect();
+    let c = collect_all(model, inputs, samples, taps, &all, &[], pooling, options)?;
+    Ok((c.features, c.provider))
 }
 
-/// For each pair of taps (indices into `taps`), the mean over samples and
-/// real tokens of the cosine similarity between the two tensors' token
-/// vectors — the block-influence statistic (ShortGPT: influence =
-/// 1 − this).
+/// For each pair of taps, the mean cosine of their token vectors (see
+/// [`Collected::cosines`]).
 pub fn mean_cosines(
     model: &Model,
     inputs: &Inputs,
@@ -229,58 +276,74 @@ pub fn mean_cosines(
     pairs: &[(usize, usize)],
     options: &RuntimeOptions,
 ) -> Result<(Vec<f64>, crate::calib::Provider), RuntimeError> {
-    let mut sums = vec![(0f64, 0f64); pairs.len()];
-    let provider = run_batches(model, inputs, samples, taps, options, |batch| {
-        for (p, &(a, b)) in pairs.iter().enumerate() {
-            let (x, y) = (batch.taps[a], batch.taps[b]);
-            if x.shape() != y.shape() || x.ndim() < 2 {
-                return Err(RuntimeError::Session(format!(
-                    "cannot compare '{}' {:?} with '{}' {:?}",
-                    taps[a].value,
-                    x.shape(),
-                    taps[b].value,
-                    y.shape()
-                )));
-            }
-            let width = *x.shape().last().expect("rank ≥ 2");
-            let tokens = x.len() / x.shape()[0] / width;
-            let mask = taps[a].mask.as_ref().and_then(|m| batch.feed.get(m));
-            let (xs, ys) = (x.as_slice_memory_order(), y.as_slice_memory_order());
-            let (Some(xs), Some(ys)) = (xs, ys) else {
-                return Err(RuntimeError::Session(
-                    "tapped tensors are not contiguous".into(),
-                ));
-            };
-            for sample in 0..batch.end - batch.start {
-                for t in 0..tokens {
-                    let real = match mask {
-                        Some(Array::I64(m)) if m.ndim() == 2 && m.shape()[1] == tokens => {
-                            m[[sample, t]] != 0
-                        }
-                        Some(Array::I32(m)) if m.ndim() == 2 && m.shape()[1] == tokens => {
-                            m[[sample, t]] != 0
-                        }
-                        _ => true,
-                    };
-                    if !real {
-                        continue;
-                    }
-                    let offset = (sample * tokens + t) * width;
-                    let (u, v) = (&xs[offset..offset + width], &ys[offset..offset + width]);
-                    let (mut dot, mut nu, mut nv) = (0f64, 0f64, 0f64);
-                    for (&p, &q) in u.iter().zip(v) {
-                        dot += p as f64 * q as f64;
-                        nu += p as f64 * p as f64;
-                        nv += q as f64 * q as f64;
-                    }
-                    sums[p].0 += dot / (nu.sqrt() * nv.sqrt()).max(1e-30);
-                    sums[p].1 += 1.0;
+    let c = collect_all(
+        model,
+        inputs,
+        samples,
+        taps,
+        &[],
+        pairs,
+        Pooling::Mean,
+        options,
+    )?;
+    Ok((c.cosines, c.provider))
+}
+
+/// Sum over the first `rows` samples and their real tokens of the cosine
+/// between `x` and `y`'s token vectors, and the number of tokens summed.
+fn token_cosines(
+    tap_x: &Tap,
+    x: &ArrayD<f32>,
+    tap_y: &Tap,
+    y: &ArrayD<f32>,
+    rows: usize,
+    feed: &Inputs,
+) -> Result<(f64, f64), RuntimeError> {
+    if x.shape() != y.shape() || x.ndim() < 2 {
+        return Err(RuntimeError::Session(format!(
+            "cannot compare '{}' {:?} with '{}' {:?}",
+            tap_x.value,
+            x.shape(),
+            tap_y.value,
+            y.shape()
+        )));
+    }
+    let width = *x.shape().last().expect("rank ≥ 2");
+    let tokens = x.len() / x.shape()[0] / width;
+    let mask = tap_x.mask.as_ref().and_then(|m| feed.get(m));
+    let (Some(xs), Some(ys)) = (x.as_slice_memory_order(), y.as_slice_memory_order()) else {
+        return Err(RuntimeError::Session(
+            "tapped tensors are not contiguous".into(),
+        ));
+    };
+    let (mut sum, mut count) = (0f64, 0f64);
+    for sample in 0..rows {
+        for t in 0..tokens {
+            let real = match mask {
+                Some(Array::I64(m)) if m.ndim() == 2 && m.shape()[1] == tokens => {
+                    m[[sample, t]] != 0
                 }
+                Some(Array::I32(m)) if m.ndim() == 2 && m.shape()[1] == tokens => {
+                    m[[sample, t]] != 0
+                }
+                _ => true,
+            };
+            if !real {
+                continue;
             }
+            let offset = (sample * tokens + t) * width;
+            let (u, v) = (&xs[offset..offset + width], &ys[offset..offset + width]);
+            let (mut dot, mut nu, mut nv) = (0f64, 0f64, 0f64);
+            for (&p, &q) in u.iter().zip(v) {
+                dot += p as f64 * q as f64;
+                nu += p as f64 * p as f64;
+                nv += q as f64 * q as f64;
+            }
+            sum += dot / (nu.sqrt() * nv.sqrt()).max(1e-30);
+            count += 1.0;
         }
-        Ok(())
-    })?;
-    Ok((sums.iter().map(|(s, n)| s / n.max(1.0)).collect(), provider))
+    }
+    Ok((sum, count))
 }
 
 /// One row per sample from a `[batch, tokens, channels]` (or `[batch, d]`)
