@@ -71,15 +71,7 @@ fn external_data_round_trip_restores_the_original() {
     ] {
         let model = util::fixtures().join(name);
         let external = sandbox.path(&format!("ext-{name}"));
-        run([
-            model.as_os_str(),
-            external.as_os_str(),
-            "--plan".as_ref(),
-            plan.as_os_str(),
-            "--external-data".as_ref(),
-            "always".as_ref(),
-        ])
-        .assert_ok();
+        util::run_plan(&model, &external, &plan, &["--external-data", "always"]).assert_ok();
         let data = sandbox.path(&format!("ext-{name}.data"));
         let data_len = std::fs::metadata(&data).unwrap().len();
         let model_len = std::fs::metadata(&external).unwrap().len();
@@ -106,15 +98,7 @@ fn external_data_round_trip_restores_the_original() {
 
         // ... and embedding it again gives back the original file.
         let back = sandbox.path(&format!("back-{name}"));
-        run([
-            external.as_os_str(),
-            back.as_os_str(),
-            "--plan".as_ref(),
-            plan.as_os_str(),
-            "--external-data".as_ref(),
-            "never".as_ref(),
-        ])
-        .assert_ok();
+        util::run_plan(&external, &back, &plan, &["--external-data", "never"]).assert_ok();
         assert!(
             std::fs::read(&back).unwrap() == std::fs::read(&model).unwrap(),
             "{name}"
@@ -128,15 +112,7 @@ fn external_data_offsets_are_page_aligned() {
     let plan = sandbox.empty_plan();
     let model = util::fixtures().join("clip_tiny_torchscript_op17.onnx");
     let out = sandbox.path("m.onnx");
-    run([
-        model.as_os_str(),
-        out.as_os_str(),
-        "--plan".as_ref(),
-        plan.as_os_str(),
-        "--external-data".as_ref(),
-        "always".as_ref(),
-    ])
-    .assert_ok();
+    util::run_plan(&model, &out, &plan, &["--external-data", "always"]).assert_ok();
     use prost::Message;
     let proto =
         onnx_idprune::onnx::proto::ModelProto::decode(std::fs::read(&out).unwrap().as_slice())

@@ -11,7 +11,7 @@ use std::path::Path;
 use onnx_idprune::calib::{
     Array, Provider, Runtime, RuntimeError, RuntimeOptions, data, locate_library,
 };
-use util::{Sandbox, run};
+use util::Sandbox;
 
 fn require_ort() {
     if let Err(e) = locate_library(None) {
@@ -89,15 +89,7 @@ fn round_trips_give_bit_identical_outputs() {
         let reference = outputs_of(&model, &inputs);
         for external in ["never", "always"] {
             let out = sandbox.path(&format!("{external}-{name}"));
-            run([
-                model.as_os_str(),
-                out.as_os_str(),
-                "--plan".as_ref(),
-                plan.as_os_str(),
-                "--external-data".as_ref(),
-                external.as_ref(),
-            ])
-            .assert_ok();
+            util::run_plan(&model, &out, &plan, &["--external-data", external]).assert_ok();
             assert_bit_identical(
                 &reference,
                 &outputs_of(&out, &inputs),
@@ -114,15 +106,7 @@ fn the_loader_and_encoder_feed_onnx_runtime_from_memory() {
     let plan = sandbox.empty_plan();
     let model = util::fixtures().join("blip_itm_tiny_torchscript_op17.onnx");
     let external = sandbox.path("ext.onnx");
-    run([
-        model.as_os_str(),
-        external.as_os_str(),
-        "--plan".as_ref(),
-        plan.as_os_str(),
-        "--external-data".as_ref(),
-        "always".as_ref(),
-    ])
-    .assert_ok();
+    util::run_plan(&model, &external, &plan, &["--external-data", "always"]).assert_ok();
     // our loader resolves the external data; the in-memory encoding embeds it
     let source = onnx_idprune::open(&external).unwrap();
     let bytes = onnx_idprune::onnx::encode_to_vec(&source.model.to_proto());

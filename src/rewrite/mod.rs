@@ -144,31 +144,20 @@ pub fn apply(model: &mut Model, arch: &Architecture, plan: &Plan) -> Result<Appl
         }
     }
     for (action, block) in &targets {
-        if action.drop_attention {
-            let label = format!("drop_attention {}", action.label());
-            bypass_join(
-                graph,
+        let subs = [
+            (
+                action.drop_attention,
+                "drop_attention",
                 &block.attention.join,
-                &block.attention.join.stream_in,
-                block,
-                true,
-                opset,
-                &label,
-            )?;
-            applied.rewrites.push(label);
-        }
-        if action.drop_mlp {
-            let label = format!("drop_mlp {}", action.label());
-            bypass_join(
-                graph,
-                &block.mlp.join,
-                &block.mlp.join.stream_in,
-                block,
-                true,
-                opset,
-                &label,
-            )?;
-            applied.rewrites.push(label);
+            ),
+            (action.drop_mlp, "drop_mlp", &block.mlp.join),
+        ];
+        for (wanted, name, join) in subs {
+            if wanted {
+                let label = format!("{name} {}", action.label());
+                bypass_join(graph, join, &join.stream_in, block, true, opset, &label)?;
+                applied.rewrites.push(label);
+            }
         }
     }
     for (action, block) in &targets {

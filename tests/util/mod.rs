@@ -157,3 +157,11 @@ pub fn fingerprint(path: &Path) -> (std::time::SystemTime, Vec<u8>) {
     let modified = std::fs::metadata(path).unwrap().modified().unwrap();
     (modified, bytes)
 }
+
+/// Runs `MODEL OUT --plan PLAN` with `extra` arguments.
+pub fn run_plan(model: &Path, out: &Path, plan: &Path, extra: &[&str]) -> Run {
+    let mut args: Vec<std::ffi::OsString> =
+        vec![model.into(), out.into(), "--plan".into(), plan.into()];
+    args.extend(extra.iter().map(std::ffi::OsString::from));
+    run(args)
+}
