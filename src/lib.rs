@@ -303,7 +303,7 @@ impl PruneJob {
             decision,
             fidelity,
         };
-        let written = self.write_companions(&source, arch.as_ref(), &mut outcome, &timings);
+        let written = self.write_companions(&source, arch.as_ref(), &outcome, &timings);
         if let Err(e) = written {
             // OUT and its plan/report go together: without them, no OUT.
             let _ = std::fs::remove_file(&self.output);
@@ -320,7 +320,7 @@ impl PruneJob {
         &self,
         source: &Source,
         arch: Option<&arch::Architecture>,
-        outcome: &mut Outcome,
+        outcome: &Outcome,
         timings: &[(&'static str, f64)],
     ) -> Result<(), Error> {
         if let Some(plan_out) = &self.plan_out {
