@@ -128,9 +128,13 @@ struct PruneArgs {
     external_data: Option<ExternalDataArg>,
 }
 
-/// ONNX Runtime settings shared by the commands that run models.
+/// ONNX Runtime and calibration settings shared by the commands that run models.
 #[derive(Args, Debug, Clone)]
 struct RuntimeArgs {
+    /// Most bytes of calibration features held at once (e.g. 2G, 512M); more
+    /// layers are measured in several passes. Default: a quarter of RAM.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_memory: Option<u64>,
     /// Execution provider (strict unless --allow-fallback).
     #[arg(long, value_name = "EP", default_value = "cpu", value_parser = parse_provider)]
     ep: Provider,
@@ -167,6 +171,28 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
     } else {
         Err(format!("{v} is not in (0, 1]"))
     }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = s.trim().split_at(
+        s.trim()
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.trim().len()),
+    );
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 512M or 4G"))?;
+    let scale = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("unknown size unit in '{s}' (use K, M or G)")),
+    };
+    value
+        .checked_mul(scale)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("'{s}' is not a usable size"))
 }
 
 fn parse_provider(s: &str) -> Result<Provider, String> {
@@ -242,7 +268,9 @@ fn run(cli: Cli) -> Result<()> {
                         pooling,
                         id: options,
                         runtime: runtime.options(),
-                        max_memory: onnx_idprune::profile::default_max_memory(),
+                        max_memory: runtime
+                            .max_memory
+                            .unwrap_or_else(onnx_idprune::profile::default_max_memory),
                     };
                     let profile = onnx_idprune::profile::profile(&input, &calib, &profile_options)?;
                     if let Some(path) = &svg {
@@ -329,7 +357,10 @@ fn prune(args: PruneArgs) -> Result<()> {
                 pooling: args.pooling,
                 id,
                 runtime: args.runtime.options(),
-                max_memory: onnx_idprune::profile::default_max_memory(),
+                max_memory: args
+                    .runtime
+                    .max_memory
+                    .unwrap_or_else(onnx_idprune::profile::default_max_memory),
             };
             let options = onnx_idprune::decide::DecideOptions {
                 keep,

@@ -221,3 +221,12 @@ fn requested_providers_are_strict() {
     let json: Value = serde_json::from_str(&result.stdout).unwrap();
     assert_eq!(json["provider"], "cpu", "the provider that ran is reported");
 }
+
+#[test]
+fn a_small_memory_bound_splits_the_work_into_passes_with_the_same_result() {
+    // 100 KiB holds less than one vision layer's flattened features (64 ×
+    // 17 tokens × 32 channels × 4 bytes), so every layer gets its own pass.
+    let all = profile(CLIP, &["--samples", "64"]);
+    let passes = profile(CLIP, &["--samples", "64", "--max-memory", "100K"]);
+    assert_eq!(all, passes);
+}

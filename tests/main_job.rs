@@ -180,3 +180,36 @@ fn usage_mistakes_are_explained() {
     );
     run([model.as_os_str(), out.as_os_str()]).assert_error(1, "give --plan FILE, or --calib");
 }
+
+#[test]
+fn the_multi_pass_path_makes_the_same_decisions() {
+    let sandbox = Sandbox::new();
+    let one = sandbox.path("one.json");
+    let many = sandbox.path("many.json");
+    prune(
+        &sandbox,
+        CLIP,
+        "a.onnx",
+        &["--keep-params", "0.7", "--plan-out", one.to_str().unwrap()],
+    )
+    .assert_ok();
+    prune(
+        &sandbox,
+        CLIP,
+        "b.onnx",
+        &[
+            "--keep-params",
+            "0.7",
+            "--max-memory",
+            "100K",
+            "--plan-out",
+            many.to_str().unwrap(),
+        ],
+    )
+    .assert_ok();
+    assert_eq!(std::fs::read(one).unwrap(), std::fs::read(many).unwrap());
+    assert!(
+        std::fs::read(sandbox.path("a.onnx")).unwrap()
+            == std::fs::read(sandbox.path("b.onnx")).unwrap()
+    );
+}
