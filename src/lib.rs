@@ -349,18 +349,18 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), Error> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".onnx-idprune.")
-        .suffix(".tmp")
-        .tempfile_in(folder)
-        .map_err(err)?;
-    tmp.write_all(contents).map_err(err)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut tmp = onnx::staging::Staged::new_in(folder, &name).map_err(err)?;
+    tmp.as_file_mut().write_all(contents).map_err(err)?;
     {
         use std::os::unix::fs::PermissionsExt;
         tmp.as_file()
             .set_permissions(std::fs::Permissions::from_mode(0o644))
             .map_err(err)?;
     }
-    tmp.persist(path).map_err(|e| err(e.error))?;
+    tmp.persist(path).map_err(err)?;
     Ok(())
 }

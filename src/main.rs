@@ -199,7 +199,24 @@ fn parse_provider(s: &str) -> Result<Provider, String> {
     s.parse()
 }
 
+/// On SIGINT, SIGTERM or SIGHUP: remove the temporary outputs being written
+/// (so no partial OUT or stray file remains) and exit with 128 + signal.
+fn handle_interruptions() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        return; // without a handler the default action still stops the run
+    };
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            onnx_idprune::onnx::remove_staged_files();
+            eprintln!("onnx-idprune: interrupted (signal {signal}); unfinished outputs removed");
+            std::process::exit(128 + signal);
+        }
+    });
+}
+
 fn main() -> ExitCode {
+    handle_interruptions();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -11,6 +11,7 @@
 pub mod dtype;
 mod load;
 mod save;
+pub mod staging;
 mod walk;
 
 /// Types generated from `proto/onnx.proto`.
@@ -24,6 +25,7 @@ pub use save::{
     ExternalData, SaveError, SaveOptions, SaveSummary, check_distinct, check_not_input,
     encode_to_vec, external_path, save,
 };
+pub use staging::remove_staged_files;
 
 /// Protobuf's hard limit for one message: models above it need external data.
 pub const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;

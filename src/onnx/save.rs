@@ -236,21 +236,19 @@ pub fn save(
     };
     if let Some((data_tmp, data_path, written)) = staged_data {
         set_readable(data_tmp.as_file()).map_err(io_err)?;
-        data_tmp.persist(&data_path).map_err(|e| io_err(e.error))?;
+        data_tmp.persist(&data_path).map_err(io_err)?;
         summary.external_file = Some(data_path);
         summary.external_bytes = written;
     }
-    tmp.persist(out).map_err(|e| io_err(e.error))?;
+    tmp.persist(out).map_err(io_err)?;
     Ok(summary)
 }
 
 /// A temporary file next to the destination (same filesystem, so the final
-/// rename is atomic). It is deleted if dropped before being persisted.
-fn temp_in(folder: &Path, name: &str) -> io::Result<tempfile::NamedTempFile> {
-    tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(folder)
+/// rename is atomic). It is deleted if dropped before being persisted, and
+/// by the signal handler if the run is interrupted.
+fn temp_in(folder: &Path, name: &str) -> io::Result<super::staging::Staged> {
+    super::staging::Staged::new_in(folder, name)
 }
 
 /// Temporary files are created private (0600); a model is an ordinary file.

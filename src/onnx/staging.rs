@@ -1,0 +1,114 @@
+//! Temporary files that become outputs, tracked so that an interrupted run
+//! (SIGINT, SIGTERM, SIGHUP) can remove them before exiting.
+//!
+//! Every output is written to a temporary file in its destination folder and
+//! renamed at the end. The file is registered while it exists; the CLI's
+//! signal handler calls [`remove_staged_files`], so an interruption leaves
+//! neither a partial output nor a stray temporary file. An output already
+//! renamed is complete and stays.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+static STAGED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// A temporary file in the destination's folder, registered for cleanup.
+pub struct Staged {
+    file: Option<tempfile::NamedTempFile>,
+    path: PathBuf,
+}
+
+impl Staged {
+    /// Creates `.NAME.XXXXXX.tmp` in `folder` (same filesystem as the
+    /// destination, so the final rename is atomic).
+    pub fn new_in(folder: &Path, name: &str) -> io::Result<Self> {
+        let file = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .tempfile_in(folder)?;
+        let path = file.path().to_path_buf();
+        STAGED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path.clone());
+        Ok(Self {
+            file: Some(file),
+            path,
+        })
+    }
+
+    /// The open file.
+    pub fn as_file(&self) -> &File {
+        self.file
+            .as_ref()
+            .expect("present until persisted")
+            .as_file()
+    }
+
+    /// The open file, for writing.
+    pub fn as_file_mut(&mut self) -> &mut File {
+        self.file
+            .as_mut()
+            .expect("present until persisted")
+            .as_file_mut()
+    }
+
+    /// Renames the file to `destination`.
+    pub fn persist(mut self, destination: &Path) -> io::Result<()> {
+        let file = self.file.take().expect("present until persisted");
+        file.persist(destination).map_err(|e| e.error)?;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // Dropping the NamedTempFile (if not persisted) deletes it; then the
+        // path is no longer ours to clean up.
+        self.file.take();
+        STAGED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| *p != self.path);
+    }
+}
+
+/// Removes every registered temporary file (for signal handlers; never
+/// blocks on a poisoned lock).
+pub fn remove_staged_files() {
+    let staged = match STAGED.try_lock() {
+        Ok(list) => list.clone(),
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().clone(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            // Another thread holds the lock for a moment: wait for it.
+            STAGED.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        }
+    };
+    for path in staged {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn cleanup_removes_open_staged_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut open = Staged::new_in(dir.path(), "a.onnx").unwrap();
+        open.as_file_mut().write_all(b"partial").unwrap();
+        let done = Staged::new_in(dir.path(), "b.onnx").unwrap();
+        done.persist(&dir.path().join("b.onnx")).unwrap();
+        remove_staged_files();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["b.onnx"]);
+        drop(open);
+    }
+}
