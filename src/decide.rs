@@ -20,9 +20,32 @@ use crate::profile::{
 };
 use crate::{Error, Source};
 
+/// What may be removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Whole blocks and attention/MLP sub-blocks.
+    Blocks,
+    /// Attention heads and MLP neurons.
+    Units,
+}
+
+/// The tapped values of one block (indices into the pass's taps).
+struct Streams {
+    tower: TowerKind,
+    block: usize,
+    x: usize,
+    h: usize,
+    y: usize,
+    context: Option<usize>,
+    activation: Option<usize>,
+}
+
 /// Settings of the decision stage.
 #[derive(Debug, Clone)]
 pub struct DecideOptions {
+    /// What may be removed.
+    pub mode: Mode,
     /// Fraction of block parameters to keep.
     pub keep: f64,
     /// Importance score.
@@ -103,7 +126,9 @@ pub fn decide(
         path: source.file.path.clone(),
         error,
     };
-    let mut streams: Vec<(TowerKind, usize, usize, usize, usize)> = Vec::new();
+    // Per block: stream in (x), after attention (h), out (y); for unit
+    // scores also the merged attention context and the MLP activation.
+    let mut streams: Vec<Streams> = Vec::new();
     for tower in &arch.towers {
         for block in &tower.blocks {
             let x = tap(block.input().to_string(), tower.kind, &mut taps);
@@ -112,15 +137,39 @@ pub fn decide(
             let h = tap(h_value, tower.kind, &mut taps);
             let y_value = residual_value(&mut model, block, &block.mlp.join).map_err(graph_err)?;
             let y = tap(y_value, tower.kind, &mut taps);
-            streams.push((tower.kind, block.index, x, h, y));
+            let (context, activation) = if options.mode == Mode::Units {
+                (
+                    Some(tap(
+                        block.attention.body.out.input.clone(),
+                        tower.kind,
+                        &mut taps,
+                    )),
+                    Some(tap(block.mlp.body.fc2.input.clone(), tower.kind, &mut taps)),
+                )
+            } else {
+                (None, None)
+            };
+            streams.push(Streams {
+                tower: tower.kind,
+                block: block.index,
+                x,
+                h,
+                y,
+                context,
+                activation,
+            });
         }
     }
     let pairs: Vec<(usize, usize)> = streams
         .iter()
-        .flat_map(|&(_, _, x, h, y)| [(x, h), (h, y)])
+        .flat_map(|s| [(s.x, s.h), (s.h, s.y)])
+        .collect();
+    let energy_taps: Vec<usize> = streams
+        .iter()
+        .flat_map(|s| s.context.into_iter().chain(s.activation))
         .collect();
     let measured: Vec<usize> = {
-        let mut m: Vec<usize> = streams.iter().flat_map(|&(_, _, _, h, y)| [h, y]).collect();
+        let mut m: Vec<usize> = streams.iter().flat_map(|s| [s.h, s.y]).collect();
         m.sort_unstable();
         m.dedup();
         m
@@ -131,8 +180,9 @@ pub fn decide(
         samples,
         ..options.profile.clone()
     };
-    // One pass measures influence and gathers the ID features when they fit
-    // in memory; otherwise influence first, then features in several passes.
+    // One pass measures influence and unit energies and gathers the ID
+    // features when they fit in memory; otherwise the features follow in
+    // further passes.
     let bytes: u64 = feature_bytes(
         &model,
         &decision_inputs,
@@ -142,49 +192,51 @@ pub fn decide(
     )?
     .iter()
     .sum();
-    let (cosines, estimates, provider) = if bytes <= options.profile.max_memory {
-        let pass = collect::collect_all(
-            &model,
-            &decision_inputs,
-            samples,
-            &taps,
-            &measured,
-            &pairs,
-            options.profile.pooling,
-            &options.profile.runtime,
-        )?;
-        let estimates = estimate_matrices(&pass.features, &labels, &options.profile.id)?;
-        (pass.cosines, estimates, pass.provider)
+    let fits = bytes <= options.profile.max_memory;
+    let request = collect::Request {
+        features: if fits { &measured } else { &[] },
+        pairs: &pairs,
+        energies: &energy_taps,
+        pooling: options.profile.pooling,
+    };
+    let pass = collect::collect_all(
+        &model,
+        &decision_inputs,
+        samples,
+        &taps,
+        request,
+        &options.profile.runtime,
+    )?;
+    let estimates = if fits {
+        estimate_matrices(&pass.features, &labels, &options.profile.id)?
     } else {
-        let (cosines, provider) = collect::mean_cosines(
-            &model,
-            &decision_inputs,
-            samples,
-            &taps,
-            &pairs,
-            &options.profile.runtime,
-        )?;
-        let (estimates, _) = estimate_taps(
+        estimate_taps(
             &model,
             &decision_inputs,
             &id_taps,
             &labels,
             &profile_options,
-        )?;
-        (cosines, estimates, provider)
+        )?
+        .0
     };
+    let (cosines, provider) = (pass.cosines, pass.provider);
     let id_of = |tap: usize| estimates[measured.binary_search(&tap).expect("measured")].id;
+    let energy_of = |tap: Option<usize>| -> &[f64] {
+        tap.and_then(|t| energy_taps.iter().position(|e| *e == t))
+            .map_or(&[], |i| pass.energies[i].as_slice())
+    };
 
     let mut candidates = Vec::new();
-    for (s, &(tower, block_index, _, h, y)) in streams.iter().enumerate() {
-        let block = &arch.tower(tower).expect("tower exists").blocks[block_index];
+    let mut units = Vec::new();
+    for (s, st) in streams.iter().enumerate() {
+        let block = &arch.tower(st.tower).expect("tower exists").blocks[st.block];
         for (part, cos, id) in [
-            (Part::Attention, cosines[2 * s], id_of(h)),
-            (Part::Mlp, cosines[2 * s + 1], id_of(y)),
+            (Part::Attention, cosines[2 * s], id_of(st.h)),
+            (Part::Mlp, cosines[2 * s + 1], id_of(st.y)),
         ] {
             candidates.push(Candidate {
-                tower,
-                block: block_index,
+                tower: st.tower,
+                block: st.block,
                 part,
                 params: importance::sub_block_params(graph, block, part),
                 id,
@@ -192,8 +244,31 @@ pub fn decide(
                 magnitude: importance::sub_block_magnitude(graph, block, part),
                 score: 0.0,
                 removed: false,
+                units: None,
             });
         }
+        if options.mode == Mode::Units {
+            units.extend(importance::unit_candidates(
+                graph,
+                st.tower,
+                block,
+                energy_of(st.context),
+                energy_of(st.activation),
+                id_of(st.h),
+                id_of(st.y),
+            ));
+        }
+    }
+    if options.mode == Mode::Units {
+        let plan = importance::allocate_units(arch, &mut units, &mut candidates, options.keep);
+        return Ok(Decision {
+            plan,
+            candidates,
+            samples,
+            holdout,
+            holdout_samples,
+            provider,
+        });
     }
     let plan = importance::allocate(arch, &mut candidates, options.score, options.keep);
     Ok(Decision {

@@ -96,10 +96,10 @@ struct PruneArgs {
     /// Fraction of transformer-block parameters to keep, 0 < F <= 1.
     #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib")]
     keep_params: Option<f64>,
-    /// What may be removed: blocks (whole blocks and attention/MLP sub-blocks).
-    /// units, all and unstructured are not available in this build yet.
-    #[arg(long, value_name = "MODE", default_value = "blocks")]
-    mode: String,
+    /// What may be removed: blocks (whole blocks and attention/MLP sub-blocks)
+    /// or units (attention heads and MLP neurons).
+    #[arg(long, value_enum, default_value = "blocks")]
+    mode: onnx_idprune::decide::Mode,
     /// Importance: id (block influence × intrinsic dimension, the paper's rule), bi, magnitude.
     #[arg(long, value_enum, default_value = "id")]
     score: onnx_idprune::plan::importance::Score,
@@ -355,12 +355,6 @@ fn prune(args: PruneArgs) -> Result<()> {
     let (Some(input), Some(output)) = (args.input, args.output) else {
         unreachable!("clap requires IN and OUT");
     };
-    if args.mode != "blocks" {
-        bail!(
-            "--mode {}: only 'blocks' (whole blocks and sub-blocks) is available in this build",
-            args.mode
-        );
-    }
     let mut job = PruneJob::new(&input, &output);
     match (&args.plan, &args.calib, args.keep_params) {
         (Some(plan), _, _) => job = job.with_plan(Plan::read(plan)?),
@@ -380,6 +374,7 @@ fn prune(args: PruneArgs) -> Result<()> {
                     .unwrap_or_else(onnx_idprune::profile::default_max_memory),
             };
             let options = onnx_idprune::decide::DecideOptions {
+                mode: args.mode,
                 keep,
                 score: args.score,
                 holdout: args.holdout,

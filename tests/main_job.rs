@@ -159,13 +159,14 @@ fn works_on_other_export_forms() {
 fn usage_mistakes_are_explained() {
     let sandbox = Sandbox::new();
     prune(&sandbox, CLIP, "out.onnx", &[]).assert_error(1, "--calib needs --keep-params");
-    prune(
+    let unknown_mode = prune(
         &sandbox,
         CLIP,
         "out.onnx",
-        &["--keep-params", "0.7", "--mode", "units"],
-    )
-    .assert_error(1, "only 'blocks'");
+        &["--keep-params", "0.7", "--mode", "unstructured"],
+    );
+    assert_eq!(unknown_mode.code, 2, "{}", unknown_mode.stderr);
+    assert!(!sandbox.path("out.onnx").exists());
     let model = util::fixtures().join(CLIP);
     let out = sandbox.path("x.onnx");
     assert_eq!(
@@ -212,4 +213,65 @@ fn the_multi_pass_path_makes_the_same_decisions() {
         std::fs::read(sandbox.path("a.onnx")).unwrap()
             == std::fs::read(sandbox.path("b.onnx")).unwrap()
     );
+}
+
+#[test]
+fn units_mode_prunes_heads_and_neurons_in_hardware_friendly_widths() {
+    let sandbox = Sandbox::new();
+    let report = sandbox.path("units.json");
+    let plan = sandbox.path("units-plan.json");
+    for model in [
+        CLIP,
+        "clip_tiny_ort_fused.onnx",
+        "blip_itm_tiny_dynamo_op18.onnx",
+    ] {
+        let out = format!("u-{model}");
+        let result = prune(
+            &sandbox,
+            model,
+            &out,
+            &[
+                "--keep-params",
+                "0.75",
+                "--mode",
+                "units",
+                "--report",
+                report.to_str().unwrap(),
+                "--plan-out",
+                plan.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(result.code, 0, "{model}: {}", result.stderr);
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let blocks = json["plan"]["blocks"].as_array().unwrap();
+        assert!(!blocks.is_empty(), "{model}: nothing pruned");
+        for b in blocks {
+            assert!(
+                b.get("drop").is_none()
+                    && b.get("drop_attention").is_none()
+                    && b.get("drop_mlp").is_none(),
+                "{b}"
+            );
+            if let Some(kept) = b["keep_mlp"].as_array() {
+                assert!(
+                    kept.len() % 8 == 0 && !kept.is_empty(),
+                    "{model}: {} neurons kept",
+                    kept.len()
+                );
+            }
+            if let Some(kept) = b["keep_heads"].as_array() {
+                assert!(!kept.is_empty());
+            }
+        }
+        // Rounding to multiples of 8 may keep slightly more than asked.
+        let kept = json["params"]["blocks_kept"].as_f64().unwrap();
+        assert!(kept < 0.8, "{model}: kept {kept}");
+        // The recorded plan reproduces the output.
+        let again = sandbox.path(&format!("again-{model}"));
+        util::run_plan(&util::fixtures().join(model), &again, &plan, &[]).assert_ok();
+        assert!(
+            std::fs::read(again).unwrap() == std::fs::read(sandbox.path(&out)).unwrap(),
+            "{model}"
+        );
+    }
 }

@@ -185,24 +185,42 @@ pub struct Collected {
     /// the cosine similarity between their token vectors (the
     /// block-influence statistic: influence = 1 − this).
     pub cosines: Vec<f64>,
+    /// Per requested energy tap: the mean over samples and real tokens of
+    /// each channel's square (activation-aware unit scores).
+    pub energies: Vec<Vec<f64>>,
     /// The provider that ran.
     pub provider: crate::calib::Provider,
 }
 
-/// One pass over the first `samples` samples: pooled features of the taps
-/// listed in `feature_taps`, and token cosines of the tap `pairs` (indices
-/// into `taps`).
-#[allow(clippy::too_many_arguments)]
+/// What one pass gathers; indices refer to the pass's taps.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// Taps whose pooled features are kept.
+    pub features: &'a [usize],
+    /// Tap pairs whose token cosines are averaged.
+    pub pairs: &'a [(usize, usize)],
+    /// Taps whose per-channel mean squares are accumulated.
+    pub energies: &'a [usize],
+    /// Pooling of the features.
+    pub pooling: Pooling,
+}
+
+/// One pass over the first `samples` samples gathering what `request` asks.
 pub fn collect_all(
     model: &Model,
     inputs: &Inputs,
     samples: usize,
     taps: &[Tap],
-    feature_taps: &[usize],
-    pairs: &[(usize, usize)],
-    pooling: Pooling,
+    request: Request<'_>,
     options: &RuntimeOptions,
 ) -> Result<Collected, RuntimeError> {
+    let Request {
+        features: feature_taps,
+        pairs,
+        energies: energy_taps,
+        pooling,
+    } = request;
+    let mut energy: Vec<(Vec<f64>, f64)> = vec![(Vec::new(), 0.0); energy_taps.len()];
     // Feature matrices are allocated once their width is known (first
     // batch) and filled in place: no second copy.
     let mut features: Vec<Option<Array2<f32>>> = vec![None; feature_taps.len()];
@@ -239,6 +257,31 @@ pub fn collect_all(
             sums[p].0 += sum;
             sums[p].1 += count;
         }
+        for (slot, &t) in energy_taps.iter().enumerate() {
+            let values = batch.taps[t];
+            let width = *values.shape().last().unwrap_or(&1);
+            let tokens = values.len() / values.shape()[0].max(1) / width.max(1);
+            let mask = taps[t].mask.as_ref().and_then(|m| batch.feed.get(m));
+            let Some(flat) = values.as_slice_memory_order() else {
+                return Err(RuntimeError::Session(
+                    "tapped tensors are not contiguous".into(),
+                ));
+            };
+            let (acc, count) = &mut energy[slot];
+            acc.resize(width, 0.0);
+            for sample in 0..rows {
+                for token in 0..tokens {
+                    if !real_token(mask, sample, token, tokens) {
+                        continue;
+                    }
+                    let offset = (sample * tokens + token) * width;
+                    for (a, &v) in acc.iter_mut().zip(&flat[offset..offset + width]) {
+                        *a += v as f64 * v as f64;
+                    }
+                    *count += 1.0;
+                }
+            }
+        }
         Ok(())
     })?;
     Ok(Collected {
@@ -247,6 +290,10 @@ pub fn collect_all(
             .map(|f| f.unwrap_or_else(|| Array2::zeros((0, 0))))
             .collect(),
         cosines: sums.iter().map(|(s, n)| s / n.max(1.0)).collect(),
+        energies: energy
+            .into_iter()
+            .map(|(acc, n)| acc.into_iter().map(|a| a / n.max(1.0)).collect())
+            .collect(),
         provider,
     })
 }
@@ -262,7 +309,13 @@ pub fn collect(
     options: &RuntimeOptions,
 ) -> Result<(Vec<Array2<f32>>, crate::calib::Provider), RuntimeError> {
     let all: Vec<usize> = (0..taps.len()).collect();
-    let c = collect_all(model, inputs, samples, taps, &all, &[], pooling, options)?;
+    let request = Request {
+        features: &all,
+        pairs: &[],
+        energies: &[],
+        pooling,
+    };
+    let c = collect_all(model, inputs, samples, taps, request, options)?;
     Ok((c.features, c.provider))
 }
 
@@ -276,17 +329,23 @@ pub fn mean_cosines(
     pairs: &[(usize, usize)],
     options: &RuntimeOptions,
 ) -> Result<(Vec<f64>, crate::calib::Provider), RuntimeError> {
-    let c = collect_all(
-        model,
-        inputs,
-        samples,
-        taps,
-        &[],
+    let request = Request {
+        features: &[],
         pairs,
-        Pooling::Mean,
-        options,
-    )?;
+        energies: &[],
+        pooling: Pooling::Mean,
+    };
+    let c = collect_all(model, inputs, samples, taps, request, options)?;
     Ok((c.cosines, c.provider))
+}
+
+/// Whether `token` of `sample` is a real token (not padding) per `mask`.
+fn real_token(mask: Option<&Array>, sample: usize, token: usize, tokens: usize) -> bool {
+    match mask {
+        Some(Array::I64(m)) if m.ndim() == 2 && m.shape()[1] == tokens => m[[sample, token]] != 0,
+        Some(Array::I32(m)) if m.ndim() == 2 && m.shape()[1] == tokens => m[[sample, token]] != 0,
+        _ => true,
+    }
 }
 
 /// Sum over the first `rows` samples and their real tokens of the cosine
@@ -364,17 +423,7 @@ fn pool(
         ))
     })?;
     let (_, tokens, channels) = v.dim();
-    let keep = |b: usize, t: usize| -> f32 {
-        match mask {
-            Some(Array::I64(m)) if m.ndim() == 2 && m.shape()[1] == tokens => {
-                (m[[b, t]] != 0) as u8 as f32
-            }
-            Some(Array::I32(m)) if m.ndim() == 2 && m.shape()[1] == tokens => {
-                (m[[b, t]] != 0) as u8 as f32
-            }
-            _ => 1.0,
-        }
-    };
+    let keep = |b: usize, t: usize| -> f32 { real_token(mask, b, t, tokens) as u8 as f32 };
     Ok(match pooling {
         Pooling::Flatten => Array2::from_shape_fn((batch, tokens * channels), |(b, i)| {
             v[[b, i / channels, i % channels]] * keep(b, i / channels)

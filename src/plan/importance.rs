@@ -21,6 +21,9 @@
 //! transformer-block parameters is at most `--keep-params`. A block that
 //! loses both sub-blocks is dropped whole (its norms go too). Each tower
 //! keeps at least one attention and one MLP sub-block.
+//!
+//! In `units` mode the same single threshold runs over attention heads and
+//! MLP neurons ([`unit_candidates`], [`allocate_units`]).
 
 use serde::Serialize;
 
@@ -41,7 +44,7 @@ pub enum Score {
 }
 
 /// A sub-block kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Part {
     /// Self-attention.
@@ -71,6 +74,8 @@ pub struct Candidate {
     pub score: f64,
     /// Whether it is removed.
     pub removed: bool,
+    /// In `units` mode: heads or neurons kept and in total.
+    pub units: Option<[usize; 2]>,
 }
 
 /// Parameters that removing a sub-block removes: its weights and biases,
@@ -258,4 +263,217 @@ pub fn removed_params(arch: &Architecture, graph: &Graph, plan: &Plan) -> Vec<(T
         }
     }
     out
+}
+
+/// One attention head or MLP neuron, scored activation-aware (Wanda-style)
+/// and by the layer's ID.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    /// Tower.
+    pub tower: TowerKind,
+    /// Block index.
+    pub block: usize,
+    /// Head (attention) or neuron (MLP).
+    pub part: Part,
+    /// Head or neuron index in the source layer.
+    pub index: usize,
+    /// Parameters removed with it.
+    pub params: u64,
+    /// `‖activation‖ · ‖outgoing weights‖ · ID`.
+    pub score: f64,
+    /// Whether it is removed.
+    pub removed: bool,
+}
+
+/// The heads and neurons of `block` with their scores.
+///
+/// Neuron j: `sqrt(E[a_j²]) · ‖W_fc2[j, :]‖ · ID(stream after the MLP)`,
+/// with `a` the activation entering fc2. Head h: `sqrt(Σ_{d∈h} E[c_d²]) ·
+/// ‖W_out[h rows, :]‖_F · ID(stream after attention)`, with `c` the merged
+/// context entering the output projection. The weight norm is the
+/// contribution the unit can make per unit of activation; the activation
+/// norm is how large it is on the calibration data.
+pub fn unit_candidates(
+    graph: &Graph,
+    tower: TowerKind,
+    block: &Block,
+    context_energy: &[f64],
+    activation_energy: &[f64],
+    attention_id: f64,
+    mlp_id: f64,
+) -> Vec<Unit> {
+    let mut units = Vec::new();
+    let a = &block.attention.body;
+    let m = &block.mlp.body;
+    let out_rows = row_norms(graph, &a.out);
+    let fc2_rows = row_norms(graph, &m.fc2);
+    let input = match &a.projections {
+        crate::arch::Projections::Separate { q, .. } => q.in_features,
+        crate::arch::Projections::Packed { qkv } => qkv.in_features,
+        crate::arch::Projections::Fused { in_features, .. } => *in_features,
+    } as u64;
+    let d = a.head_dim;
+    for h in 0..a.heads {
+        let energy: f64 = (h * d..(h + 1) * d)
+            .map(|c| context_energy.get(c).copied().unwrap_or(0.0))
+            .sum();
+        let weight: f64 = (h * d..(h + 1) * d)
+            .map(|r| out_rows.get(r).copied().unwrap_or(0.0).powi(2))
+            .sum();
+        units.push(Unit {
+            tower,
+            block: block.index,
+            part: Part::Attention,
+            index: h,
+            params: d as u64 * (3 * (input + 1) + a.out.out_features as u64),
+            score: energy.sqrt() * weight.sqrt() * attention_id,
+            removed: false,
+        });
+    }
+    for j in 0..m.width() {
+        let energy = activation_energy.get(j).copied().unwrap_or(0.0);
+        units.push(Unit {
+            tower,
+            block: block.index,
+            part: Part::Mlp,
+            index: j,
+            params: m.fc1.in_features as u64 + 1 + m.fc2.out_features as u64,
+            score: energy.sqrt() * fc2_rows.get(j).copied().unwrap_or(0.0) * mlp_id,
+            removed: false,
+        });
+    }
+    units
+}
+
+/// L2 norm of each input row of a linear layer's weight (the weights that
+/// carry input feature i).
+fn row_norms(graph: &Graph, linear: &crate::arch::Linear) -> Vec<f64> {
+    let Some(values) = graph
+        .initializer(&linear.weight)
+        .and_then(|t| t.to_f32().ok())
+    else {
+        return Vec::new();
+    };
+    let (rows, cols) = (linear.in_features, linear.out_features);
+    (0..rows)
+        .map(|i| {
+            (0..cols)
+                .map(|o| {
+                    // [in, out] for MatMul; [out, in] when stored transposed.
+                    let v = if linear.transposed {
+                        values[o * rows + i]
+                    } else {
+                        values[i * cols + o]
+                    };
+                    (v as f64) * (v as f64)
+                })
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect()
+}
+
+/// Removes the lowest-scored units across both towers (one threshold)
+/// until at most `keep` of the block parameters remain. Every block keeps
+/// at least one head and, for hardware-friendly shapes, a multiple of 8
+/// neurons (at least 8). Fills the per-sub-block unit counts of
+/// `candidates` and returns the plan.
+pub fn allocate_units(
+    arch: &Architecture,
+    units: &mut [Unit],
+    candidates: &mut [Candidate],
+    keep: f64,
+) -> Plan {
+    let budget = (arch.params_blocks() as f64 * (1.0 - keep)).ceil() as u64;
+    let mut order: Vec<usize> = (0..units.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (&units[a], &units[b]);
+        x.score
+            .total_cmp(&y.score)
+            .then((x.tower, x.block, x.part, x.index).cmp(&(y.tower, y.block, y.part, y.index)))
+    });
+    // Kept and total units per (tower, block, part).
+    let key = |u: &Unit| (u.tower, u.block, u.part);
+    let mut counts: std::collections::HashMap<(TowerKind, usize, Part), (usize, usize)> =
+        std::collections::HashMap::new();
+    for u in units.iter() {
+        let entry = counts.entry(key(u)).or_default();
+        entry.0 += 1;
+        entry.1 += 1;
+    }
+    let mut removed = 0u64;
+    for &i in &order {
+        if removed >= budget {
+            break;
+        }
+        let (kept, total) = counts[&key(&units[i])];
+        let floor = match units[i].part {
+            Part::Attention => 1,
+            Part::Mlp => 8.min(total),
+        };
+        if kept <= floor {
+            continue;
+        }
+        units[i].removed = true;
+        removed += units[i].params;
+        counts.get_mut(&key(&units[i])).expect("counted").0 -= 1;
+    }
+    // Round kept neuron counts up to a multiple of 8 by restoring the best
+    // removed neurons of that MLP.
+    for &i in order.iter().rev() {
+        if units[i].part != Part::Mlp || !units[i].removed {
+            continue;
+        }
+        let entry = counts.get_mut(&key(&units[i])).expect("counted");
+        if entry.1 >= 8 && !entry.0.is_multiple_of(8) {
+            units[i].removed = false;
+            entry.0 += 1;
+        }
+    }
+    let mut blocks = Vec::new();
+    for tower in &arch.towers {
+        for block in &tower.blocks {
+            let kept = |part| -> (Vec<usize>, usize) {
+                let mine: Vec<&Unit> = units
+                    .iter()
+                    .filter(|u| u.tower == tower.kind && u.block == block.index && u.part == part)
+                    .collect();
+                let mut k: Vec<usize> = mine
+                    .iter()
+                    .filter(|u| !u.removed)
+                    .map(|u| u.index)
+                    .collect();
+                k.sort_unstable();
+                (k, mine.len())
+            };
+            let (heads, h_total) = kept(Part::Attention);
+            let (neurons, n_total) = kept(Part::Mlp);
+            for c in candidates
+                .iter_mut()
+                .filter(|c| c.tower == tower.kind && c.block == block.index)
+            {
+                c.units = Some(match c.part {
+                    Part::Attention => [heads.len(), h_total],
+                    Part::Mlp => [neurons.len(), n_total],
+                });
+            }
+            if heads.len() == h_total && neurons.len() == n_total {
+                continue;
+            }
+            blocks.push(BlockAction {
+                tower: tower.kind.name().to_string(),
+                index: block.index,
+                drop: false,
+                drop_attention: false,
+                drop_mlp: false,
+                keep_heads: (heads.len() < h_total).then_some(heads),
+                keep_mlp: (neurons.len() < n_total).then_some(neurons),
+            });
+        }
+    }
+    Plan {
+        blocks,
+        ..Plan::empty()
+    }
+    .normalized()
 }

@@ -389,12 +389,12 @@ impl Report {
         if !self.candidates.is_empty() {
             let _ = writeln!(
                 out,
-                "\n## Sub-blocks\n\n| tower | block | part | params | ID | influence | score | removed |\n|---|---:|---|---:|---:|---:|---:|---|"
+                "\n## Sub-blocks\n\n| tower | block | part | params | ID | influence | score | removed | units kept |\n|---|---:|---|---:|---:|---:|---:|---|---:|"
             );
             for c in &self.candidates {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {:?} | {} | {:.2} | {:.4} | {:.4} | {} |",
+                    "| {} | {} | {:?} | {} | {:.2} | {:.4} | {:.4} | {} | {} |",
                     c.tower.name(),
                     c.block,
                     c.part,
@@ -402,7 +402,9 @@ impl Report {
                     c.id,
                     c.influence,
                     c.score,
-                    if c.removed { "yes" } else { "" }
+                    if c.removed { "yes" } else { "" },
+                    c.units
+                        .map_or(String::new(), |[kept, total]| format!("{kept}/{total}"))
                 );
             }
         }
