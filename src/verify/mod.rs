@@ -78,10 +78,11 @@ pub fn compare(
             }
             let rows = x.shape()[0];
             let width = x.len() / rows.max(1);
-            let (xs, ys) = (
-                x.as_slice_memory_order().unwrap_or_default(),
-                y.as_slice_memory_order().unwrap_or_default(),
-            );
+            // Row-major copies only if ONNX Runtime handed out another layout.
+            let (x, y) = (x.as_standard_layout(), y.as_standard_layout());
+            let (Some(xs), Some(ys)) = (x.as_slice(), y.as_slice()) else {
+                return Err(RuntimeError::Session(format!("output '{name}' is not contiguous")));
+            };
             let mut sum = 0f64;
             for r in 0..end - start {
                 let (u, v) = (
