@@ -105,11 +105,7 @@ pub fn decide(
         .iter()
         .map(|(k, v)| (k.clone(), v.rows(total - holdout_samples, total)))
         .collect();
-    let mask = graph
-        .inputs
-        .iter()
-        .map(|i| i.name().to_string())
-        .find(|n| n.contains("mask") && inputs.contains_key(n));
+    let mask = data::mask_input(graph, &inputs);
 
     // Taps: every block's input, its stream after attention, its output.
     let mut model = source.model.clone();

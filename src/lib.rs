@@ -355,12 +355,6 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), Error> {
         .unwrap_or_default();
     let mut tmp = onnx::staging::Staged::new_in(folder, &name).map_err(err)?;
     tmp.as_file_mut().write_all(contents).map_err(err)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(err)?;
-    }
     tmp.persist(path).map_err(err)?;
     Ok(())
 }

@@ -218,13 +218,7 @@ pub fn profile(
             ),
         }));
     }
-    let mask = source
-        .model
-        .graph
-        .inputs
-        .iter()
-        .map(|i| i.name().to_string())
-        .find(|n| n.contains("mask") && inputs.contains_key(n));
+    let mask = data::mask_input(&source.model.graph, &inputs);
     // Tap each block's residual stream. A fused join that folded the sum
     // into the next norm (the last block before a final norm) is given its
     // optional sum output, so every block is measured before normalisation.

@@ -319,26 +319,6 @@ pub fn collect(
     Ok((c.features, c.provider))
 }
 
-/// For each pair of taps, the mean cosine of their token vectors (see
-/// [`Collected::cosines`]).
-pub fn mean_cosines(
-    model: &Model,
-    inputs: &Inputs,
-    samples: usize,
-    taps: &[Tap],
-    pairs: &[(usize, usize)],
-    options: &RuntimeOptions,
-) -> Result<(Vec<f64>, crate::calib::Provider), RuntimeError> {
-    let request = Request {
-        features: &[],
-        pairs,
-        energies: &[],
-        pooling: Pooling::Mean,
-    };
-    let c = collect_all(model, inputs, samples, taps, request, options)?;
-    Ok((c.cosines, c.provider))
-}
-
 /// Whether `token` of `sample` is a real token (not padding) per `mask`.
 fn real_token(mask: Option<&Array>, sample: usize, token: usize, tokens: usize) -> bool {
     match mask {
@@ -378,26 +358,12 @@ fn token_cosines(
     let (mut sum, mut count) = (0f64, 0f64);
     for sample in 0..rows {
         for t in 0..tokens {
-            let real = match mask {
-                Some(Array::I64(m)) if m.ndim() == 2 && m.shape()[1] == tokens => {
-                    m[[sample, t]] != 0
-                }
-                Some(Array::I32(m)) if m.ndim() == 2 && m.shape()[1] == tokens => {
-                    m[[sample, t]] != 0
-                }
-                _ => true,
-            };
-            if !real {
+            if !real_token(mask, sample, t, tokens) {
                 continue;
             }
             let offset = (sample * tokens + t) * width;
             let (u, v) = (&xs[offset..offset + width], &ys[offset..offset + width]);
-            let (mut dot, mut nu, mut nv) = (0f64, 0f64, 0f64);
-            for (&p, &q) in u.iter().zip(v) {
-                dot += p as f64 * q as f64;
-                nu += p as f64 * p as f64;
-                nv += q as f64 * q as f64;
-            }
+            let (dot, nu, nv) = crate::verify::dot_and_norms(u, v);
             sum += dot / (nu.sqrt() * nv.sqrt()).max(1e-30);
             count += 1.0;
         }

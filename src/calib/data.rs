@@ -240,3 +240,13 @@ pub fn read_matrix(path: &Path) -> Result<Matrix, DataError> {
         ))),
     }
 }
+
+/// The graph input that marks real tokens (`attention_mask` and the like)
+/// when the calibration data provides it: the padding mask for text taps.
+pub fn mask_input(graph: &Graph, inputs: &Inputs) -> Option<String> {
+    graph
+        .inputs
+        .iter()
+        .map(|i| i.name().to_string())
+        .find(|n| n.contains("mask") && inputs.contains_key(n))
+}

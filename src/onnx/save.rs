@@ -227,7 +227,6 @@ pub fn save(
         write_model(&mut writer, model).map_err(io_err)?;
         writer.flush().map_err(io_err)?;
     }
-    set_readable(tmp.as_file()).map_err(io_err)?;
 
     let mut summary = SaveSummary {
         model_bytes: len,
@@ -235,7 +234,6 @@ pub fn save(
         external_bytes: 0,
     };
     if let Some((data_tmp, data_path, written)) = staged_data {
-        set_readable(data_tmp.as_file()).map_err(io_err)?;
         data_tmp.persist(&data_path).map_err(io_err)?;
         summary.external_file = Some(data_path);
         summary.external_bytes = written;
@@ -249,12 +247,6 @@ pub fn save(
 /// by the signal handler if the run is interrupted.
 fn temp_in(folder: &Path, name: &str) -> io::Result<super::staging::Staged> {
     super::staging::Staged::new_in(folder, name)
-}
-
-/// Temporary files are created private (0600); a model is an ordinary file.
-fn set_readable(file: &File) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    file.set_permissions(std::fs::Permissions::from_mode(0o644))
 }
 
 /// Moves every large enough raw initializer of the main graph into `file`

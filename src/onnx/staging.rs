@@ -55,9 +55,13 @@ impl Staged {
             .as_file_mut()
     }
 
-    /// Renames the file to `destination`.
+    /// Makes the file an ordinary readable one (temporary files are created
+    /// 0600) and renames it to `destination`.
     pub fn persist(mut self, destination: &Path) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
         let file = self.file.take().expect("present until persisted");
+        file.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
         file.persist(destination).map_err(|e| e.error)?;
         Ok(())
     }

@@ -81,7 +81,9 @@ pub fn compare(
             // Row-major copies only if ONNX Runtime handed out another layout.
             let (x, y) = (x.as_standard_layout(), y.as_standard_layout());
             let (Some(xs), Some(ys)) = (x.as_slice(), y.as_slice()) else {
-                return Err(RuntimeError::Session(format!("output '{name}' is not contiguous")));
+                return Err(RuntimeError::Session(format!(
+                    "output '{name}' is not contiguous"
+                )));
             };
             let mut sum = 0f64;
             for r in 0..end - start {
@@ -132,17 +134,23 @@ pub fn compare(
 }
 
 fn cosine(u: &[f32], v: &[f32]) -> f64 {
+    let (dot, nu, nv) = dot_and_norms(u, v);
+    if nu == 0.0 && nv == 0.0 {
+        1.0
+    } else {
+        dot / (nu.sqrt() * nv.sqrt()).max(1e-30)
+    }
+}
+
+/// `(u·v, |u|², |v|²)` accumulated in f64.
+pub(crate) fn dot_and_norms(u: &[f32], v: &[f32]) -> (f64, f64, f64) {
     let (mut dot, mut nu, mut nv) = (0f64, 0f64, 0f64);
     for (&p, &q) in u.iter().zip(v) {
         dot += p as f64 * q as f64;
         nu += p as f64 * p as f64;
         nv += q as f64 * q as f64;
     }
-    if nu == 0.0 && nv == 0.0 {
-        1.0
-    } else {
-        dot / (nu.sqrt() * nv.sqrt()).max(1e-30)
-    }
+    (dot, nu, nv)
 }
 
 fn argmax(values: &[f32]) -> usize {
