@@ -96,10 +96,22 @@ struct PruneArgs {
     /// Fraction of transformer-block parameters to keep, 0 < F <= 1.
     #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib")]
     keep_params: Option<f64>,
-    /// What may be removed: blocks (whole blocks and attention/MLP sub-blocks)
-    /// or units (attention heads and MLP neurons).
+    /// Fraction of the vision tower's block parameters to keep (overrides
+    /// the global threshold for that tower).
+    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib")]
+    vision_keep: Option<f64>,
+    /// Fraction of the text tower's block parameters to keep.
+    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib")]
+    text_keep: Option<f64>,
+    /// What may be removed: blocks (whole blocks and attention/MLP
+    /// sub-blocks), units (attention heads and MLP neurons), all (both), or
+    /// unstructured (zero single weights by |w| · ID; nothing is removed).
     #[arg(long, value_enum, default_value = "blocks")]
     mode: onnx_idprune::decide::Mode,
+    /// --mode unstructured: fraction of block weights to zero, 0 < S < 1
+    /// (default: 1 − --keep-params).
+    #[arg(long, value_name = "S", value_parser = parse_open_fraction, conflicts_with = "plan", requires = "calib")]
+    sparsity: Option<f64>,
     /// Importance: id (block influence × intrinsic dimension, the paper's rule), bi, magnitude.
     #[arg(long, value_enum, default_value = "id")]
     score: onnx_idprune::plan::importance::Score,
@@ -170,6 +182,15 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
         Ok(v)
     } else {
         Err(format!("{v} is not in (0, 1]"))
+    }
+}
+
+fn parse_open_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if v > 0.0 && v < 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not in (0, 1)"))
     }
 }
 
@@ -356,9 +377,32 @@ fn prune(args: PruneArgs) -> Result<()> {
         unreachable!("clap requires IN and OUT");
     };
     let mut job = PruneJob::new(&input, &output);
-    match (&args.plan, &args.calib, args.keep_params) {
+    let budget = onnx_idprune::plan::importance::Budget {
+        keep: args.keep_params,
+        vision: args.vision_keep,
+        text: args.text_keep,
+    };
+    let unstructured = args.mode == onnx_idprune::decide::Mode::Unstructured;
+    if args.sparsity.is_some() && !unstructured {
+        bail!("--sparsity is for --mode unstructured (structural modes use --keep-params)")
+    }
+    if unstructured && (budget.vision.is_some() || budget.text.is_some()) {
+        bail!(
+            "--mode unstructured uses one global quantile over both towers; --vision-keep/--text-keep do not apply"
+        )
+    }
+    if unstructured && args.sparsity.is_some() && budget.keep.is_some() {
+        bail!("give --sparsity or --keep-params, not both")
+    }
+    let sized = budget.keep.is_some()
+        || (budget.vision.is_some() && budget.text.is_some())
+        || (unstructured && args.sparsity.is_some());
+    if budget.keep.is_some() && budget.vision.is_some() && budget.text.is_some() {
+        bail!("give --keep-params, or both --vision-keep and --text-keep, not all three")
+    }
+    match (&args.plan, &args.calib, sized) {
         (Some(plan), _, _) => job = job.with_plan(Plan::read(plan)?),
-        (None, Some(calib), Some(keep)) => {
+        (None, Some(calib), true) => {
             let id = onnx_idprune::id::IdOptions {
                 variant: args.variant,
                 ..Default::default()
@@ -375,15 +419,18 @@ fn prune(args: PruneArgs) -> Result<()> {
             };
             let options = onnx_idprune::decide::DecideOptions {
                 mode: args.mode,
-                keep,
+                budget,
+                sparsity: args.sparsity,
                 score: args.score,
                 holdout: args.holdout,
                 profile,
             };
             job.decide = Some((calib.clone(), options));
         }
-        (None, Some(_), None) => {
-            bail!("--calib needs --keep-params F (the fraction of block parameters to keep)")
+        (None, Some(_), false) => {
+            bail!(
+                "--calib needs --keep-params F (the fraction of block parameters to keep), or both --vision-keep and --text-keep"
+            )
         }
         (None, None, _) => bail!("give --plan FILE, or --calib FILE.npz with --keep-params F"),
     }

@@ -163,7 +163,7 @@ fn usage_mistakes_are_explained() {
         &sandbox,
         CLIP,
         "out.onnx",
-        &["--keep-params", "0.7", "--mode", "unstructured"],
+        &["--keep-params", "0.7", "--mode", "pruned"],
     );
     assert_eq!(unknown_mode.code, 2, "{}", unknown_mode.stderr);
     assert!(!sandbox.path("out.onnx").exists());
@@ -180,6 +180,221 @@ fn usage_mistakes_are_explained() {
         2
     );
     run([model.as_os_str(), out.as_os_str()]).assert_error(1, "give --plan FILE, or --calib");
+    prune(&sandbox, CLIP, "out.onnx", &["--sparsity", "0.5"])
+        .assert_error(1, "--sparsity is for --mode unstructured");
+    prune(
+        &sandbox,
+        CLIP,
+        "out.onnx",
+        &[
+            "--keep-params",
+            "0.7",
+            "--vision-keep",
+            "0.8",
+            "--text-keep",
+            "0.6",
+        ],
+    )
+    .assert_error(1, "not all three");
+    prune(
+        &sandbox,
+        CLIP,
+        "out.onnx",
+        &[
+            "--mode",
+            "unstructured",
+            "--sparsity",
+            "0.5",
+            "--text-keep",
+            "0.5",
+        ],
+    )
+    .assert_error(1, "do not apply");
+    let out_of_range = prune(
+        &sandbox,
+        CLIP,
+        "out.onnx",
+        &["--mode", "unstructured", "--sparsity", "1"],
+    );
+    assert_eq!(out_of_range.code, 2, "{}", out_of_range.stderr);
+    assert!(!sandbox.path("out.onnx").exists());
+}
+
+fn report(sandbox: &Sandbox, name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(sandbox.path(name)).unwrap()).unwrap()
+}
+
+#[test]
+fn tower_overrides_bound_each_tower() {
+    let sandbox = Sandbox::new();
+    prune(
+        &sandbox,
+        CLIP,
+        "a.onnx",
+        &[
+            "--vision-keep",
+            "1",
+            "--text-keep",
+            "0.5",
+            "--report",
+            sandbox.path("a.json").to_str().unwrap(),
+        ],
+    )
+    .assert_ok();
+    let json = report(&sandbox, "a.json");
+    let (before, after) = (
+        &json["params"]["towers_before"],
+        &json["params"]["towers_after"],
+    );
+    assert_eq!(before["vision"], after["vision"], "vision kept whole");
+    let text = after["text"].as_f64().unwrap() / before["text"].as_f64().unwrap();
+    assert!(text <= 0.5, "text kept {text}");
+    assert!(
+        json["plan"]["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["tower"] == "text"),
+        "{}",
+        json["plan"]
+    );
+    // The symmetric variant: the same fraction in each tower.
+    prune(
+        &sandbox,
+        CLIP,
+        "b.onnx",
+        &[
+            "--mode",
+            "units",
+            "--vision-keep",
+            "0.7",
+            "--text-keep",
+            "0.7",
+            "--report",
+            sandbox.path("b.json").to_str().unwrap(),
+        ],
+    )
+    .assert_ok();
+    let json = report(&sandbox, "b.json");
+    for tower in ["vision", "text"] {
+        let kept = json["params"]["towers_after"][tower].as_f64().unwrap()
+            / json["params"]["towers_before"][tower].as_f64().unwrap();
+        assert!(kept <= 0.7 && kept > 0.5, "{tower} kept {kept}");
+    }
+    assert_eq!(json["tower_keep"]["vision"], 0.7);
+}
+
+#[test]
+fn unstructured_zeroes_the_requested_share_of_weights() {
+    let sandbox = Sandbox::new();
+    let plan = sandbox.path("plan.json");
+    prune(
+        &sandbox,
+        CLIP,
+        "u.onnx",
+        &[
+            "--mode",
+            "unstructured",
+            "--sparsity",
+            "0.4",
+            "--plan-out",
+            plan.to_str().unwrap(),
+            "--report",
+            sandbox.path("u.json").to_str().unwrap(),
+        ],
+    )
+    .assert_ok();
+    let json = report(&sandbox, "u.json");
+    let masks = json["masks"].as_array().unwrap();
+    // 5 blocks × (q, k, v, out, fc1, fc2).
+    assert_eq!(masks.len(), 30);
+    let zeroed: f64 = masks.iter().map(|m| m["zeroed"].as_f64().unwrap()).sum();
+    let total: f64 = masks.iter().map(|m| m["total"].as_f64().unwrap()).sum();
+    assert!(
+        (zeroed / total - 0.4).abs() < 0.002,
+        "zeroed {zeroed} of {total}"
+    );
+    // One global quantile: threshold × ID is the same for every layer.
+    let tau: Vec<f64> = masks
+        .iter()
+        .map(|m| m["threshold"].as_f64().unwrap() * m["id"].as_f64().unwrap())
+        .collect();
+    assert!(
+        tau.iter().all(|t| (t / tau[0] - 1.0).abs() < 1e-9),
+        "{tau:?}"
+    );
+    // Higher-ID layers lose fewer weights: thresholds fall as ID rises.
+    let mut by_id: Vec<(f64, f64)> = masks
+        .iter()
+        .map(|m| (m["id"].as_f64().unwrap(), m["threshold"].as_f64().unwrap()))
+        .collect();
+    by_id.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(by_id.windows(2).all(|w| w[0].1 >= w[1].1));
+    // Nothing is removed: same block parameter count; the plan re-applies exactly.
+    assert_eq!(
+        json["params"]["blocks_before"],
+        json["params"]["blocks_after"]
+    );
+    let model = util::fixtures().join(CLIP);
+    let again = sandbox.path("again.onnx");
+    run([
+        model.as_os_str(),
+        again.as_os_str(),
+        "--plan".as_ref(),
+        plan.as_os_str(),
+    ])
+    .assert_ok();
+    assert!(std::fs::read(again).unwrap() == std::fs::read(sandbox.path("u.onnx")).unwrap());
+    // --keep-params F means sparsity 1 − F.
+    prune(
+        &sandbox,
+        CLIP,
+        "k.onnx",
+        &[
+            "--mode",
+            "unstructured",
+            "--keep-params",
+            "0.6",
+            "--plan-out",
+            sandbox.path("k.json").to_str().unwrap(),
+        ],
+    )
+    .assert_ok();
+    assert_eq!(
+        std::fs::read(sandbox.path("k.json")).unwrap(),
+        std::fs::read(&plan).unwrap()
+    );
+}
+
+#[test]
+fn all_mode_picks_the_best_split_on_decision_samples() {
+    let sandbox = Sandbox::new();
+    prune(
+        &sandbox,
+        CLIP,
+        "all.onnx",
+        &[
+            "--mode",
+            "all",
+            "--keep-params",
+            "0.7",
+            "--report",
+            sandbox.path("all.json").to_str().unwrap(),
+        ],
+    )
+    .assert_ok();
+    let json = report(&sandbox, "all.json");
+    let trials = json["split_trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 5);
+    let chosen: Vec<&Value> = trials.iter().filter(|t| t["chosen"] == true).collect();
+    assert_eq!(chosen.len(), 1);
+    let best = trials
+        .iter()
+        .map(|t| t["min_cosine"].as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    assert_eq!(chosen[0]["min_cosine"].as_f64().unwrap(), best);
+    let kept = json["params"]["blocks_kept"].as_f64().unwrap();
+    assert!(kept <= 0.7 && kept > 0.55, "kept {kept}");
 }
 
 #[test]

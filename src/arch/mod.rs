@@ -116,7 +116,53 @@ pub struct Block {
     pub params: u64,
 }
 
+/// One linear layer of a block, named by its plan role
+/// ([`crate::plan::LINEAR_ROLES`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RoleLinear<'a> {
+    /// `q`, `k`, `v`, `qkv`, `out`, `fc1` or `fc2`.
+    pub role: &'static str,
+    /// The node that reads the weight: the MatMul/Gemm, or the fused
+    /// attention operator (weight at input 1).
+    pub node: NodeId,
+    /// The recognised linear layer (none for a fused operator's packed
+    /// projection).
+    pub linear: Option<&'a Linear>,
+    /// Whether the layer belongs to the attention sub-block.
+    pub attention: bool,
+}
+
 impl Block {
+    /// The block's self-attention and MLP linear layers by role, in
+    /// execution order.
+    pub fn linears(&self) -> Vec<RoleLinear<'_>> {
+        fn of<'a>(role: &'static str, linear: &'a Linear, attention: bool) -> RoleLinear<'a> {
+            RoleLinear {
+                role,
+                node: linear.matmul,
+                linear: Some(linear),
+                attention,
+            }
+        }
+        let mut out = Vec::new();
+        match &self.attention.body.projections {
+            Projections::Separate { q, k, v } => {
+                out.extend([of("q", q, true), of("k", k, true), of("v", v, true)])
+            }
+            Projections::Packed { qkv } => out.push(of("qkv", qkv, true)),
+            Projections::Fused { node, .. } => out.push(RoleLinear {
+                role: "qkv",
+                node: *node,
+                linear: None,
+                attention: true,
+            }),
+        }
+        out.push(of("out", &self.attention.body.out, true));
+        out.push(of("fc1", &self.mlp.body.fc1, false));
+        out.push(of("fc2", &self.mlp.body.fc2, false));
+        out
+    }
+
     /// The residual stream entering the block.
     pub fn input(&self) -> &str {
         &self.attention.join.stream_in

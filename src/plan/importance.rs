@@ -147,13 +147,128 @@ pub fn sub_block_magnitude(graph: &Graph, block: &Block, part: Part) -> f64 {
     sum / count.max(1.0)
 }
 
+/// How many block parameters may be removed: a fraction kept overall,
+/// and optionally a fraction kept in one tower or both.
+///
+/// A tower with its own fraction spends only its own budget. The towers
+/// without one share what the overall fraction leaves after the
+/// overridden towers' budgets — and compete there under the one global
+/// threshold, as without overrides. `--vision-keep F --text-keep F` is the
+/// symmetric variant (same fraction in each tower).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Budget {
+    /// Fraction of all block parameters to keep.
+    pub keep: Option<f64>,
+    /// Fraction of the vision tower's block parameters to keep.
+    pub vision: Option<f64>,
+    /// Fraction of the text tower's block parameters to keep.
+    pub text: Option<f64>,
+}
+
+impl Budget {
+    /// The budget that removes `share` of what this one removes (each
+    /// fraction kept moves towards 1).
+    pub fn scaled(&self, share: f64) -> Self {
+        let scale = |k: Option<f64>| k.map(|k| 1.0 - share * (1.0 - k));
+        Self {
+            keep: scale(self.keep),
+            vision: scale(self.vision),
+            text: scale(self.text),
+        }
+    }
+
+    /// Keep `keep` of all block parameters, under one threshold.
+    pub fn overall(keep: f64) -> Self {
+        Self {
+            keep: Some(keep),
+            vision: None,
+            text: None,
+        }
+    }
+
+    fn tower(&self, kind: TowerKind) -> Option<f64> {
+        match kind {
+            TowerKind::Vision => self.vision,
+            TowerKind::Text => self.text,
+        }
+    }
+
+    /// The fraction of all block parameters this budget keeps in `arch`.
+    pub fn kept_fraction(&self, arch: &Architecture) -> f64 {
+        let total = arch.params_blocks().max(1) as f64;
+        1.0 - Spending::new(arch, self).limit() as f64 / total
+    }
+}
+
+/// Parameters removed so far against a [`Budget`].
+struct Spending {
+    /// Per tower: its own limit (when overridden) and what it spent.
+    own: Vec<(TowerKind, Option<u64>, u64)>,
+    shared_limit: u64,
+    shared_spent: u64,
+}
+
+impl Spending {
+    fn new(arch: &Architecture, budget: &Budget) -> Self {
+        let removable = |params: u64, keep: f64| (params as f64 * (1.0 - keep)).ceil() as u64;
+        let own: Vec<(TowerKind, Option<u64>, u64)> = arch
+            .towers
+            .iter()
+            .map(|t| {
+                let params = t.blocks.iter().map(|b| b.params).sum::<u64>();
+                (
+                    t.kind,
+                    budget.tower(t.kind).map(|k| removable(params, k)),
+                    0,
+                )
+            })
+            .collect();
+        let overridden: u64 = own.iter().filter_map(|o| o.1).sum();
+        let shared_limit = budget.keep.map_or(0, |k| {
+            removable(arch.params_blocks(), k).saturating_sub(overridden)
+        });
+        Self {
+            own,
+            shared_limit,
+            shared_spent: 0,
+        }
+    }
+
+    /// Whether `tower` may still lose parameters (the last removal may
+    /// overshoot its limit by one unit, as the threshold falls between
+    /// units).
+    fn open(&self, tower: TowerKind) -> bool {
+        match self.own.iter().find(|o| o.0 == tower) {
+            Some((_, Some(limit), spent)) => spent < limit,
+            _ => self.shared_spent < self.shared_limit,
+        }
+    }
+
+    fn spend(&mut self, tower: TowerKind, params: u64) {
+        match self.own.iter_mut().find(|o| o.0 == tower) {
+            Some((_, Some(_), spent)) => *spent += params,
+            _ => self.shared_spent += params,
+        }
+    }
+
+    /// Whether no tower may lose anything more.
+    fn closed(&self) -> bool {
+        self.own.iter().all(|o| !self.open(o.0))
+    }
+
+    fn limit(&self) -> u64 {
+        self.shared_limit + self.own.iter().filter_map(|o| o.1).sum::<u64>()
+    }
+}
+
 /// Scores `candidates` with `score` and marks the ones to remove so that at
-/// most `keep` of `arch`'s block parameters remain. Returns the plan.
+/// most `budget`'s share of `arch`'s block parameters remains. Returns the
+/// plan.
 pub fn allocate(
     arch: &Architecture,
     candidates: &mut [Candidate],
     score: Score,
-    keep: f64,
+    budget: &Budget,
 ) -> Plan {
     for c in candidates.iter_mut() {
         c.score = match score {
@@ -163,8 +278,7 @@ pub fn allocate(
         };
         c.removed = false;
     }
-    let total = arch.params_blocks();
-    let budget = (total as f64 * (1.0 - keep)).ceil() as u64;
+    let mut spending = Spending::new(arch, budget);
     let mut order: Vec<usize> = (0..candidates.len()).collect();
     order.sort_by(|&a, &b| {
         let (x, y) = (&candidates[a], &candidates[b]);
@@ -172,12 +286,14 @@ pub fn allocate(
             .total_cmp(&y.score)
             .then((x.tower, x.block, x.part).cmp(&(y.tower, y.block, y.part)))
     });
-    let mut removed = 0u64;
     for i in order {
-        if removed >= budget {
+        if spending.closed() {
             break;
         }
         let c = &candidates[i];
+        if !spending.open(c.tower) {
+            continue;
+        }
         // Keep one sub-block of each kind per tower.
         let left = candidates
             .iter()
@@ -186,7 +302,7 @@ pub fn allocate(
         if left <= 1 {
             continue;
         }
-        removed += c.params;
+        spending.spend(c.tower, c.params);
         candidates[i].removed = true;
     }
     let mut blocks = Vec::new();
@@ -209,6 +325,7 @@ pub fn allocate(
                 drop_mlp: mlp && !attention,
                 keep_heads: None,
                 keep_mlp: None,
+                zero_below: None,
             });
         }
     }
@@ -374,7 +491,8 @@ fn row_norms(graph: &Graph, linear: &crate::arch::Linear) -> Vec<f64> {
 }
 
 /// Removes the lowest-scored units across both towers (one threshold)
-/// until at most `keep` of the block parameters remain. Every block keeps
+/// until at most `budget`'s share of the block parameters remains, `spent`
+/// (per tower) having gone already. Every block keeps
 /// at least one head and, for hardware-friendly shapes, a multiple of 8
 /// neurons (at least 8). Fills the per-sub-block unit counts of
 /// `candidates` and returns the plan.
@@ -382,9 +500,13 @@ pub fn allocate_units(
     arch: &Architecture,
     units: &mut [Unit],
     candidates: &mut [Candidate],
-    keep: f64,
+    budget: &Budget,
+    spent: &[(TowerKind, u64)],
 ) -> Plan {
-    let budget = (arch.params_blocks() as f64 * (1.0 - keep)).ceil() as u64;
+    let mut spending = Spending::new(arch, budget);
+    for &(tower, params) in spent {
+        spending.spend(tower, params);
+    }
     let mut order: Vec<usize> = (0..units.len()).collect();
     order.sort_by(|&a, &b| {
         let (x, y) = (&units[a], &units[b]);
@@ -401,10 +523,12 @@ pub fn allocate_units(
         entry.0 += 1;
         entry.1 += 1;
     }
-    let mut removed = 0u64;
     for &i in &order {
-        if removed >= budget {
+        if spending.closed() {
             break;
+        }
+        if !spending.open(units[i].tower) {
+            continue;
         }
         let (kept, total) = counts[&key(&units[i])];
         let floor = match units[i].part {
@@ -415,19 +539,20 @@ pub fn allocate_units(
             continue;
         }
         units[i].removed = true;
-        removed += units[i].params;
+        spending.spend(units[i].tower, units[i].params);
         counts.get_mut(&key(&units[i])).expect("counted").0 -= 1;
     }
-    // Round kept neuron counts up to a multiple of 8 by restoring the best
-    // removed neurons of that MLP.
-    for &i in order.iter().rev() {
-        if units[i].part != Part::Mlp || !units[i].removed {
+    // Round kept neuron counts down to a multiple of 8 by removing the
+    // lowest-scored kept neurons of that MLP: widths stay hardware-friendly
+    // and the budget is still met (rounding up would overshoot it).
+    for &i in &order {
+        if units[i].part != Part::Mlp || units[i].removed {
             continue;
         }
         let entry = counts.get_mut(&key(&units[i])).expect("counted");
-        if entry.1 >= 8 && !entry.0.is_multiple_of(8) {
-            units[i].removed = false;
-            entry.0 += 1;
+        if entry.0 < entry.1 && entry.0 > 8 && !entry.0.is_multiple_of(8) {
+            units[i].removed = true;
+            entry.0 -= 1;
         }
     }
     let mut blocks = Vec::new();
@@ -450,7 +575,7 @@ pub fn allocate_units(
             let (neurons, n_total) = kept(Part::Mlp);
             for c in candidates
                 .iter_mut()
-                .filter(|c| c.tower == tower.kind && c.block == block.index)
+                .filter(|c| c.tower == tower.kind && c.block == block.index && !c.removed)
             {
                 c.units = Some(match c.part {
                     Part::Attention => [heads.len(), h_total],
@@ -468,6 +593,7 @@ pub fn allocate_units(
                 drop_mlp: false,
                 keep_heads: (heads.len() < h_total).then_some(heads),
                 keep_mlp: (neurons.len() < n_total).then_some(neurons),
+                zero_below: None,
             });
         }
     }

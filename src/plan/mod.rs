@@ -18,7 +18,7 @@ pub const FORMAT: &str = "onnx-idprune-plan";
 pub const VERSION: u32 = 1;
 
 /// A pruning plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     /// Always [`FORMAT`].
@@ -31,7 +31,7 @@ pub struct Plan {
 }
 
 /// What to do with one block. Exactly one action per entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlockAction {
     /// `vision` or `text`.
@@ -53,7 +53,17 @@ pub struct BlockAction {
     /// MLP neurons to keep (source indices, ascending).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_mlp: Option<Vec<usize>>,
+    /// Unstructured masking: per linear layer of the block ([`LINEAR_ROLES`]),
+    /// weights with |w| below the value become 0 (in a copy of the weight;
+    /// biases are untouched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero_below: Option<std::collections::BTreeMap<String, f64>>,
 }
+
+/// Names of a block's linear layers in `zero_below`: separate `q`, `k`, `v`
+/// projections or one packed/fused `qkv`, the attention output `out`, and
+/// the MLP's `fc1` and `fc2`.
+pub const LINEAR_ROLES: &[&str] = &["q", "k", "v", "qkv", "out", "fc1", "fc2"];
 
 impl BlockAction {
     /// "vision/3" style label for messages and logs.
@@ -166,7 +176,8 @@ impl Plan {
                 .filter(|b| **b)
                 .count()
                 + usize::from(action.keep_heads.is_some())
-                + usize::from(action.keep_mlp.is_some());
+                + usize::from(action.keep_mlp.is_some())
+                + usize::from(action.zero_below.is_some());
             if count == 0 {
                 return Err(err("no action given".into()));
             }
@@ -183,6 +194,30 @@ impl Plan {
             }
             if action.drop_mlp && action.keep_mlp.is_some() {
                 return Err(err("'drop_mlp' and 'keep_mlp' contradict each other".into()));
+            }
+            if let Some(zero) = &action.zero_below {
+                if zero.is_empty() {
+                    return Err(err("'zero_below' names no layer".into()));
+                }
+                for (role, threshold) in zero {
+                    if !LINEAR_ROLES.contains(&role.as_str()) {
+                        return Err(err(format!(
+                            "'zero_below' names unknown layer '{role}' (expected one of {})",
+                            LINEAR_ROLES.join(", ")
+                        )));
+                    }
+                    if !(threshold.is_finite() && *threshold >= 0.0) {
+                        return Err(err(format!(
+                            "'zero_below' threshold of '{role}' must be a finite number >= 0"
+                        )));
+                    }
+                    let attention = !matches!(role.as_str(), "fc1" | "fc2");
+                    if (attention && action.drop_attention) || (!attention && action.drop_mlp) {
+                        return Err(err(format!(
+                            "'zero_below' masks '{role}' of a sub-block the entry drops"
+                        )));
+                    }
+                }
             }
             for (what, list) in [
                 ("keep_heads", &action.keep_heads),
@@ -274,6 +309,20 @@ mod tests {
         assert!(entry(r#"{"tower":"text","index":0,"keep_mlp":[3,1]}"#).contains("not ascending"));
         assert!(
             entry(r#"{"tower":"text","index":0,"drop":true,"drop_mlp":true}"#)
+                .contains("cannot be combined")
+        );
+        assert!(
+            entry(r#"{"tower":"text","index":0,"zero_below":{"fc3":0.1}}"#)
+                .contains("unknown layer 'fc3'")
+        );
+        assert!(entry(r#"{"tower":"text","index":0,"zero_below":{}}"#).contains("names no layer"));
+        assert!(entry(r#"{"tower":"text","index":0,"zero_below":{"fc1":-1}}"#).contains("finite"));
+        assert!(
+            entry(r#"{"tower":"text","index":0,"drop_mlp":true,"zero_below":{"fc1":0.5}}"#)
+                .contains("drops")
+        );
+        assert!(
+            entry(r#"{"tower":"text","index":0,"drop":true,"zero_below":{"q":0.5}}"#)
                 .contains("cannot be combined")
         );
         assert!(entry(r#"{"tower":"text","index":1,"drop":true},{"tower":"text","index":1,"drop_mlp":true}"#)

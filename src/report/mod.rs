@@ -237,6 +237,10 @@ pub struct Report {
     pub output: String,
     /// Requested fraction of block parameters to keep (plan-driven runs: none).
     pub keep_params: Option<f64>,
+    /// Per-tower kept fractions requested (`--vision-keep`, `--text-keep`).
+    pub tower_keep: serde_json::Value,
+    /// What could be removed (`--mode`).
+    pub mode: Option<crate::decide::Mode>,
     /// Importance score used.
     pub score: Option<crate::plan::importance::Score>,
     /// Parameters before and after, in total, in blocks and per tower.
@@ -252,6 +256,11 @@ pub struct Report {
     pub rewrites: Vec<String>,
     /// Per sub-block measurements and decisions.
     pub candidates: Vec<crate::plan::importance::Candidate>,
+    /// `unstructured` mode: per linear layer, its ID, threshold and the
+    /// weights zeroed.
+    pub masks: Vec<crate::decide::Mask>,
+    /// `all` mode: the budget splits tried on decision samples.
+    pub split_trials: Vec<crate::decide::SplitTrial>,
     /// Fidelity on held-out samples.
     pub fidelity: Option<crate::verify::Fidelity>,
     /// Samples used for decisions and held out.
@@ -296,7 +305,12 @@ impl Report {
         Report {
             input: job.input.display().to_string(),
             output: job.output.display().to_string(),
-            keep_params: job.decide.as_ref().map(|(_, o)| o.keep),
+            keep_params: job.decide.as_ref().and_then(|(_, o)| o.budget.keep),
+            tower_keep: serde_json::json!({
+                "vision": job.decide.as_ref().and_then(|(_, o)| o.budget.vision),
+                "text": job.decide.as_ref().and_then(|(_, o)| o.budget.text),
+            }),
+            mode: job.decide.as_ref().map(|(_, o)| o.mode),
             score: job.decide.as_ref().map(|(_, o)| o.score),
             params: serde_json::json!({
                 "blocks_before": blocks_before,
@@ -322,6 +336,8 @@ impl Report {
             plan: outcome.plan.clone(),
             rewrites: outcome.rewrites.clone(),
             candidates: decision.map(|d| d.candidates.clone()).unwrap_or_default(),
+            masks: decision.map(|d| d.masks.clone()).unwrap_or_default(),
+            split_trials: decision.map(|d| d.split_trials.clone()).unwrap_or_default(),
             fidelity: outcome.fidelity.clone(),
             samples: serde_json::json!({
                 "decision": decision.map(|d| d.samples),

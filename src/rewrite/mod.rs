@@ -144,6 +144,21 @@ pub fn apply(model: &mut Model, arch: &Architecture, plan: &Plan) -> Result<Appl
         }
     }
     for (action, block) in &targets {
+        let Some(zero) = &action.zero_below else {
+            continue;
+        };
+        for site in block.linears() {
+            let Some(&threshold) = zero.get(site.role) else {
+                continue;
+            };
+            let label = format!("zero_below {} {}", action.label(), site.role);
+            let (zeroed, total) = zero_small_weights(graph, site.node, threshold, &label)?;
+            applied.rewrites.push(format!(
+                "{label} (|w| < {threshold:e}: {zeroed} of {total})"
+            ));
+        }
+    }
+    for (action, block) in &targets {
         let subs = [
             (
                 action.drop_attention,
@@ -231,7 +246,81 @@ fn locate<'a>(
             )));
         }
     }
+    if let Some(zero) = &action.zero_below {
+        let roles: Vec<&str> = block.linears().iter().map(|l| l.role).collect();
+        if let Some(bad) = zero.keys().find(|r| !roles.contains(&r.as_str())) {
+            return Err(err(format!(
+                "'zero_below' names '{bad}', but the block's linear layers are {}",
+                roles.join(", ")
+            )));
+        }
+    }
     Ok(block)
+}
+
+/// Zeroes the weights with |w| < `threshold` of the linear layer read by
+/// `node` (input 1, or behind a Transpose), as a new initializer. Works on
+/// the weight as it is now, so it composes with head and neuron slicing.
+/// Returns (zeroed, total) element counts.
+fn zero_small_weights(
+    graph: &mut Graph,
+    node: NodeId,
+    threshold: f64,
+    label: &str,
+) -> Result<(usize, usize), RewriteError> {
+    let unsupported = |reason: String| RewriteError::Unsupported {
+        label: label.into(),
+        reason,
+    };
+    let read = graph
+        .node(node)
+        .inputs()
+        .get(1)
+        .cloned()
+        .unwrap_or_default();
+    let (site, slot) = if graph.initializer(&read).is_some() {
+        (node, 1)
+    } else {
+        match graph.producer_node(&read) {
+            Some(t)
+                if graph.node(t).op() == "Transpose"
+                    && graph.initializer(&graph.node(t).inputs()[0]).is_some() =>
+            {
+                (t, 0)
+            }
+            _ => return Err(unsupported(format!("weight '{read}' is not a constant"))),
+        }
+    };
+    let name = graph.node(site).inputs()[slot].clone();
+    let tensor = graph.initializer(&name).expect("checked above");
+    if tensor.data_type() != 1 {
+        return Err(unsupported(format!(
+            "weight '{name}' is not float32; unstructured masking edits float32 weights"
+        )));
+    }
+    let mut values = tensor.to_f32().map_err(|source| RewriteError::Tensor {
+        label: label.into(),
+        source,
+    })?;
+    let dims = tensor.dims().to_vec();
+    let mut zeroed = 0;
+    for v in values.iter_mut() {
+        if (v.abs() as f64) < threshold && *v != 0.0 {
+            *v = 0.0;
+            zeroed += 1;
+        }
+    }
+    let total = values.len();
+    let new_name = graph.fresh_name(&format!("{name}.masked"));
+    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let masked = Tensor::from_raw(&new_name, 1, dims, bytes::Bytes::from(raw));
+    let graph_err = |source| RewriteError::Graph {
+        label: label.into(),
+        source,
+    };
+    graph.set_initializer(masked).map_err(graph_err)?;
+    graph.set_input(site, slot, &new_name).map_err(graph_err)?;
+    Ok((zeroed, total))
 }
 
 /// Replaces input `slot` of `node` (an initializer) by its rows/columns
