@@ -58,6 +58,9 @@ pub struct DecideOptions {
     /// `unstructured` mode: the fraction of block weight-matrix elements to
     /// zero (else 1 − the overall kept fraction).
     pub sparsity: Option<f64>,
+    /// Refit the projections after slimmed sub-blocks by least squares on
+    /// the decision samples (recorded in the plan).
+    pub repair: bool,
     /// Importance score.
     pub score: Score,
     /// Held-out samples reserved for verification (taken from the end).
@@ -129,8 +132,7 @@ fn search_split(
         .collect();
     let original = crate::onnx::encode_to_vec(&source.model.to_proto());
     let fixed = crate::calib::collect::static_batch(&source.model);
-    let mut trials = Vec::new();
-    let mut best: Option<(f64, Plan, Vec<Candidate>, usize)> = None;
+    let mut options_tried = Vec::new();
     for share in [0.0, 0.25, 0.5, 0.75, 1.0] {
         let mut chosen = candidates.to_vec();
         let blocks_plan = importance::allocate(
@@ -152,9 +154,33 @@ fn search_split(
             .collect();
         let units_plan =
             importance::allocate_units(arch, &mut rest, &mut chosen, &options.budget, &spent);
-        let plan = merge_plans(&blocks_plan, &units_plan);
+        let plan = with_repair(merge_plans(&blocks_plan, &units_plan), options, samples);
+        options_tried.push((share, plan, chosen));
+    }
+    // Repair statistics once for every layer any split refits.
+    let statistics = if options.repair {
+        let plans: Vec<&Plan> = options_tried.iter().map(|o| &o.1).collect();
+        let mask = data::mask_input(graph, inputs);
+        crate::rewrite::repair::statistics(
+            &source.model,
+            arch,
+            &plans,
+            inputs,
+            samples,
+            mask.as_deref(),
+            &options.profile.runtime,
+        )?
+    } else {
+        Default::default()
+    };
+    let mut trials = Vec::new();
+    let mut best: Option<(f64, Plan, Vec<Candidate>, usize)> = None;
+    for (share, plan, chosen) in options_tried {
         let mut model = source.model.clone();
         crate::rewrite::apply(&mut model, arch, &plan)?;
+        if plan.repair.is_some() {
+            crate::rewrite::repair::apply(&source.model, &mut model, arch, &plan, &statistics)?;
+        }
         let candidate = crate::onnx::encode_to_vec(&model.to_proto());
         let fidelity = crate::verify::compare(
             &original,
@@ -178,6 +204,18 @@ fn search_split(
     let (_, plan, chosen, index) = best.expect("five trials ran");
     trials[index].chosen = true;
     Ok((plan, chosen, trials))
+}
+
+/// Records the least-squares repair in `plan` when asked for and there is
+/// something to refit.
+fn with_repair(mut plan: Plan, options: &DecideOptions, samples: usize) -> Plan {
+    if options.repair && plan.slims() {
+        plan.repair = Some(crate::plan::Repair {
+            method: "lsq".into(),
+            samples,
+        });
+    }
+    plan
 }
 
 /// One plan with the actions of both (they touch different sub-blocks).
@@ -387,6 +425,7 @@ pub fn decide(
         features: if fits { &measured } else { &[] },
         pairs: &pairs,
         energies: &energy_taps,
+        grams: &[],
         pooling: options.profile.pooling,
     };
     let pass = collect::collect_all(
@@ -453,6 +492,7 @@ pub fn decide(
     if options.mode == Mode::Units {
         let plan =
             importance::allocate_units(arch, &mut units, &mut candidates, &options.budget, &[]);
+        let plan = with_repair(plan, options, samples);
         return Ok(Decision {
             plan,
             candidates,
@@ -480,6 +520,7 @@ pub fn decide(
     } else {
         importance::allocate(arch, &mut candidates, options.score, &options.budget)
     };
+    let plan = with_repair(plan, options, samples);
     Ok(Decision {
         plan,
         candidates,

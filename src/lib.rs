@@ -157,6 +157,9 @@ pub struct PruneJob {
     /// Write a JSON report here (and a Markdown summary and an SVG plot
     /// next to it).
     pub report: Option<PathBuf>,
+    /// Calibration data and runtime for re-applying a `plan` that records a
+    /// least-squares repair (decided runs use their own calibration file).
+    pub repair_data: Option<(PathBuf, calib::RuntimeOptions)>,
 }
 
 /// What a run did.
@@ -174,6 +177,8 @@ pub struct Outcome {
     pub decision: Option<decide::Decision>,
     /// Fidelity on held-out samples, when measured.
     pub fidelity: Option<verify::Fidelity>,
+    /// Least-squares refits made, when the plan asks for repair.
+    pub refits: Vec<rewrite::repair::Refit>,
 }
 
 impl PruneJob {
@@ -188,6 +193,7 @@ impl PruneJob {
             decide: None,
             min_fidelity: None,
             report: None,
+            repair_data: None,
         }
     }
 
@@ -248,8 +254,13 @@ impl PruneJob {
         if let (false, Some(arch)) = (plan.is_empty(), &arch) {
             rewrites = rewrite::apply(&mut model, arch, &plan)?.rewrites;
         }
-        let pruned = model.to_proto();
         lap("rewrite", &mut timings);
+        let mut refits = Vec::new();
+        if let (Some(spec), Some(arch)) = (&plan.repair, &arch) {
+            refits = self.repair(&source, &mut model, arch, &plan, spec)?;
+            lap("repair", &mut timings);
+        }
+        let pruned = model.to_proto();
 
         let mut fidelity = None;
         if let (Some(decision), Some((_, options))) = (&decision, &self.decide)
@@ -302,6 +313,7 @@ impl PruneJob {
             timings: Vec::new(),
             decision,
             fidelity,
+            refits,
         };
         let written = self.write_companions(&source, arch.as_ref(), &outcome, &timings);
         if let Err(e) = written {
@@ -314,6 +326,55 @@ impl PruneJob {
         }
         outcome.timings = timings;
         Ok(outcome)
+    }
+
+    /// Least-squares repair of the slimmed sub-blocks of `model` (`source`
+    /// rewritten by `plan`) on the calibration samples `spec` names.
+    fn repair(
+        &self,
+        source: &Source,
+        model: &mut Model,
+        arch: &arch::Architecture,
+        plan: &Plan,
+        spec: &plan::Repair,
+    ) -> Result<Vec<rewrite::repair::Refit>, Error> {
+        let (calib, runtime) = match (&self.decide, &self.repair_data) {
+            (Some((calib, options)), _) => (calib, &options.profile.runtime),
+            (None, Some((calib, runtime))) => (calib, runtime),
+            (None, None) => {
+                return Err(Error::Unsupported(
+                    "the plan refits weights on calibration data (\"repair\"); give the same --calib file".into(),
+                ));
+            }
+        };
+        let graph = &source.model.graph;
+        let (inputs, total) = calib::data::read_npz(calib, graph)?;
+        if total < spec.samples {
+            return Err(Error::Data(calib::data::DataError::Mismatch {
+                path: calib.clone(),
+                reason: format!(
+                    "the plan's repair read {} samples, the file has {total}",
+                    spec.samples
+                ),
+            }));
+        }
+        let mask = calib::data::mask_input(graph, &inputs);
+        let statistics = rewrite::repair::statistics(
+            &source.model,
+            arch,
+            &[plan],
+            &inputs,
+            spec.samples,
+            mask.as_deref(),
+            runtime,
+        )?;
+        Ok(rewrite::repair::apply(
+            &source.model,
+            model,
+            arch,
+            plan,
+            &statistics,
+        )?)
     }
 
     fn write_companions(

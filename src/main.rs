@@ -108,6 +108,10 @@ struct PruneArgs {
     /// unstructured (zero single weights by |w| · ID; nothing is removed).
     #[arg(long, value_enum, default_value = "blocks")]
     mode: onnx_idprune::decide::Mode,
+    /// After removing heads or neurons, refit the projection that reads
+    /// them by least squares on the decision samples (lsq), or not (none).
+    #[arg(long, value_enum, default_value = "none")]
+    repair: RepairArg,
     /// --mode unstructured: fraction of block weights to zero, 0 < S < 1
     /// (default: 1 − --keep-params).
     #[arg(long, value_name = "S", value_parser = parse_open_fraction, conflicts_with = "plan", requires = "calib")]
@@ -167,6 +171,14 @@ impl RuntimeArgs {
             ..Default::default()
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RepairArg {
+    /// Rows of the downstream projection are simply removed.
+    None,
+    /// Least-squares refit of the downstream projection and its bias.
+    Lsq,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -401,7 +413,10 @@ fn prune(args: PruneArgs) -> Result<()> {
         bail!("give --keep-params, or both --vision-keep and --text-keep, not all three")
     }
     match (&args.plan, &args.calib, sized) {
-        (Some(plan), _, _) => job = job.with_plan(Plan::read(plan)?),
+        (Some(plan), calib, _) => {
+            job = job.with_plan(Plan::read(plan)?);
+            job.repair_data = calib.clone().map(|c| (c, args.runtime.options()));
+        }
         (None, Some(calib), true) => {
             let id = onnx_idprune::id::IdOptions {
                 variant: args.variant,
@@ -421,6 +436,7 @@ fn prune(args: PruneArgs) -> Result<()> {
                 mode: args.mode,
                 budget,
                 sparsity: args.sparsity,
+                repair: args.repair == RepairArg::Lsq,
                 score: args.score,
                 holdout: args.holdout,
                 profile,

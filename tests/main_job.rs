@@ -490,3 +490,88 @@ fn units_mode_prunes_heads_and_neurons_in_hardware_friendly_widths() {
         );
     }
 }
+
+#[test]
+fn least_squares_repair_brings_the_slimmed_model_closer() {
+    let sandbox = Sandbox::new();
+    let mut cosines = Vec::new();
+    for repair in ["none", "lsq"] {
+        let json = format!("{repair}.json");
+        let plan = format!("{repair}.plan.json");
+        prune(
+            &sandbox,
+            CLIP,
+            &format!("{repair}.onnx"),
+            &[
+                "--mode",
+                "units",
+                "--keep-params",
+                "0.7",
+                "--repair",
+                repair,
+                "--report",
+                sandbox.path(&json).to_str().unwrap(),
+                "--plan-out",
+                sandbox.path(&plan).to_str().unwrap(),
+            ],
+        )
+        .assert_ok();
+        cosines.push(
+            report(&sandbox, &json)["fidelity"]["min_cosine"]
+                .as_f64()
+                .unwrap(),
+        );
+    }
+    assert!(
+        cosines[1] > cosines[0],
+        "held-out cosine without/with repair: {cosines:?}"
+    );
+    let json = report(&sandbox, "lsq.json");
+    let refits = json["refits"].as_array().unwrap();
+    assert!(!refits.is_empty());
+    for r in refits {
+        let (dropped, refit) = (
+            r["error_dropped"].as_f64().unwrap(),
+            r["error_refit"].as_f64().unwrap(),
+        );
+        assert!(refit <= dropped && refit >= 0.0, "{r}");
+    }
+    assert!(
+        refits
+            .iter()
+            .any(|r| r["error_refit"].as_f64() < r["error_dropped"].as_f64())
+    );
+    // Same decisions either way: repair only changes the kept weights.
+    let strip = |p: &str| {
+        let mut v: Value =
+            serde_json::from_str(&std::fs::read_to_string(sandbox.path(p)).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("repair");
+        v
+    };
+    assert_eq!(strip("lsq.plan.json"), strip("none.plan.json"));
+    // The plan re-applies byte for byte with the same calibration file, and
+    // asks for it otherwise.
+    let model = util::fixtures().join(CLIP);
+    let calib = util::fixtures().join("calib/clip_tiny_calib.npz");
+    let again = sandbox.path("again.onnx");
+    let plan = sandbox.path("lsq.plan.json");
+    run([
+        model.as_os_str(),
+        again.as_os_str(),
+        "--plan".as_ref(),
+        plan.as_os_str(),
+        "--calib".as_ref(),
+        calib.as_os_str(),
+    ])
+    .assert_ok();
+    assert!(std::fs::read(&again).unwrap() == std::fs::read(sandbox.path("lsq.onnx")).unwrap());
+    let before = sandbox.listing();
+    run([
+        model.as_os_str(),
+        sandbox.path("x.onnx").as_os_str(),
+        "--plan".as_ref(),
+        plan.as_os_str(),
+    ])
+    .assert_error(1, "give the same --calib file");
+    assert_no_output(&sandbox, &sandbox.path("x.onnx"), &before);
+}

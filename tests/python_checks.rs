@@ -125,3 +125,46 @@ fn pruned_models_pass_onnx_checker_with_full_shape_inference() {
     }
     check_models("--no-compare", &pairs);
 }
+
+#[test]
+fn decided_models_of_every_mode_pass_onnx_checker_and_onnxruntime() {
+    let sandbox = util::Sandbox::new();
+    let calib = util::fixtures().join("calib/clip_tiny_calib.npz");
+    let mut pairs = Vec::new();
+    for form in [
+        "clip_tiny_torchscript_op17.onnx",
+        "clip_tiny_dynamo_op18.onnx",
+        "clip_tiny_ort_fused.onnx",
+    ] {
+        for (tag, flags) in [
+            (
+                "all",
+                &["--mode", "all", "--keep-params", "0.7", "--repair", "lsq"][..],
+            ),
+            (
+                "units",
+                &["--mode", "units", "--keep-params", "0.6", "--repair", "lsq"][..],
+            ),
+            (
+                "unstructured",
+                &["--mode", "unstructured", "--sparsity", "0.5"][..],
+            ),
+        ] {
+            let model = util::fixtures().join(form);
+            let out = sandbox.path(&format!("{tag}-{form}"));
+            let mut args: Vec<std::ffi::OsString> = vec![
+                model.clone().into(),
+                out.clone().into(),
+                "--calib".into(),
+                calib.clone().into(),
+                "--samples".into(),
+                "32".into(),
+            ];
+            args.extend(flags.iter().map(std::ffi::OsString::from));
+            run(args).assert_ok();
+            pairs.push(model);
+            pairs.push(out);
+        }
+    }
+    check_models("--no-compare", &pairs);
+}

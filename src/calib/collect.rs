@@ -188,6 +188,10 @@ pub struct Collected {
     /// Per requested energy tap: the mean over samples and real tokens of
     /// each channel's square (activation-aware unit scores).
     pub energies: Vec<Vec<f64>>,
+    /// Per requested Gram tap: the mean over real tokens of `[a; 1][a; 1]ᵀ`
+    /// (`(width + 1)²`, the last row and column carry the mean of `a`),
+    /// for least-squares repair.
+    pub grams: Vec<Array2<f64>>,
     /// The provider that ran.
     pub provider: crate::calib::Provider,
 }
@@ -201,6 +205,8 @@ pub struct Request<'a> {
     pub pairs: &'a [(usize, usize)],
     /// Taps whose per-channel mean squares are accumulated.
     pub energies: &'a [usize],
+    /// Taps whose token second moments are accumulated.
+    pub grams: &'a [usize],
     /// Pooling of the features.
     pub pooling: Pooling,
 }
@@ -218,8 +224,11 @@ pub fn collect_all(
         features: feature_taps,
         pairs,
         energies: energy_taps,
+        grams: gram_taps,
         pooling,
     } = request;
+    let mut grams: Vec<(Array2<f64>, f64)> = vec![(Array2::zeros((0, 0)), 0.0); gram_taps.len()];
+    let mut stride = 0usize;
     let mut energy: Vec<(Vec<f64>, f64)> = vec![(Vec::new(), 0.0); energy_taps.len()];
     // Feature matrices are allocated once their width is known (first
     // batch) and filled in place: no second copy.
@@ -282,6 +291,44 @@ pub fn collect_all(
                 }
             }
         }
+        for (slot, &t) in gram_taps.iter().enumerate() {
+            let values = batch.taps[t];
+            let width = *values.shape().last().unwrap_or(&1);
+            let tokens = values.len() / values.shape()[0].max(1) / width.max(1);
+            if stride == 0 {
+                // Every stride-th token: the cost is tokens × width², so
+                // long sequences are subsampled to at most GRAM_TOKENS.
+                stride = (samples * tokens).div_ceil(GRAM_TOKENS).max(1);
+            }
+            let mask = taps[t].mask.as_ref().and_then(|m| batch.feed.get(m));
+            let Some(flat) = values.as_slice_memory_order() else {
+                return Err(RuntimeError::Session(
+                    "tapped tensors are not contiguous".into(),
+                ));
+            };
+            let picked: Vec<usize> = (0..rows * tokens)
+                .filter(|i| {
+                    let global = batch.start * tokens + i;
+                    global.is_multiple_of(stride)
+                        && real_token(mask, i / tokens, i % tokens, tokens)
+                })
+                .collect();
+            let mut m = Array2::<f32>::zeros((picked.len(), width + 1));
+            for (r, &i) in picked.iter().enumerate() {
+                let row = &flat[i * width..(i + 1) * width];
+                for (c, &v) in row.iter().enumerate() {
+                    m[[r, c]] = v;
+                }
+                m[[r, width]] = 1.0;
+            }
+            let (acc, count) = &mut grams[slot];
+            if acc.nrows() != width + 1 {
+                *acc = Array2::zeros((width + 1, width + 1));
+            }
+            let g = m.t().dot(&m);
+            acc.zip_mut_with(&g, |a, &v| *a += v as f64);
+            *count += picked.len() as f64;
+        }
         Ok(())
     })?;
     Ok(Collected {
@@ -294,6 +341,7 @@ pub fn collect_all(
             .into_iter()
             .map(|(acc, n)| acc.into_iter().map(|a| a / n.max(1.0)).collect())
             .collect(),
+        grams: grams.into_iter().map(|(g, n)| g / n.max(1.0)).collect(),
         provider,
     })
 }
@@ -313,11 +361,15 @@ pub fn collect(
         features: &all,
         pairs: &[],
         energies: &[],
+        grams: &[],
         pooling,
     };
     let c = collect_all(model, inputs, samples, taps, request, options)?;
     Ok((c.features, c.provider))
 }
+
+/// Most tokens a Gram accumulation reads (longer runs take every k-th).
+pub const GRAM_TOKENS: usize = 16384;
 
 /// Whether `token` of `sample` is a real token (not padding) per `mask`.
 fn real_token(mask: Option<&Array>, sample: usize, token: usize, tokens: usize) -> bool {

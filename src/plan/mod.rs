@@ -28,6 +28,23 @@ pub struct Plan {
     /// Per-block actions.
     #[serde(default)]
     pub blocks: Vec<BlockAction>,
+    /// Refit the projections after slimmed sub-blocks on calibration data
+    /// (applying the plan then needs the same calibration file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repair: Option<Repair>,
+}
+
+/// Least-squares repair: after `keep_heads` the attention output
+/// projection, after `keep_mlp` the MLP's second linear layer, is refit so
+/// that the sub-block's output on the first `samples` calibration samples
+/// stays as close as possible to the original's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Repair {
+    /// Always `lsq`.
+    pub method: String,
+    /// Calibration samples (the first N of the file) the fit reads.
+    pub samples: usize,
 }
 
 /// What to do with one block. Exactly one action per entry.
@@ -111,6 +128,7 @@ impl Plan {
             format: FORMAT.into(),
             version: VERSION,
             blocks: Vec::new(),
+            repair: None,
         }
     }
 
@@ -155,6 +173,21 @@ impl Plan {
     /// Model-independent checks: known towers, one action per entry, one
     /// entry per block, index lists ascending, unique and non-empty.
     pub fn validate(&self) -> Result<(), PlanError> {
+        if let Some(repair) = &self.repair {
+            let syntax = |reason: String| PlanError::Syntax {
+                path: PathBuf::new(),
+                reason,
+            };
+            if repair.method != "lsq" {
+                return Err(syntax(format!(
+                    "repair method '{}' is unknown (expected 'lsq')",
+                    repair.method
+                )));
+            }
+            if repair.samples == 0 {
+                return Err(syntax("repair needs at least one sample".into()));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for (entry, action) in self.blocks.iter().enumerate() {
             let err = |reason: String| PlanError::Entry {
@@ -245,6 +278,13 @@ impl Plan {
     /// Whether the plan changes nothing.
     pub fn is_empty(&self) -> bool {
         self.blocks.is_empty()
+    }
+
+    /// Whether any entry slims a sub-block (what repair refits).
+    pub fn slims(&self) -> bool {
+        self.blocks
+            .iter()
+            .any(|b| b.keep_heads.is_some() || b.keep_mlp.is_some())
     }
 
     /// The canonical form: entries sorted by tower (vision first) and index.

@@ -261,6 +261,9 @@ pub struct Report {
     pub masks: Vec<crate::decide::Mask>,
     /// `all` mode: the budget splits tried on decision samples.
     pub split_trials: Vec<crate::decide::SplitTrial>,
+    /// Least-squares refits (`--repair lsq`): per projection, the relative
+    /// output error with rows dropped and after the refit.
+    pub refits: Vec<crate::rewrite::repair::Refit>,
     /// Fidelity on held-out samples.
     pub fidelity: Option<crate::verify::Fidelity>,
     /// Samples used for decisions and held out.
@@ -338,6 +341,7 @@ impl Report {
             candidates: decision.map(|d| d.candidates.clone()).unwrap_or_default(),
             masks: decision.map(|d| d.masks.clone()).unwrap_or_default(),
             split_trials: decision.map(|d| d.split_trials.clone()).unwrap_or_default(),
+            refits: outcome.refits.clone(),
             fidelity: outcome.fidelity.clone(),
             samples: serde_json::json!({
                 "decision": decision.map(|d| d.samples),

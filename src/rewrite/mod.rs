@@ -19,6 +19,8 @@
 //! the norm that the last join computed for the *next* block is recreated as
 //! a `LayerNormalization` of the block input.
 
+pub mod repair;
+
 use std::collections::HashSet;
 
 use crate::arch::patterns::const_ints;

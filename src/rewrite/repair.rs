@@ -1,0 +1,444 @@
+//! Least-squares repair of slimmed sub-blocks.
+//!
+//! Removing heads or MLP neurons removes rows of the downstream projection
+//! (attention output, MLP `fc2`). The remaining rows were trained next to
+//! the removed ones, so simply deleting rows loses the part of the output
+//! that the removed units carried even where the kept units could express
+//! it. Repair refits the kept rows and the bias so that the projection's
+//! output stays as close as possible to the original on calibration data:
+//!
+//! ```text
+//! a' = [a; 1]      (the projection's input, with a constant for the bias)
+//! W' = [W; b]      (original weight and bias)
+//! minimise Σ_tokens ‖X_Kᵀ a'_K − W'ᵀ a'‖²   over X_K   (K: kept rows + bias)
+//! ⇔ (G_KK + λI) X_K = G_K· W'                 with G = mean a' a'ᵀ
+//! ```
+//!
+//! Only the second moment `G` of the original model's activations is
+//! needed (one pass, [`crate::calib::collect::Request::grams`]); λ is a
+//! small ridge (1e-6 of the mean diagonal) for rank-deficient activations.
+//! The fit is local: each sub-block reproduces what it contributed to the
+//! residual stream of the original model.
+
+use ndarray::{Array2, Axis};
+
+use super::RewriteError;
+use crate::arch::{Architecture, Block, Linear, TowerKind};
+use crate::calib::collect::{self, Tap};
+use crate::calib::data::Inputs;
+use crate::calib::{Provider, RuntimeError, RuntimeOptions};
+use crate::ir::{Graph, Model, NodeId, Tensor};
+use crate::plan::Plan;
+
+/// What the refit of one projection achieved.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Refit {
+    /// `vision/3 fc2` style label.
+    pub layer: String,
+    /// Rows kept and in total.
+    pub rows: [usize; 2],
+    /// Mean squared output error relative to the output's mean square,
+    /// with the rows simply deleted.
+    pub error_dropped: f64,
+    /// The same after the refit.
+    pub error_refit: f64,
+}
+
+/// One projection to refit.
+struct Target<'a> {
+    label: String,
+    tower: TowerKind,
+    linear: &'a Linear,
+    bias: Option<&'a crate::arch::Bias>,
+    kept: Vec<usize>,
+}
+
+fn targets<'a>(arch: &'a Architecture, plan: &Plan) -> Vec<Target<'a>> {
+    let mut out = Vec::new();
+    for action in &plan.blocks {
+        let tower = if action.tower == "vision" {
+            TowerKind::Vision
+        } else {
+            TowerKind::Text
+        };
+        let Some(block): Option<&Block> =
+            arch.tower(tower).and_then(|t| t.blocks.get(action.index))
+        else {
+            continue;
+        };
+        if let Some(heads) = &action.keep_heads {
+            let a = &block.attention.body;
+            let d = a.head_dim;
+            out.push(Target {
+                label: format!("{} out", action.label()),
+                tower,
+                linear: &a.out,
+                bias: a.out.bias.as_ref().or(block.attention.join.bias.as_ref()),
+                kept: heads.iter().flat_map(|h| h * d..(h + 1) * d).collect(),
+            });
+        }
+        if let Some(neurons) = &action.keep_mlp {
+            let m = &block.mlp.body;
+            out.push(Target {
+                label: format!("{} fc2", action.label()),
+                tower,
+                linear: &m.fc2,
+                bias: m.fc2.bias.as_ref().or(block.mlp.join.bias.as_ref()),
+                kept: neurons.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Second moments of the activations entering the projections that
+/// plans may refit, keyed by the activation's value name.
+#[derive(Debug, Clone, Default)]
+pub struct Statistics {
+    grams: std::collections::HashMap<String, Array2<f64>>,
+    /// The provider that ran.
+    pub provider: Option<Provider>,
+}
+
+/// Runs the first `samples` rows of `inputs` through `original` once and
+/// gathers what refitting any projection slimmed by one of `plans` needs.
+/// `mask` names the text padding input.
+#[allow(clippy::too_many_arguments)]
+pub fn statistics(
+    original: &Model,
+    arch: &Architecture,
+    plans: &[&Plan],
+    inputs: &Inputs,
+    samples: usize,
+    mask: Option<&str>,
+    runtime: &RuntimeOptions,
+) -> Result<Statistics, RuntimeError> {
+    let mut taps: Vec<Tap> = Vec::new();
+    for plan in plans {
+        for t in targets(arch, plan) {
+            if taps.iter().any(|x| x.value == t.linear.input) {
+                continue;
+            }
+            taps.push(Tap {
+                value: t.linear.input.clone(),
+                mask: (t.tower == TowerKind::Text)
+                    .then(|| mask.map(str::to_string))
+                    .flatten(),
+            });
+        }
+    }
+    if taps.is_empty() {
+        return Ok(Statistics::default());
+    }
+    let all: Vec<usize> = (0..taps.len()).collect();
+    let request = collect::Request {
+        features: &[],
+        pairs: &[],
+        energies: &[],
+        grams: &all,
+        pooling: collect::Pooling::Flatten,
+    };
+    let collected = collect::collect_all(original, inputs, samples, &taps, request, runtime)?;
+    Ok(Statistics {
+        grams: taps
+            .into_iter()
+            .map(|t| t.value)
+            .zip(collected.grams)
+            .collect(),
+        provider: Some(collected.provider),
+    })
+}
+
+/// Refits, in `pruned` (`original` rewritten by `plan`), every projection
+/// after a slimmed sub-block, from `statistics` of `original`.
+pub fn apply(
+    original: &Model,
+    pruned: &mut Model,
+    arch: &Architecture,
+    plan: &Plan,
+    statistics: &Statistics,
+) -> Result<Vec<Refit>, RewriteError> {
+    let mut refits = Vec::new();
+    for target in targets(arch, plan) {
+        let gram = statistics.grams.get(&target.linear.input).ok_or_else(|| {
+            RewriteError::Unsupported {
+                label: format!("repair {}", target.label),
+                reason: "no calibration statistics for this layer".into(),
+            }
+        })?;
+        refits.push(refit(&original.graph, &mut pruned.graph, &target, gram)?);
+    }
+    // The sliced weights the refits replaced are dead now.
+    pruned.graph.eliminate_dead_code();
+    Ok(refits)
+}
+
+fn refit(
+    original: &Graph,
+    graph: &mut Graph,
+    target: &Target<'_>,
+    gram: &Array2<f64>,
+) -> Result<Refit, RewriteError> {
+    let label = format!("repair {}", target.label);
+    let unsupported = |reason: String| RewriteError::Unsupported {
+        label: label.clone(),
+        reason,
+    };
+    let linear = target.linear;
+    let (rows, cols) = (linear.in_features, linear.out_features);
+    if gram.nrows() != rows + 1 {
+        return Err(unsupported(format!(
+            "activations are {} wide, the layer reads {rows}",
+            gram.nrows().saturating_sub(1)
+        )));
+    }
+    let f32_values = |name: &str| -> Result<Vec<f32>, RewriteError> {
+        original
+            .initializer(name)
+            .filter(|t| t.data_type() == 1)
+            .and_then(|t| t.to_f32().ok())
+            .ok_or_else(|| unsupported(format!("'{name}' is not a float32 constant")))
+    };
+    // W' = [W; b] as (rows + 1) × cols, in f64.
+    let weight = f32_values(&linear.weight)?;
+    let mut full = Array2::<f64>::zeros((rows + 1, cols));
+    for i in 0..rows {
+        for o in 0..cols {
+            let v = if linear.transposed {
+                weight[o * rows + i]
+            } else {
+                weight[i * cols + o]
+            };
+            full[[i, o]] = v as f64;
+        }
+    }
+    if let Some(bias) = target.bias {
+        let values = f32_values(&bias.name)?;
+        if values.len() != cols {
+            return Err(unsupported(format!(
+                "bias '{}' has {} values for {cols} outputs",
+                bias.name,
+                values.len()
+            )));
+        }
+        for (o, v) in values.iter().enumerate() {
+            full[[rows, o]] = *v as f64;
+        }
+    }
+    // K: kept rows, plus the constant when a bias can absorb the rest.
+    let mut k: Vec<usize> = target.kept.clone();
+    if target.bias.is_some() {
+        k.push(rows);
+    }
+    let g_kk = gram.select(Axis(0), &k).select(Axis(1), &k);
+    let rhs = gram.select(Axis(0), &k).dot(&full);
+    let ridge = 1e-6 * (0..k.len()).map(|i| g_kk[[i, i]]).sum::<f64>() / k.len().max(1) as f64;
+    let solution = solve_spd(g_kk, rhs, ridge.max(1e-12)).ok_or_else(|| {
+        unsupported("the activations' second moment is not positive definite".into())
+    })?;
+    // Relative output errors, tr(Δᵀ G Δ) / tr(W'ᵀ G W').
+    let error = |x: &Array2<f64>| -> f64 {
+        let mut delta = full.clone();
+        for (r, &i) in k.iter().enumerate() {
+            for o in 0..cols {
+                delta[[i, o]] -= x[[r, o]];
+            }
+        }
+        trace_quadratic(gram, &delta)
+    };
+    let scale = trace_quadratic(gram, &full).max(f64::MIN_POSITIVE);
+    let dropped = full.select(Axis(0), &k);
+    let error_dropped = error(&dropped) / scale;
+    let error_refit = error(&solution) / scale;
+    // Never make things worse (numerical trouble): keep the plain slice.
+    if !(error_refit.is_finite() && error_refit <= error_dropped) {
+        return Ok(Refit {
+            layer: target.label.clone(),
+            rows: [target.kept.len(), rows],
+            error_dropped,
+            error_refit: error_dropped,
+        });
+    }
+    let kept = target.kept.len();
+    let (node, slot, stored_transposed) = current_weight(graph, linear, &label)?;
+    let name = graph.node(node).inputs()[slot].clone();
+    let mut values = vec![0f32; kept * cols];
+    for r in 0..kept {
+        for o in 0..cols {
+            let at = if stored_transposed {
+                o * kept + r
+            } else {
+                r * cols + o
+            };
+            values[at] = solution[[r, o]] as f32;
+        }
+    }
+    let dims = graph
+        .initializer(&name)
+        .map(|t| t.dims().to_vec())
+        .unwrap_or_default();
+    if dims.iter().product::<i64>() != (kept * cols) as i64 {
+        return Err(unsupported(format!(
+            "'{name}' has shape {dims:?}, expected {kept} × {cols} after slicing"
+        )));
+    }
+    replace_constant(graph, node, slot, &name, "refit", dims, &values, &label)?;
+    if let Some(bias) = target.bias {
+        let bias_values: Vec<f32> = (0..cols).map(|o| solution[[kept, o]] as f32).collect();
+        let name = graph.node(bias.node).inputs()[bias.slot].clone();
+        let dims = graph
+            .initializer(&name)
+            .map(|t| t.dims().to_vec())
+            .unwrap_or_else(|| vec![cols as i64]);
+        replace_constant(
+            graph,
+            bias.node,
+            bias.slot,
+            &name,
+            "refit",
+            dims,
+            &bias_values,
+            &label,
+        )?;
+    }
+    Ok(Refit {
+        layer: target.label.clone(),
+        rows: [kept, rows],
+        error_dropped,
+        error_refit,
+    })
+}
+
+/// Where the (possibly already sliced) weight of `linear` is read now:
+/// (node, slot, stored as [out, in]).
+fn current_weight(
+    graph: &Graph,
+    linear: &Linear,
+    label: &str,
+) -> Result<(NodeId, usize, bool), RewriteError> {
+    let read = graph.node(linear.matmul).inputs()[1].clone();
+    if graph.initializer(&read).is_some() {
+        return Ok((linear.matmul, 1, linear.transposed));
+    }
+    match graph.producer_node(&read) {
+        Some(t)
+            if graph.node(t).op() == "Transpose"
+                && graph.initializer(&graph.node(t).inputs()[0]).is_some() =>
+        {
+            Ok((t, 0, true))
+        }
+        _ => Err(RewriteError::Unsupported {
+            label: label.into(),
+            reason: format!("weight '{read}' is not a constant"),
+        }),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn replace_constant(
+    graph: &mut Graph,
+    node: NodeId,
+    slot: usize,
+    name: &str,
+    suffix: &str,
+    dims: Vec<i64>,
+    values: &[f32],
+    label: &str,
+) -> Result<(), RewriteError> {
+    let new_name = graph.fresh_name(&format!("{name}.{suffix}"));
+    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let tensor = Tensor::from_raw(&new_name, 1, dims, bytes::Bytes::from(raw));
+    let graph_err = |source| RewriteError::Graph {
+        label: label.into(),
+        source,
+    };
+    graph.set_initializer(tensor).map_err(graph_err)?;
+    graph.set_input(node, slot, &new_name).map_err(graph_err)
+}
+
+/// tr(Δᵀ G Δ).
+fn trace_quadratic(gram: &Array2<f64>, delta: &Array2<f64>) -> f64 {
+    let gd = gram.dot(delta);
+    (delta * &gd).sum()
+}
+
+/// Solves (A + ridge·I) X = B for symmetric positive definite A by
+/// Cholesky factorisation; `None` if A + ridge·I is not positive definite.
+pub fn solve_spd(mut a: Array2<f64>, mut b: Array2<f64>, ridge: f64) -> Option<Array2<f64>> {
+    let n = a.nrows();
+    for i in 0..n {
+        a[[i, i]] += ridge;
+    }
+    // A = L Lᵀ, L stored in the lower triangle of `a`.
+    for j in 0..n {
+        let mut d = a[[j, j]];
+        for p in 0..j {
+            d -= a[[j, p]] * a[[j, p]];
+        }
+        if d.is_nan() || d <= 0.0 {
+            return None;
+        }
+        let d = d.sqrt();
+        a[[j, j]] = d;
+        let (done, mut rest) = a.view_mut().split_at(Axis(0), j + 1);
+        let row_j = done.row(j);
+        for mut row in rest.axis_iter_mut(Axis(0)) {
+            let mut s = row[j];
+            for p in 0..j {
+                s -= row[p] * row_j[p];
+            }
+            row[j] = s / d;
+        }
+    }
+    // L Y = B, then Lᵀ X = Y, column block by column block.
+    let cols = b.ncols();
+    for i in 0..n {
+        for p in 0..i {
+            let l = a[[i, p]];
+            if l != 0.0 {
+                for c in 0..cols {
+                    b[[i, c]] -= l * b[[p, c]];
+                }
+            }
+        }
+        let d = a[[i, i]];
+        for c in 0..cols {
+            b[[i, c]] /= d;
+        }
+    }
+    for i in (0..n).rev() {
+        for p in i + 1..n {
+            let l = a[[p, i]];
+            if l != 0.0 {
+                for c in 0..cols {
+                    b[[i, c]] -= l * b[[p, c]];
+                }
+            }
+        }
+        let d = a[[i, i]];
+        for c in 0..cols {
+            b[[i, c]] /= d;
+        }
+    }
+    Some(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cholesky_solves_a_known_system() {
+        // A = M Mᵀ + I is SPD; X is recovered from B = A X.
+        let n = 7;
+        let m = Array2::from_shape_fn((n, n), |(i, j)| ((i * 3 + j * 5) % 11) as f64 - 5.0);
+        let a = m.dot(&m.t()) + Array2::<f64>::eye(n);
+        let x = Array2::from_shape_fn((n, 3), |(i, j)| (i as f64) - (j as f64) * 0.5);
+        let b = a.dot(&x);
+        let got = solve_spd(a, b, 0.0).unwrap();
+        for (g, e) in got.iter().zip(x.iter()) {
+            assert!((g - e).abs() < 1e-9, "{g} vs {e}");
+        }
+        assert!(solve_spd(-Array2::<f64>::eye(3), Array2::zeros((3, 1)), 0.0).is_none());
+    }
+}
