@@ -7,12 +7,11 @@
 //! verification and never seen here.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use crate::arch::{Architecture, TowerKind};
-use crate::calib::Provider;
 use crate::calib::collect::{self, Tap};
 use crate::calib::data::{self, Inputs};
+use crate::calib::{CalibSource, Provider};
 use crate::plan::Plan;
 use crate::plan::importance::{self, Candidate, Part, Score};
 use crate::profile::{
@@ -274,9 +273,9 @@ struct Split {
     mask: Option<String>,
 }
 
-fn split(source: &Source, calib: &Path, options: &DecideOptions) -> Result<Split, Error> {
+fn split(source: &Source, calib: &CalibSource, options: &DecideOptions) -> Result<Split, Error> {
     let graph = &source.model.graph;
-    let (inputs, total) = data::read_npz(calib, graph)?;
+    let (inputs, total) = calib.load(graph, options.profile.samples + options.holdout)?;
     let holdout_samples = if total >= 8 {
         options.holdout.min(total / 4)
     } else {
@@ -285,7 +284,7 @@ fn split(source: &Source, calib: &Path, options: &DecideOptions) -> Result<Split
     let samples = options.profile.samples.min(total - holdout_samples);
     if samples < 8 {
         return Err(Error::Data(data::DataError::Mismatch {
-            path: calib.to_path_buf(),
+            path: calib.label(),
             reason: format!(
                 "{total} samples leave {samples} for decisions after {holdout_samples} held out; at least 8 are needed"
             ),
@@ -313,7 +312,7 @@ fn split(source: &Source, calib: &Path, options: &DecideOptions) -> Result<Split
 pub fn decide(
     source: &Source,
     arch: &Architecture,
-    calib: &Path,
+    calib: &CalibSource,
     options: &DecideOptions,
 ) -> Result<Decision, Error> {
     let graph = &source.model.graph;

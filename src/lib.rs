@@ -151,7 +151,7 @@ pub struct PruneJob {
     pub external_data: Option<ExternalData>,
     /// Calibration data and decision settings: make the plan from
     /// measurements (used when `plan` is `None`).
-    pub decide: Option<(PathBuf, decide::DecideOptions)>,
+    pub decide: Option<(calib::CalibSource, decide::DecideOptions)>,
     /// Refuse to write OUT when the held-out output cosine is below this.
     pub min_fidelity: Option<f64>,
     /// Write a JSON report here (and a Markdown summary and an SVG plot
@@ -159,7 +159,7 @@ pub struct PruneJob {
     pub report: Option<PathBuf>,
     /// Calibration data and runtime for re-applying a `plan` that records a
     /// least-squares repair (decided runs use their own calibration file).
-    pub repair_data: Option<(PathBuf, calib::RuntimeOptions)>,
+    pub repair_data: Option<(calib::CalibSource, calib::RuntimeOptions)>,
 }
 
 /// What a run did.
@@ -348,10 +348,10 @@ impl PruneJob {
             }
         };
         let graph = &source.model.graph;
-        let (inputs, total) = calib::data::read_npz(calib, graph)?;
+        let (inputs, total) = calib.load(graph, spec.samples)?;
         if total < spec.samples {
             return Err(Error::Data(calib::data::DataError::Mismatch {
-                path: calib.clone(),
+                path: calib.label(),
                 reason: format!(
                     "the plan's repair read {} samples, the file has {total}",
                     spec.samples

@@ -40,6 +40,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Turn images and captions into a calibration .npz for a model (what
+    /// --images/--texts feed it, for inspection or reuse with --calib).
+    Calib {
+        /// The model the inputs are for.
+        input: PathBuf,
+        /// Where to write the .npz.
+        #[arg(short, long, value_name = "OUT.npz")]
+        output: PathBuf,
+        #[command(flatten)]
+        pairs: PairArgs,
+        /// Samples to take (evenly spaced when there are more).
+        #[arg(long, default_value_t = 512)]
+        samples: usize,
+        #[arg(long, hide = true)]
+        calib: Option<PathBuf>,
+    },
     /// Estimate the intrinsic dimension of each layer, or of a data matrix.
     Id {
         /// The model (omit with --data).
@@ -70,6 +86,8 @@ enum Command {
         svg: Option<PathBuf>,
         #[command(flatten)]
         runtime: RuntimeArgs,
+        #[command(flatten)]
+        pairs: PairArgs,
         /// Neighbours for --estimator mle.
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(2..=1000))]
         k: u32,
@@ -77,6 +95,7 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("calib_source").args(["calib", "images", "texts"]).multiple(true)))]
 struct PruneArgs {
     /// The model to prune.
     #[arg(required = true)]
@@ -93,15 +112,17 @@ struct PruneArgs {
     /// Calibration data (.npz, arrays named after graph inputs, axis 0 = sample).
     #[arg(long, value_name = "FILE.npz")]
     calib: Option<PathBuf>,
+    #[command(flatten)]
+    pairs: PairArgs,
     /// Fraction of transformer-block parameters to keep, 0 < F <= 1.
-    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib")]
+    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib_source")]
     keep_params: Option<f64>,
     /// Fraction of the vision tower's block parameters to keep (overrides
     /// the global threshold for that tower).
-    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib")]
+    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib_source")]
     vision_keep: Option<f64>,
     /// Fraction of the text tower's block parameters to keep.
-    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib")]
+    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib_source")]
     text_keep: Option<f64>,
     /// What may be removed: blocks (whole blocks and attention/MLP
     /// sub-blocks), units (attention heads and MLP neurons), all (both), or
@@ -114,7 +135,7 @@ struct PruneArgs {
     repair: RepairArg,
     /// --mode unstructured: fraction of block weights to zero, 0 < S < 1
     /// (default: 1 − --keep-params).
-    #[arg(long, value_name = "S", value_parser = parse_open_fraction, conflicts_with = "plan", requires = "calib")]
+    #[arg(long, value_name = "S", value_parser = parse_open_fraction, conflicts_with = "plan", requires = "calib_source")]
     sparsity: Option<f64>,
     /// Importance: id (block influence × intrinsic dimension, the paper's rule), bi, magnitude.
     #[arg(long, value_enum, default_value = "id")]
@@ -142,6 +163,53 @@ struct PruneArgs {
     /// Where tensor data goes: auto (like the input; external above 2 GiB), always (OUT.data next to OUT), never.
     #[arg(long, value_name = "WHEN", value_enum)]
     external_data: Option<ExternalDataArg>,
+}
+
+/// Images and captions as calibration data (instead of --calib FILE.npz).
+#[derive(Args, Debug, Clone, Default)]
+struct PairArgs {
+    /// Folder of calibration images (PNG/JPEG, sorted by name; pairs with --texts line by line).
+    #[arg(long, value_name = "DIR", conflicts_with = "calib")]
+    images: Option<PathBuf>,
+    /// Calibration captions, one per line.
+    #[arg(long, value_name = "FILE", conflicts_with = "calib")]
+    texts: Option<PathBuf>,
+    /// Hugging Face tokenizer.json for --texts (default: the one next to the model).
+    #[arg(long, value_name = "FILE", requires = "texts")]
+    tokenizer: Option<PathBuf>,
+    /// Hugging Face preprocessor_config.json for --images (default: the one next to the model, else CLIP's settings).
+    #[arg(long, value_name = "FILE", requires = "images")]
+    preprocessor: Option<PathBuf>,
+}
+
+impl PairArgs {
+    /// The calibration source: `calib`, or these images and captions.
+    fn source(
+        &self,
+        calib: &Option<PathBuf>,
+        model: &std::path::Path,
+    ) -> Option<onnx_idprune::calib::CalibSource> {
+        use onnx_idprune::calib::{CalibSource, PairSource};
+        if let Some(c) = calib {
+            return Some(CalibSource::Npz(c.clone()));
+        }
+        if self.images.is_none() && self.texts.is_none() {
+            return None;
+        }
+        Some(CalibSource::Pairs(PairSource {
+            images: self.images.clone(),
+            texts: self.texts.clone(),
+            tokenizer: self.tokenizer.clone(),
+            preprocessor: self.preprocessor.clone(),
+            model_dir: model.parent().map(|p| {
+                if p.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    p.to_path_buf()
+                }
+            }),
+        }))
+    }
 }
 
 /// ONNX Runtime and calibration settings shared by the commands that run models.
@@ -288,6 +356,32 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Inspect { input, json }) => inspect(&input, json),
+        Some(Command::Calib {
+            input,
+            output,
+            pairs,
+            samples,
+            calib: _,
+        }) => {
+            let Some(source) = pairs.source(&None, &input) else {
+                bail!("calib: give --images DIR and/or --texts FILE")
+            };
+            let model = onnx_idprune::open(&input)?;
+            let (inputs, n) = source.load(&model.model.graph, samples)?;
+            let bytes = onnx_idprune::calib::sources::npz_bytes(&inputs)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", output.display()))?;
+            onnx_idprune::write_atomic(&output, &bytes)?;
+            eprintln!(
+                "onnx-idprune: wrote {} ({n} samples: {})",
+                output.display(),
+                inputs
+                    .iter()
+                    .map(|(k, v)| format!("{k} {:?}", v.shape()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(())
+        }
         Some(Command::Id {
             input,
             calib,
@@ -300,6 +394,7 @@ fn run(cli: Cli) -> Result<()> {
             pooling,
             svg,
             runtime,
+            pairs,
         }) => {
             let options = onnx_idprune::id::IdOptions {
                 estimator,
@@ -307,6 +402,10 @@ fn run(cli: Cli) -> Result<()> {
                 k: k as usize,
                 ..Default::default()
             };
+            let calib = input
+                .as_ref()
+                .and_then(|i| pairs.source(&calib, i))
+                .or(calib.map(Into::into));
             match (input, calib, data) {
                 (None, None, Some(data)) => id_of_data(&data, &options, json),
                 (Some(_), _, Some(_)) => {
@@ -337,7 +436,9 @@ fn run(cli: Cli) -> Result<()> {
                     Ok(())
                 }
                 (Some(_), None, None) => {
-                    bail!("id: a model needs calibration data (--calib FILE.npz)")
+                    bail!(
+                        "id: a model needs calibration data (--calib FILE.npz, or --images DIR --texts FILE)"
+                    )
                 }
                 (None, _, None) => bail!("id: give a model with --calib, or --data X.npy"),
                 (None, Some(_), Some(_)) => bail!("id: --calib needs a model"),
@@ -389,6 +490,7 @@ fn prune(args: PruneArgs) -> Result<()> {
         unreachable!("clap requires IN and OUT");
     };
     let mut job = PruneJob::new(&input, &output);
+    let calib = args.pairs.source(&args.calib, &input);
     let budget = onnx_idprune::plan::importance::Budget {
         keep: args.keep_params,
         vision: args.vision_keep,
@@ -412,7 +514,7 @@ fn prune(args: PruneArgs) -> Result<()> {
     if budget.keep.is_some() && budget.vision.is_some() && budget.text.is_some() {
         bail!("give --keep-params, or both --vision-keep and --text-keep, not all three")
     }
-    match (&args.plan, &args.calib, sized) {
+    match (&args.plan, &calib, sized) {
         (Some(plan), calib, _) => {
             job = job.with_plan(Plan::read(plan)?);
             job.repair_data = calib.clone().map(|c| (c, args.runtime.options()));

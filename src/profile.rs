@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::arch::{self, TowerKind};
 use crate::calib::collect::{self, Pooling, Tap};
-use crate::calib::{Provider, RuntimeOptions, data};
+use crate::calib::{CalibSource, Provider, RuntimeOptions, data};
 use crate::id::{self, IdEstimate, IdOptions};
 use crate::{Error, open};
 
@@ -197,10 +197,10 @@ pub fn default_max_memory() -> u64 {
 }
 
 /// Measures the ID of every block output of the model at `model_path` on
-/// the samples in `calib_path`.
+/// the samples of `calib`.
 pub fn profile(
     model_path: &Path,
-    calib_path: &Path,
+    calib: &CalibSource,
     options: &ProfileOptions,
 ) -> Result<Profile, Error> {
     let source = open(model_path)?;
@@ -208,10 +208,10 @@ pub fn profile(
         path: model_path.to_path_buf(),
         error,
     })?;
-    let (inputs, available) = data::read_npz(calib_path, &source.model.graph)?;
+    let (inputs, available) = calib.load(&source.model.graph, options.samples)?;
     if available < options.samples {
         return Err(Error::Data(data::DataError::Mismatch {
-            path: calib_path.to_path_buf(),
+            path: calib.label(),
             reason: format!(
                 "it has {available} samples, {} were asked for (--samples)",
                 options.samples

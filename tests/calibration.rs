@@ -230,3 +230,208 @@ fn a_small_memory_bound_splits_the_work_into_passes_with_the_same_result() {
     let passes = profile(CLIP, &["--samples", "64", "--max-memory", "100K"]);
     assert_eq!(all, passes);
 }
+
+/// `--images DIR --texts FILE` with the fixture's tokenizer and
+/// preprocessor, as extra arguments.
+fn pair_args(pairs: &std::path::Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "--images".into(),
+        pairs.join("images").into(),
+        "--texts".into(),
+        pairs.join("captions.txt").into(),
+        "--tokenizer".into(),
+        pairs.join("tokenizer.json").into(),
+        "--preprocessor".into(),
+        pairs.join("preprocessor_config.json").into(),
+    ]
+}
+
+#[test]
+fn images_and_captions_calibrate_like_the_npz_they_become() {
+    let sandbox = Sandbox::new();
+    let pairs = util::fixtures().join("pairs");
+    let model = util::fixtures().join(CLIP);
+    // The npz that `calib` writes and the folder give the same profile.
+    let npz = sandbox.path("pairs.npz");
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "calib".into(),
+        model.clone().into(),
+        "-o".into(),
+        npz.clone().into(),
+    ];
+    args.extend(pair_args(&pairs));
+    run(args).assert_ok();
+    let mut from_pairs: Vec<std::ffi::OsString> = vec![
+        "id".into(),
+        model.clone().into(),
+        "--samples".into(),
+        "12".into(),
+        "--json".into(),
+    ];
+    from_pairs.extend(pair_args(&pairs));
+    let a = run(from_pairs);
+    assert_eq!(a.code, 0, "{}", a.stderr);
+    let b = run([
+        "id".as_ref(),
+        model.as_os_str(),
+        "--calib".as_ref(),
+        npz.as_os_str(),
+        "--samples".as_ref(),
+        "12".as_ref(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    assert_eq!(a.stdout, b.stdout);
+    let json: Value = serde_json::from_str(&a.stdout).unwrap();
+    assert_eq!(json["samples"], 12);
+    // The main job runs from the folder too (3 of 12 held out).
+    let out = sandbox.path("out.onnx");
+    let mut prune: Vec<std::ffi::OsString> = vec![
+        model.clone().into(),
+        out.clone().into(),
+        "--keep-params".into(),
+        "0.8".into(),
+    ];
+    prune.extend(pair_args(&pairs));
+    let result = run(prune);
+    assert_eq!(result.code, 0, "{}", result.stderr);
+    assert!(out.exists() && result.stderr.contains("held-out cosine"));
+}
+
+#[test]
+fn bad_images_and_captions_are_refused_clearly() {
+    let sandbox = Sandbox::new();
+    let pairs = util::fixtures().join("pairs");
+    let model = util::fixtures().join(CLIP);
+    let calib = |extra: Vec<std::ffi::OsString>| {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "calib".into(),
+            model.clone().into(),
+            "-o".into(),
+            sandbox.path("x.npz").into(),
+        ];
+        args.extend(extra);
+        run(args)
+    };
+    let empty = sandbox.path("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let broken = sandbox.path("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(broken.join("a.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let texts = pairs.join("captions.txt");
+    let tokenizer = pairs.join("tokenizer.json");
+    let blank = sandbox.path("blank.txt");
+    std::fs::write(&blank, "\n  \n").unwrap();
+    let not_tokenizer = sandbox.path("tok.json");
+    std::fs::write(&not_tokenizer, "{\"model\": 3}").unwrap();
+    let bad_pre = sandbox.path("pre.json");
+    std::fs::write(&bad_pre, "{\"image_std\": [0, 1, 1]}").unwrap();
+    let wrong_crop = sandbox.path("crop.json");
+    std::fs::write(&wrong_crop, "{\"crop_size\": 48}").unwrap();
+    let os = |p: &std::path::Path| std::ffi::OsString::from(p);
+    let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
+        (
+            vec![
+                "--images".into(),
+                os(&empty),
+                "--texts".into(),
+                os(&texts),
+                "--tokenizer".into(),
+                os(&tokenizer),
+            ],
+            "no .png or .jpg images",
+        ),
+        (
+            vec![
+                "--images".into(),
+                os(&broken),
+                "--texts".into(),
+                os(&texts),
+                "--tokenizer".into(),
+                os(&tokenizer),
+            ],
+            "not a readable image",
+        ),
+        (
+            vec![
+                "--images".into(),
+                pairs.join("images").into(),
+                "--texts".into(),
+                os(&blank),
+                "--tokenizer".into(),
+                os(&tokenizer),
+            ],
+            "holds no captions",
+        ),
+        (
+            vec![
+                "--images".into(),
+                pairs.join("images").into(),
+                "--texts".into(),
+                os(&texts),
+            ],
+            "captions need a tokenizer",
+        ),
+        (
+            vec![
+                "--images".into(),
+                pairs.join("images").into(),
+                "--texts".into(),
+                os(&texts),
+                "--tokenizer".into(),
+                os(&not_tokenizer),
+            ],
+            "not a Hugging Face tokenizer",
+        ),
+        (
+            vec![
+                "--images".into(),
+                pairs.join("images").into(),
+                "--texts".into(),
+                os(&texts),
+                "--tokenizer".into(),
+                os(&tokenizer),
+                "--preprocessor".into(),
+                os(&bad_pre),
+            ],
+            "image_std",
+        ),
+        (
+            vec![
+                "--images".into(),
+                pairs.join("images").into(),
+                "--texts".into(),
+                os(&texts),
+                "--tokenizer".into(),
+                os(&tokenizer),
+                "--preprocessor".into(),
+                os(&wrong_crop),
+            ],
+            "the model takes 32×32",
+        ),
+        (
+            vec![
+                "--texts".into(),
+                os(&texts),
+                "--tokenizer".into(),
+                os(&tokenizer),
+            ],
+            "give --images DIR",
+        ),
+        (
+            vec![
+                "--images".into(),
+                sandbox.path("missing").into(),
+                "--texts".into(),
+                os(&texts),
+                "--tokenizer".into(),
+                os(&tokenizer),
+            ],
+            "missing",
+        ),
+    ];
+    for (args, message) in cases {
+        calib(args).assert_error(1, message);
+        assert!(!sandbox.path("x.npz").exists());
+    }
+}

@@ -168,3 +168,40 @@ fn decided_models_of_every_mode_pass_onnx_checker_and_onnxruntime() {
     }
     check_models("--no-compare", &pairs);
 }
+
+#[test]
+fn images_and_captions_become_what_hugging_face_makes_of_them() {
+    let sandbox = util::Sandbox::new();
+    let pairs = util::fixtures().join("pairs");
+    let out = sandbox.path("pairs.npz");
+    run([
+        "calib".as_ref(),
+        util::fixtures()
+            .join("clip_tiny_torchscript_op17.onnx")
+            .as_os_str(),
+        "--images".as_ref(),
+        pairs.join("images").as_os_str(),
+        "--texts".as_ref(),
+        pairs.join("captions.txt").as_os_str(),
+        "--tokenizer".as_ref(),
+        pairs.join("tokenizer.json").as_os_str(),
+        "--preprocessor".as_ref(),
+        pairs.join("preprocessor_config.json").as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ])
+    .assert_ok();
+    let script = util::fixtures().join("../tests/scripts/check_pairs.py");
+    let output = Command::new(python())
+        .arg(script)
+        .arg(&out)
+        .arg(&pairs)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("pairs: ok"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -9,6 +9,8 @@
 pub mod collect;
 pub mod data;
 pub mod runtime;
+pub mod sources;
 
 pub use data::{Array, DataError, Inputs};
 pub use runtime::{Provider, Runtime, RuntimeError, RuntimeOptions, locate_library};
+pub use sources::{CalibSource, PairSource};
