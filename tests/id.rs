@@ -124,3 +124,27 @@ fn bad_data_is_refused_clearly() {
         2
     );
 }
+
+#[test]
+fn low_dimensional_data_beyond_the_gram_limit_goes_to_the_k_d_tree() {
+    // 30 000 points on a 2-D sheet curved in 3-D: too many for the N×N
+    // GEMM path (capped at 20 000), routine for the k-d tree.
+    let sandbox = Sandbox::new();
+    let mut state = 3u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let mut rows = Vec::new();
+    for _ in 0..30_000 {
+        let (u, v) = (next() * 3.0, next() * 3.0);
+        rows.push([u, v, (u * 1.3).sin() + 0.5 * v * v]);
+    }
+    let path = write_npy(&sandbox, "sheet.npy", 30_000, 3, |i, j| rows[i][j]);
+    let json = id_json(&path, &[]);
+    assert_eq!(json["n"], 30_000);
+    let id = json["id"].as_f64().unwrap();
+    assert!((id - 2.0).abs() < 0.2, "id {id}");
+}

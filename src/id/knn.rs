@@ -7,9 +7,13 @@
 //! re-measured exactly in f64 from the raw rows, and those distances are the
 //! ones returned.
 //!
-//! Why no k-d tree: the features measured here are layer activations with
-//! hundreds to tens of thousands of dimensions, where a k-d tree degenerates
-//! to a scan; a GEMM is the fastest exact method at these sizes.
+//! Low-dimensional data (`id --data` on embeddings reduced to a few
+//! dimensions, synthetic manifolds) go to a k-d tree (kiddo) instead: exact
+//! in f64 directly, O(N log N), and no N×N matrix — so N is not capped by
+//! memory there. Where the tree wins was measured (`cargo bench --bench
+//! knn`, 2-core machine, 2026-11-25): see [`TREE_MAX_DIM`]. Layer
+//! activations (hundreds to tens of thousands of dimensions) always take
+//! the GEMM: there a k-d tree degenerates to a scan.
 
 use ndarray::{Array2, ArrayView2, Axis, s};
 use rayon::prelude::*;
@@ -22,6 +26,108 @@ const BLOCK: usize = 512;
 const MARGIN: f64 = 1e-5;
 /// At most this many candidates per point are re-measured.
 const MAX_CANDIDATES: usize = 64;
+
+/// Highest dimension sent to the k-d tree.
+///
+/// Measured with `cargo bench --bench knn` (2 cores shared with other
+/// work, 2026-11-25; uniform points, seconds for every point's two nearest
+/// neighbours, GEMM / tree):
+///
+/// | N      | d = 2        | d = 4       | d = 8        | d = 12      | d = 16       |
+/// |--------|--------------|-------------|--------------|-------------|--------------|
+/// | 2 000  | 0.15 / 0.005 | 0.08 / 0.001| 0.05 / 0.024 | 0.06 / 0.08 | 0.06 / 0.09  |
+/// | 20 000 | 11.6 / 0.02  | 9.2 / 0.07  | 10.2 / 0.63  | 8.9 / 3.1   | 8.3 / 12.1   |
+///
+/// The tree's cost grows steeply with d (its pruning fails), the GEMM's
+/// barely: the crossover sits near d = 8 at N = 2 000 and between 12 and
+/// 16 at N = 20 000. Hence: the tree up to d = 8 from [`TREE_MIN_POINTS`]
+/// points, up to d = 12 from [`TREE_LARGE_N`] points, the GEMM otherwise.
+pub const TREE_MAX_DIM: usize = 12;
+/// Fewest points for the tree at d ≤ 8: below this both take milliseconds
+/// and the GEMM path stays the one reference.
+pub const TREE_MIN_POINTS: usize = 500;
+/// From this many points the tree also takes 9 ≤ d ≤ [`TREE_MAX_DIM`].
+pub const TREE_LARGE_N: usize = 10_000;
+
+/// How nearest neighbours are found for one data set.
+pub enum Search {
+    /// Pairwise distances from a blocked GEMM (high dimensions).
+    Gram(Distances),
+    /// A k-d tree per queried subset (low dimensions).
+    Tree,
+}
+
+impl Search {
+    /// The method for `data` (see [`TREE_MAX_DIM`], [`TREE_MIN_POINTS`]).
+    pub fn new(data: ArrayView2<'_, f32>) -> Self {
+        if uses_tree(data.nrows(), data.ncols()) {
+            Search::Tree
+        } else {
+            Search::Gram(pairwise_squared(data))
+        }
+    }
+
+    /// For every point of `subset`, the distances to its `k` nearest other
+    /// points of `subset`, ascending.
+    pub fn neighbours(
+        &self,
+        data: ArrayView2<'_, f32>,
+        subset: &[usize],
+        k: usize,
+    ) -> Vec<Vec<f64>> {
+        match self {
+            Search::Gram(distances) => neighbours(data, distances, subset, k),
+            Search::Tree => tree_neighbours(data, subset, k),
+        }
+    }
+}
+
+/// Whether [`Search::new`] picks the k-d tree for `n` points of `dim`.
+pub fn uses_tree(n: usize, dim: usize) -> bool {
+    (dim <= 8 && n >= TREE_MIN_POINTS) || (dim <= TREE_MAX_DIM && n >= TREE_LARGE_N)
+}
+
+/// [`Search::neighbours`] through a k-d tree of the subset.
+pub fn tree_neighbours(data: ArrayView2<'_, f32>, subset: &[usize], k: usize) -> Vec<Vec<f64>> {
+    macro_rules! dispatch {
+        ($($d:literal)*) => {
+            match data.ncols() {
+                $($d => tree_neighbours_in::<$d>(data, subset, k),)*
+                other => panic!("k-d tree asked for {other} dimensions (at most {TREE_MAX_DIM})"),
+            }
+        };
+    }
+    dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+}
+
+fn tree_neighbours_in<const K: usize>(
+    data: ArrayView2<'_, f32>,
+    subset: &[usize],
+    k: usize,
+) -> Vec<Vec<f64>> {
+    use kiddo::SquaredEuclidean;
+    let points: Vec<[f64; K]> = subset
+        .iter()
+        .map(|&i| std::array::from_fn(|c| data[[i, c]] as f64))
+        .collect();
+    let tree: kiddo::ImmutableKdTree<f64, K> = kiddo::ImmutableKdTree::new_from_slice(&points);
+    let want = std::num::NonZero::new(k + 1).expect("k + 1 > 0");
+    points
+        .par_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut d: Vec<f64> = tree
+                .nearest_n::<SquaredEuclidean>(p, want)
+                .into_iter()
+                .filter(|n| n.item as usize != i)
+                .map(|n| n.distance.sqrt())
+                .collect();
+            d.sort_by(f64::total_cmp);
+            d.truncate(k);
+            d
+        })
+        .collect()
+}
 
 /// Approximate squared distances and the (centred) squared norms they
 /// came from.
@@ -189,6 +295,46 @@ mod tests {
                 d
             })
             .collect()
+    }
+
+    #[test]
+    fn tree_path_equals_brute_force() {
+        let mut state = 11u64;
+        for dim in [1, 3, 8, 12] {
+            let data = Array2::from_shape_fn((400, dim), |_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                // Coarse values: many points share a coordinate on an axis.
+                ((state >> 40) % 50) as f32 * 0.5
+            });
+            let (unique, _) = crate::id::dedupe(data.view());
+            let data = unique.unwrap_or(data);
+            let all: Vec<usize> = (0..data.nrows()).collect();
+            let tree = tree_neighbours(data.view(), &all, 3);
+            let slow = naive(data.view(), 3);
+            for (f, s) in tree.iter().zip(&slow) {
+                for (a, b) in f.iter().zip(s) {
+                    assert!(
+                        (a - b).abs() <= 1e-9 * b.max(1.0),
+                        "d={dim}: {f:?} vs {s:?}"
+                    );
+                }
+            }
+            // A subset is searched on its own.
+            let half: Vec<usize> = (0..data.nrows()).step_by(2).collect();
+            let sub = tree_neighbours(data.view(), &half, 2);
+            let distances = pairwise_squared(data.view());
+            let gram = neighbours(data.view(), &distances, &half, 2);
+            for (a, b) in sub.iter().zip(&gram) {
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= 1e-6 * y.max(1.0),
+                        "d={dim}: {a:?} vs {b:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

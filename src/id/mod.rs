@@ -133,7 +133,7 @@ pub fn estimate(data: ArrayView2<'_, f32>, options: &IdOptions) -> Result<IdEsti
     {
         return Err(IdError::NonFinite { row });
     }
-    if n > MAX_SAMPLES {
+    if n > MAX_SAMPLES && !knn::uses_tree(n, dim) {
         return Err(IdError::TooMany {
             n,
             gib: (n * n * 4) as f64 / (1u64 << 30) as f64,
@@ -152,12 +152,12 @@ pub fn estimate(data: ArrayView2<'_, f32>, options: &IdOptions) -> Result<IdEsti
             need,
         });
     }
-    let distances = knn::pairwise_squared(unique);
+    let search = knn::Search::new(unique);
     let all: Vec<usize> = (0..unique.nrows()).collect();
     let id = match (options.estimator, options.variant) {
-        (Estimator::Mle, _) => mle(&knn::neighbours(unique, &distances, &all, options.k)),
+        (Estimator::Mle, _) => mle(&search.neighbours(unique, &all, options.k)),
         (Estimator::Twonn, Variant::Facco) => twonn_fit(
-            ratios(&knn::neighbours(unique, &distances, &all, 2)),
+            ratios(&search.neighbours(unique, &all, 2)),
             Discard::Fraction(0.1),
         ),
         (Estimator::Twonn, Variant::Paper) => {
@@ -176,7 +176,7 @@ pub fn estimate(data: ArrayView2<'_, f32>, options: &IdOptions) -> Result<IdEsti
                     .chunks_exact(size)
                     .map(|block| {
                         twonn_fit(
-                            ratios(&knn::neighbours(unique, &distances, block, 2)),
+                            ratios(&search.neighbours(unique, block, 2)),
                             Discard::LastTwo,
                         )
                     })
