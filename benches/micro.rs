@@ -65,7 +65,15 @@ fn main() {
         bytes as f64 / 1e6,
         bytes as f64 / 1e6 / load
     );
-    for (n, dim) in [(2000, 768), (2000, 38400)] {
+    // `cargo bench` passes --bench; under `cargo test --all-targets` a small
+    // run only checks that the benchmark still works.
+    let full = std::env::args().any(|a| a == "--bench");
+    let sizes: &[(usize, usize)] = if full {
+        &[(2000, 768), (2000, 38400)]
+    } else {
+        &[(200, 64)]
+    };
+    for &(n, dim) in sizes {
         let data = manifold(n, dim);
         let gram = median_seconds(|| {
             std::hint::black_box(knn::pairwise_squared(data.view()));
