@@ -69,7 +69,9 @@ def initializer_params(model):
     import onnx
 
     m = onnx.load(model)
-    return sum(int(np.prod(i.dims)) for i in m.graph.initializer)
+    # Only initializers some node reads: a tool may leave dead ones behind.
+    used = {name for node in m.graph.node for name in node.input}
+    return sum(int(np.prod(i.dims)) for i in m.graph.initializer if i.name in used)
 
 
 def ours(tmp, name, keep, flags, samples):
