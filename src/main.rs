@@ -130,8 +130,10 @@ struct PruneArgs {
     #[arg(long, value_enum, default_value = "blocks")]
     mode: onnx_idprune::decide::Mode,
     /// After removing heads or neurons, refit the projection that reads
-    /// them by least squares on the decision samples (lsq), or not (none).
-    #[arg(long, value_enum, default_value = "none")]
+    /// them by least squares on the decision samples (lsq, the default:
+    /// on the trained fixture at half the block parameters in units mode it
+    /// keeps zero-shot top-1 at 98.7% against 78.2% without), or not (none).
+    #[arg(long, value_enum, default_value = "lsq")]
     repair: RepairArg,
     /// --mode unstructured: fraction of block weights to zero, 0 < S < 1
     /// (default: 1 − --keep-params).
