@@ -205,3 +205,63 @@ fn images_and_captions_become_what_hugging_face_makes_of_them() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Zero-shot top-1 of a model on the trained fixture's evaluation set
+/// (fixtures/trained/eval.py, onnxruntime).
+fn zero_shot_top1(model: &std::path::Path) -> f64 {
+    let output = Command::new(python())
+        .arg(util::fixtures().join("trained/eval.py"))
+        .arg(model)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    json["top1"].as_f64().unwrap()
+}
+
+#[test]
+fn the_trained_clip_keeps_its_accuracy_and_the_text_tower_loses_more() {
+    let sandbox = util::Sandbox::new();
+    let model = util::fixtures().join("trained/clip_trained.onnx");
+    let calib = util::fixtures().join("trained/calib.npz");
+    let base = zero_shot_top1(&model);
+    assert!(base > 0.985, "the fixture itself: {base}");
+    let out = sandbox.path("pruned.onnx");
+    let report = sandbox.path("report.json");
+    run([
+        model.as_os_str(),
+        out.as_os_str(),
+        "--calib".as_ref(),
+        calib.as_os_str(),
+        "--keep-params".as_ref(),
+        "0.75".as_ref(),
+        "--samples".as_ref(),
+        "128".as_ref(),
+        "--report".as_ref(),
+        report.as_os_str(),
+    ])
+    .assert_ok();
+    let top1 = zero_shot_top1(&out);
+    assert!(top1 >= 0.97, "top-1 after keeping 75%: {top1}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let p = &json["params"];
+    let kept =
+        |t: &str| p["towers_after"][t].as_f64().unwrap() / p["towers_before"][t].as_f64().unwrap();
+    assert!(p["blocks_kept"].as_f64().unwrap() <= 0.75);
+    assert!(
+        kept("text") < kept("vision"),
+        "text kept {} vision kept {}",
+        kept("text"),
+        kept("vision")
+    );
+    // The file shrinks with the parameters.
+    let before = std::fs::metadata(&model).unwrap().len() as f64;
+    let after = std::fs::metadata(&out).unwrap().len() as f64;
+    assert!(after < 0.85 * before, "{after} vs {before}");
+}
