@@ -271,6 +271,11 @@ impl Graph {
             ids.push(id);
         }
         for &id in &ids {
+            if let Some(problem) = arity_problem(&graph.dag[id]) {
+                problems.push(problem);
+            }
+        }
+        for &id in &ids {
             let node = &graph.dag[id];
             for (slot, output) in node.proto.output.iter().enumerate() {
                 if output.is_empty() {
@@ -883,6 +888,54 @@ pub struct DeadCode {
     pub initializers: usize,
     /// `value_info` entries.
     pub value_info: usize,
+}
+
+/// Inputs (present, non-empty names) and outputs an operator needs at the
+/// least, for the operators the passes look into: a node with fewer is not
+/// valid ONNX (the checker refuses it too), and refusing it here keeps every
+/// later stage free to read the slots the operator defines.
+fn arity_problem(node: &Node) -> Option<String> {
+    let op = node.proto.op_type();
+    let domain = node.proto.domain();
+    let inputs = match (domain, op) {
+        (
+            "" | "ai.onnx",
+            "MatMul" | "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Gather" | "Reshape"
+            | "LayerNormalization" | "Expand" | "Equal" | "Less" | "Greater",
+        ) => 2,
+        ("" | "ai.onnx", "Gemm") => 2,
+        ("" | "ai.onnx", "Where") => 3,
+        (
+            "" | "ai.onnx",
+            "Softmax" | "Transpose" | "Cast" | "Identity" | "Squeeze" | "Unsqueeze" | "Erf"
+            | "Sigmoid" | "Tanh" | "Sqrt" | "Relu" | "Gelu" | "Concat" | "Split" | "Slice"
+            | "Dropout" | "Shape" | "Size" | "Neg" | "Exp" | "ReduceMean",
+        ) => 1,
+        ("com.microsoft", "SkipLayerNormalization") => 3,
+        ("com.microsoft", "Attention" | "BiasGelu") => 2,
+        ("com.microsoft", "FastGelu") => 1,
+        _ => 0,
+    };
+    let present = node
+        .proto
+        .input
+        .iter()
+        .take(inputs)
+        .filter(|v| !v.is_empty())
+        .count();
+    if present < inputs {
+        return Some(format!(
+            "node {} has {present} of the {inputs} inputs {op} requires",
+            node.label()
+        ));
+    }
+    if !node.proto.output.iter().any(|o| !o.is_empty()) {
+        return Some(format!("node {} has no output", node.label()));
+    }
+    if inputs > 0 && node.proto.output.first().is_none_or(|o| o.is_empty()) {
+        return Some(format!("node {} has no first output", node.label()));
+    }
+    None
 }
 
 /// Outer-scope names read by the subgraphs of `node`, in first-use order.

@@ -78,7 +78,13 @@ impl Tensor {
 
     /// Number of elements.
     pub fn len(&self) -> usize {
-        self.proto.dims.iter().map(|&d| d.max(0) as usize).product()
+        // Saturating: dims of a segment tensor are not checked against a
+        // payload at load time and may claim any size.
+        self.proto
+            .dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d.max(0) as usize))
+            .unwrap_or(usize::MAX)
     }
 
     /// Whether the tensor has no elements.

@@ -309,7 +309,12 @@ fn check_tensor(path: &Path, tensor: &TensorProto) -> Result<(), LoadError> {
         reason,
     };
     if tensor.segment.is_some() {
-        return Ok(()); // a chunk of a larger tensor: dims describe the whole
+        // A chunk of a larger tensor whose dims describe the whole: no
+        // exporter writes these and ONNX Runtime does not read them; their
+        // sizes could not be checked against a payload.
+        return Err(bad(
+            "is a segment of a larger tensor, which is not supported".into(),
+        ));
     }
     let mut elements = 1u64;
     for &d in &tensor.dims {
@@ -336,10 +341,17 @@ fn check_tensor(path: &Path, tensor: &TensorProto) -> Result<(), LoadError> {
                 dtype::name(dt)
             )));
         }
-        if let Some(want) = dtype::raw_len(dt, elements)
-            && raw.len() as u64 != want
-        {
-            return Err(mismatch("bytes", raw.len(), want));
+        if dtype::bits(dt).is_some() {
+            // None here is an overflow: more bytes than any file holds.
+            let want = dtype::raw_len(dt, elements).ok_or_else(|| {
+                bad(format!(
+                    "claims an impossible number of bytes (dims {:?})",
+                    tensor.dims
+                ))
+            })?;
+            if raw.len() as u64 != want {
+                return Err(mismatch("bytes", raw.len(), want));
+            }
         }
         return Ok(());
     }

@@ -1,0 +1,7 @@
+//! Fuzz target `load_with_external`: see `fuzz/bodies.rs` for what it runs and checks.
+#![no_main]
+
+#[path = "../bodies.rs"]
+mod bodies;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::load_with_external(data));
