@@ -9,12 +9,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/install-ort.sh
+scripts/install-bench-env.sh
 venv="$root/.venv-bench"
-if [[ ! -x "$venv/bin/python" ]] || ! cmp -s benches/requirements.txt "$venv/.requirements"; then
-  "${PYTHON:-python3}" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r benches/requirements.txt
-  cp benches/requirements.txt "$venv/.requirements"
-fi
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(ls "$root"/.ort/lib/libonnxruntime.so* | head -1)}"
 cargo build --release --locked
 echo "## machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(date -u +%F)"

@@ -6,11 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/install-ort.sh
+scripts/install-bench-env.sh
 venv="$root/.venv-bench"
-if [[ ! -x "$venv/bin/python" ]] || ! cmp -s benches/requirements.txt "$venv/.requirements"; then
-  "${PYTHON:-python3}" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r benches/requirements.txt
-  cp benches/requirements.txt "$venv/.requirements"
-fi
 cargo build --release --locked
 "$venv/bin/python" benches/study.py --json benches/study.json "$@"
