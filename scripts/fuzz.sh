@@ -85,8 +85,10 @@ for target in "${targets[@]}"; do
     set -e
     grep -E '^(#[0-9]+.*(INITED|DONE)|Done [0-9]+ runs|stat::number_of_executed_units|stat::average_exec_per_sec|stat::peak_rss_mb)' "$log" >&2 || true
     if [ "$status" -ne 0 ]; then
-        echo "fuzz.sh: $target FAILED (exit $status); the end of its log:" >&2
-        tail -n 40 "$log" >&2
+        echo "fuzz.sh: $target FAILED (exit $status); from its log ($log):" >&2
+        # The panic message or sanitizer report and the first frames.
+        grep -m 1 -A 24 -E "panicked at|ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)" "$log" >&2 \
+            || tail -n 40 "$log" >&2
         failed+=("$target")
     fi
 done
