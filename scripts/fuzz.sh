@@ -51,13 +51,15 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/idprune-fuzz.XXXXXX")"
-# load_with_external writes a small folder per input: on a RAM disk that is
-# several times faster than on a disk-backed /tmp.
-run_tmp="${TMPDIR:-/tmp}"
+# The targets' temporary files go here: load_with_external writes a small
+# folder per input, which a crashing input leaves behind. On a RAM disk
+# that is also several times faster than on a disk-backed /tmp.
 if [ -d /dev/shm ] && [ -w /dev/shm ]; then
-    run_tmp=/dev/shm
+    run_tmp="$(mktemp -d /dev/shm/idprune-fuzz.XXXXXX)"
+else
+    run_tmp="$(mktemp -d "$work/tmp.XXXXXX")"
 fi
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf "$work" "$run_tmp"' EXIT
 logs="fuzz/target/fuzz-logs"
 mkdir -p "$logs"
 
