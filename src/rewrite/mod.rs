@@ -260,6 +260,62 @@ fn locate<'a>(
     Ok(block)
 }
 
+/// Where the weight read by `node` (a MatMul/Gemm or fused attention
+/// operator, weight at input 1) is stored now — after any earlier edit
+/// renamed it: (node, slot, whether it sits behind a Transpose, i.e. is
+/// stored [out, in]).
+pub(crate) fn weight_read_site(
+    graph: &Graph,
+    node: NodeId,
+    label: &str,
+) -> Result<(NodeId, usize, bool), RewriteError> {
+    let read = graph
+        .node(node)
+        .inputs()
+        .get(1)
+        .cloned()
+        .unwrap_or_default();
+    if graph.initializer(&read).is_some() {
+        return Ok((node, 1, false));
+    }
+    match graph.producer_node(&read) {
+        Some(t)
+            if graph.node(t).op() == "Transpose"
+                && graph.initializer(&graph.node(t).inputs()[0]).is_some() =>
+        {
+            Ok((t, 0, true))
+        }
+        _ => Err(RewriteError::Unsupported {
+            label: label.into(),
+            reason: format!("weight '{read}' is not a constant"),
+        }),
+    }
+}
+
+/// Replaces input `slot` of `node` by a new float32 initializer holding
+/// `values` (named after the old input plus `suffix`); the old tensor is
+/// left for others that read it.
+pub(crate) fn replace_f32_input(
+    graph: &mut Graph,
+    node: NodeId,
+    slot: usize,
+    suffix: &str,
+    dims: Vec<i64>,
+    values: &[f32],
+    label: &str,
+) -> Result<(), RewriteError> {
+    let name = graph.node(node).inputs()[slot].clone();
+    let new_name = graph.fresh_name(&format!("{name}.{suffix}"));
+    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let tensor = Tensor::from_raw(&new_name, 1, dims, bytes::Bytes::from(raw));
+    let graph_err = |source| RewriteError::Graph {
+        label: label.into(),
+        source,
+    };
+    graph.set_initializer(tensor).map_err(graph_err)?;
+    graph.set_input(node, slot, &new_name).map_err(graph_err)
+}
+
 /// Zeroes the weights with |w| < `threshold` of the linear layer read by
 /// `node` (input 1, or behind a Transpose), as a new initializer. Works on
 /// the weight as it is now, so it composes with head and neuron slicing.
@@ -274,25 +330,7 @@ fn zero_small_weights(
         label: label.into(),
         reason,
     };
-    let read = graph
-        .node(node)
-        .inputs()
-        .get(1)
-        .cloned()
-        .unwrap_or_default();
-    let (site, slot) = if graph.initializer(&read).is_some() {
-        (node, 1)
-    } else {
-        match graph.producer_node(&read) {
-            Some(t)
-                if graph.node(t).op() == "Transpose"
-                    && graph.initializer(&graph.node(t).inputs()[0]).is_some() =>
-            {
-                (t, 0)
-            }
-            _ => return Err(unsupported(format!("weight '{read}' is not a constant"))),
-        }
-    };
+    let (site, slot, _) = weight_read_site(graph, node, label)?;
     let name = graph.node(site).inputs()[slot].clone();
     let tensor = graph.initializer(&name).expect("checked above");
     if tensor.data_type() != 1 {
@@ -313,15 +351,7 @@ fn zero_small_weights(
         }
     }
     let total = values.len();
-    let new_name = graph.fresh_name(&format!("{name}.masked"));
-    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let masked = Tensor::from_raw(&new_name, 1, dims, bytes::Bytes::from(raw));
-    let graph_err = |source| RewriteError::Graph {
-        label: label.into(),
-        source,
-    };
-    graph.set_initializer(masked).map_err(graph_err)?;
-    graph.set_input(site, slot, &new_name).map_err(graph_err)?;
+    replace_f32_input(graph, site, slot, "masked", dims, &values, label)?;
     Ok((zeroed, total))
 }
 

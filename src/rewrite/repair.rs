@@ -27,7 +27,7 @@ use crate::arch::{Architecture, Block, Linear, TowerKind};
 use crate::calib::collect::{self, Tap};
 use crate::calib::data::Inputs;
 use crate::calib::{Provider, RuntimeError, RuntimeOptions};
-use crate::ir::{Graph, Model, NodeId, Tensor};
+use crate::ir::{Graph, Model};
 use crate::plan::Plan;
 
 /// What the refit of one projection achieved.
@@ -260,7 +260,8 @@ fn refit(
         });
     }
     let kept = target.kept.len();
-    let (node, slot, stored_transposed) = current_weight(graph, linear, &label)?;
+    let (node, slot, behind_transpose) = super::weight_read_site(graph, linear.matmul, &label)?;
+    let stored_transposed = behind_transpose || linear.transposed;
     let name = graph.node(node).inputs()[slot].clone();
     let mut values = vec![0f32; kept * cols];
     for r in 0..kept {
@@ -282,7 +283,7 @@ fn refit(
             "'{name}' has shape {dims:?}, expected {kept} × {cols} after slicing"
         )));
     }
-    replace_constant(graph, node, slot, &name, "refit", dims, &values, &label)?;
+    super::replace_f32_input(graph, node, slot, "refit", dims, &values, &label)?;
     if let Some(bias) = target.bias {
         let bias_values: Vec<f32> = (0..cols).map(|o| solution[[kept, o]] as f32).collect();
         let name = graph.node(bias.node).inputs()[bias.slot].clone();
@@ -290,11 +291,10 @@ fn refit(
             .initializer(&name)
             .map(|t| t.dims().to_vec())
             .unwrap_or_else(|| vec![cols as i64]);
-        replace_constant(
+        super::replace_f32_input(
             graph,
             bias.node,
             bias.slot,
-            &name,
             "refit",
             dims,
             &bias_values,
@@ -307,53 +307,6 @@ fn refit(
         error_dropped,
         error_refit,
     })
-}
-
-/// Where the (possibly already sliced) weight of `linear` is read now:
-/// (node, slot, stored as [out, in]).
-fn current_weight(
-    graph: &Graph,
-    linear: &Linear,
-    label: &str,
-) -> Result<(NodeId, usize, bool), RewriteError> {
-    let read = graph.node(linear.matmul).inputs()[1].clone();
-    if graph.initializer(&read).is_some() {
-        return Ok((linear.matmul, 1, linear.transposed));
-    }
-    match graph.producer_node(&read) {
-        Some(t)
-            if graph.node(t).op() == "Transpose"
-                && graph.initializer(&graph.node(t).inputs()[0]).is_some() =>
-        {
-            Ok((t, 0, true))
-        }
-        _ => Err(RewriteError::Unsupported {
-            label: label.into(),
-            reason: format!("weight '{read}' is not a constant"),
-        }),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn replace_constant(
-    graph: &mut Graph,
-    node: NodeId,
-    slot: usize,
-    name: &str,
-    suffix: &str,
-    dims: Vec<i64>,
-    values: &[f32],
-    label: &str,
-) -> Result<(), RewriteError> {
-    let new_name = graph.fresh_name(&format!("{name}.{suffix}"));
-    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let tensor = Tensor::from_raw(&new_name, 1, dims, bytes::Bytes::from(raw));
-    let graph_err = |source| RewriteError::Graph {
-        label: label.into(),
-        source,
-    };
-    graph.set_initializer(tensor).map_err(graph_err)?;
-    graph.set_input(node, slot, &new_name).map_err(graph_err)
 }
 
 /// tr(Δᵀ G Δ).
