@@ -362,3 +362,211 @@ fn output_folder_missing() {
     ])
     .assert_error(1, "cannot write");
 }
+
+/// Single-bit flips all over a real export. A flip may land in a weight's
+/// bytes and leave a valid model (exit 0, complete OUT); anything else must
+/// be a clean exit 1 with one line, no OUT, and never a panic.
+#[test]
+fn bit_flips() {
+    let sandbox = Sandbox::new();
+    let bytes = std::fs::read(util::fixtures().join(MODEL)).unwrap();
+    let plan = sandbox.empty_plan();
+    let out = sandbox.path("out.onnx");
+    let (mut accepted, mut refused) = (0, 0);
+    // 97 positions, evenly spread (a prime step, so the bit varies too).
+    let step = bytes.len() * 8 / 97;
+    for n in 0..97 {
+        let bit = n * step + n % 8;
+        let mut flipped = bytes.clone();
+        flipped[bit / 8] ^= 1 << (bit % 8);
+        let input = sandbox.write("flipped.onnx", &flipped);
+        let before = sandbox.listing();
+        let result = run([
+            input.as_os_str(),
+            out.as_os_str(),
+            "--plan".as_ref(),
+            plan.as_os_str(),
+        ]);
+        if result.code == 0 {
+            accepted += 1;
+            assert!(out.is_file(), "bit {bit}: exit 0 without OUT");
+            std::fs::remove_file(&out).unwrap();
+            let data = sandbox.path("out.onnx.data");
+            if data.exists() {
+                std::fs::remove_file(data).unwrap();
+            }
+        } else {
+            refused += 1;
+            result.assert_error(1, "");
+            assert_no_output(&sandbox, &out, &before);
+        }
+        assert_eq!(
+            std::fs::read(&input).unwrap(),
+            flipped,
+            "bit {bit}: the input was modified"
+        );
+    }
+    // Most of the file is weight bytes, but the structure is dense enough
+    // that both outcomes must occur; otherwise the test is not flipping
+    // what it thinks it flips.
+    assert!(
+        accepted > 0 && refused > 0,
+        "accepted {accepted}, refused {refused}"
+    );
+}
+
+/// The MatMul weight of vision block 0's query projection, re-encoded as
+/// `data_type` with `bytes_per_value` bytes per element by `convert`.
+fn retyped_query_weight(data_type: i32, convert: impl Fn(f32) -> Vec<u8>) -> ModelProto {
+    let mut proto = decode(&util::fixtures().join(MODEL));
+    let graph = proto.graph.as_mut().unwrap();
+    let weight = graph
+        .node
+        .iter()
+        .find(|n| {
+            n.name().contains("layers.0/self_attn/q_proj/MatMul") && n.name().starts_with("/vision")
+        })
+        .map(|n| n.input[1].clone())
+        .unwrap();
+    let tensor = graph
+        .initializer
+        .iter_mut()
+        .find(|t| t.name() == weight)
+        .unwrap();
+    let raw = tensor.raw_data.clone().unwrap();
+    let values: Vec<u8> = raw
+        .chunks_exact(4)
+        .flat_map(|c| convert(f32::from_le_bytes(c.try_into().unwrap())))
+        .collect();
+    tensor.data_type = Some(data_type);
+    tensor.raw_data = Some(values.into());
+    proto
+}
+
+/// A block weight of another element type than the rest of its block (or
+/// not floating-point at all) is named; pruning would only carry the
+/// defect into OUT, and no runtime would run either.
+#[test]
+fn weights_of_the_wrong_element_type() {
+    let sandbox = Sandbox::new();
+    let cases: [(&str, ModelProto, &str); 3] = [
+        (
+            "double.onnx",
+            retyped_query_weight(11, |v| (v as f64).to_le_bytes().to_vec()),
+            "the q weight 'onnx::MatMul_702' is float64",
+        ),
+        (
+            "int64.onnx",
+            retyped_query_weight(7, |v| ((v * 100.0) as i64).to_le_bytes().to_vec()),
+            "holds int64 values, not floating-point numbers",
+        ),
+        (
+            "int32.onnx",
+            retyped_query_weight(6, |v| ((v * 100.0) as i32).to_le_bytes().to_vec()),
+            "holds int32 values",
+        ),
+    ];
+    // A plan that edits the block (an empty plan copies the model as it is).
+    let plan = sandbox.write(
+        "heads.json",
+        r#"{"format":"onnx-idprune-plan","version":1,"blocks":[{"tower":"vision","index":0,"keep_heads":[0,1]}]}"#,
+    );
+    let out = sandbox.path("out.onnx");
+    for (name, proto, needle) in cases {
+        let input = sandbox.write(name, proto.encode_to_vec());
+        let before = sandbox.listing();
+        let result = run([
+            input.as_os_str(),
+            out.as_os_str(),
+            "--plan".as_ref(),
+            plan.as_os_str(),
+        ]);
+        result
+            .assert_error(1, needle)
+            .assert_error(1, "vision block 0");
+        assert_no_output(&sandbox, &out, &before);
+        run(["inspect".as_ref(), input.as_os_str()]).assert_error(1, needle);
+    }
+}
+
+/// A weight initializer removed: the MatMul reads a name nothing defines.
+#[test]
+fn missing_initializer() {
+    let sandbox = Sandbox::new();
+    let mut proto = decode(&util::fixtures().join(MODEL));
+    let graph = proto.graph.as_mut().unwrap();
+    let at = graph
+        .initializer
+        .iter()
+        .position(|t| t.dims.len() == 2)
+        .unwrap();
+    let name = graph.initializer.remove(at).name().to_string();
+    let input = sandbox.write("missing.onnx", proto.encode_to_vec());
+    expect_failure(
+        &sandbox,
+        &input,
+        &[],
+        1,
+        &format!("'{name}', which nothing defines"),
+    );
+}
+
+/// Named pipes (and other non-regular files) as the model or as an
+/// external data file are refused before they are opened: opening a pipe
+/// would wait for a writer forever.
+#[test]
+fn named_pipes_are_refused_without_blocking() {
+    let sandbox = Sandbox::new();
+    let fifo = sandbox.path("pipe.onnx");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    expect_failure(&sandbox, &fifo, &[], 1, "not a regular file");
+
+    let (model, data) = external_model(&sandbox);
+    std::fs::remove_file(&data).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    expect_failure(&sandbox, &model, &[], 1, "not a regular file");
+}
+
+/// The other side of the element-type check: a model whose float weights
+/// are all float64 (one type everywhere, as in a float16 or float64 export)
+/// is accepted and pruned.
+#[test]
+fn weights_of_one_other_float_type_are_accepted() {
+    let sandbox = Sandbox::new();
+    let mut proto = decode(&util::fixtures().join(MODEL));
+    for tensor in &mut proto.graph.as_mut().unwrap().initializer {
+        if tensor.data_type() != 1 {
+            continue;
+        }
+        let raw = tensor.raw_data.clone().unwrap();
+        let values: Vec<u8> = raw
+            .chunks_exact(4)
+            .flat_map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+            .collect();
+        tensor.data_type = Some(11);
+        tensor.raw_data = Some(values.into());
+    }
+    let input = sandbox.write("double.onnx", proto.encode_to_vec());
+    run(["inspect".as_ref(), input.as_os_str()]).assert_ok();
+    let plan = sandbox.write(
+        "heads.json",
+        r#"{"format":"onnx-idprune-plan","version":1,"blocks":[{"tower":"vision","index":0,"keep_heads":[0,1]}]}"#,
+    );
+    let out = sandbox.path("out.onnx");
+    run([
+        input.as_os_str(),
+        out.as_os_str(),
+        "--plan".as_ref(),
+        plan.as_os_str(),
+    ])
+    .assert_ok();
+    assert!(out.is_file());
+}

@@ -6,6 +6,10 @@
 
 #[path = "../fuzz/bodies.rs"]
 mod bodies;
+// The fuzz targets' allocation cap (it installs itself as the global
+// allocator), so the replay enforces it on stable too.
+#[path = "../fuzz/alloc_cap.rs"]
+mod alloc_cap;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -139,4 +143,58 @@ fn model_seeds_reach_discovery() {
         discovered >= 3,
         "only {discovered} model seeds discover blocks"
     );
+}
+
+/// Set by `allocation_cap_aborts_oversized_allocations` for the child
+/// process it starts, which then runs `oversized_allocation_probe`.
+const PROBE_ENV: &str = "IDPRUNE_ALLOC_CAP_PROBE";
+
+/// Not a test of its own: the child half of the test below. It allocates
+/// one byte more than the cap allows, which must abort the process.
+#[test]
+#[ignore = "run by allocation_cap_aborts_oversized_allocations in a child process"]
+fn oversized_allocation_probe() {
+    if std::env::var_os(PROBE_ENV).is_none() {
+        return;
+    }
+    let size = std::hint::black_box(alloc_cap::MAX_ALLOCATION);
+    let buffer = vec![0u8; size];
+    // Only reached when the cap failed.
+    println!("allocated {} bytes", std::hint::black_box(buffer).len());
+}
+
+/// The cap is what turns "a 100-byte input allocated gigabytes" into a
+/// crash on the stable toolchain, where libFuzzer's malloc limit does not
+/// work: check that it really aborts, and that allocations just under it go
+/// through.
+#[test]
+fn allocation_cap_aborts_oversized_allocations() {
+    let just_under = vec![0u8; std::hint::black_box(alloc_cap::MAX_ALLOCATION - 1)];
+    assert_eq!(just_under.len(), alloc_cap::MAX_ALLOCATION - 1);
+    drop(just_under);
+
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "oversized_allocation_probe",
+            "--nocapture",
+        ])
+        .env(PROBE_ENV, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !output.status.success(),
+        "the probe finished normally:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "fuzz allocation cap: an allocation of {} bytes",
+            alloc_cap::MAX_ALLOCATION
+        )),
+        "the probe did not stop at the cap:\n{stdout}\n{stderr}"
+    );
+    assert!(!stdout.contains("allocated"), "{stdout}");
 }

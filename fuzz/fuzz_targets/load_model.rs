@@ -2,6 +2,8 @@
 //! checks, and `fuzz/mutator.rs` for the structure-aware mutations.
 #![no_main]
 
+#[path = "../alloc_cap.rs"]
+mod alloc_cap;
 #[path = "../bodies.rs"]
 mod bodies;
 #[path = "../mutator.rs"]

@@ -1,6 +1,8 @@
 //! Fuzz target `parse_plan`: see `fuzz/bodies.rs` for what it runs and checks.
 #![no_main]
 
+#[path = "../alloc_cap.rs"]
+mod alloc_cap;
 #[path = "../bodies.rs"]
 mod bodies;
 

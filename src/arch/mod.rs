@@ -33,6 +33,7 @@ pub use mlp::Mlp;
 pub use patterns::{Bias, LayerNorm, Linear, NormKind};
 
 use crate::ir::{Graph, NodeId};
+use crate::onnx::dtype;
 
 /// Which tower a block belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -300,6 +301,11 @@ pub enum DiscoverError {
     /// Blocks found, but no tower input to assign them to.
     #[error("transformer blocks found, but {0}")]
     NoTowers(String),
+    /// A block's linear layers do not hold floating-point weights of one
+    /// element type (an edited or corrupted export: no runtime would run it,
+    /// and slicing it would only carry the defect over).
+    #[error("{0}")]
+    WeightTypes(String),
 }
 
 /// Finds the towers and blocks of `graph`.
@@ -482,6 +488,11 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
         tower.blocks.push(block);
     }
     towers.sort_by_key(|t| t.kind);
+    for tower in &towers {
+        for block in &tower.blocks {
+            check_weight_types(graph, tower.kind, block)?;
+        }
+    }
     let params_total = graph
         .initializers()
         .filter(|(_, t)| matches!(t.data_type(), 1 | 10 | 11 | 16) && t.len() > 1)
@@ -492,6 +503,60 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
         params_total,
         unmatched,
     })
+}
+
+/// The weights and biases of `block`'s linear layers (those stored as
+/// initializers) must be floating-point and of one element type: a MatMul
+/// or Gemm takes both operands in one type, and the activations of a block
+/// flow through all of them. Norm parameters are left out, because mixed
+/// precision exports keep LayerNormalization in float32 around float16
+/// linears.
+fn check_weight_types(graph: &Graph, tower: TowerKind, block: &Block) -> Result<(), DiscoverError> {
+    let mut tensors: Vec<(&'static str, &str, &str)> = Vec::new();
+    for linear in block.linears() {
+        match linear.linear {
+            Some(l) => {
+                tensors.push((linear.role, "weight", &l.weight));
+                if let Some(b) = &l.bias {
+                    tensors.push((linear.role, "bias", &b.name));
+                }
+            }
+            None => {
+                if let Projections::Fused { weight, bias, .. } = &block.attention.body.projections {
+                    tensors.push((linear.role, "weight", weight));
+                    if let Some(b) = bias {
+                        tensors.push((linear.role, "bias", b));
+                    }
+                }
+            }
+        }
+    }
+    let mut first: Option<(&str, &str, &str, i32)> = None;
+    for (role, what, name) in tensors {
+        let Some(tensor) = graph.initializer(name) else {
+            continue;
+        };
+        let data_type = tensor.data_type();
+        let place = format!("{} block {}", tower.name(), block.index);
+        if !matches!(data_type, 1 | 10 | 11 | 16) {
+            return Err(DiscoverError::WeightTypes(format!(
+                "{place}: the {role} {what} '{name}' holds {} values, not floating-point numbers",
+                dtype::name(data_type)
+            )));
+        }
+        match first {
+            None => first = Some((role, what, name, data_type)),
+            Some((role0, what0, name0, type0)) if type0 != data_type => {
+                return Err(DiscoverError::WeightTypes(format!(
+                    "{place}: the {role} {what} '{name}' is {} but the {role0} {what0} '{name0}' is {}; a block's linear layers must share one element type",
+                    dtype::name(data_type),
+                    dtype::name(type0)
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 impl Attention {
