@@ -11,8 +11,8 @@ crash reproducers saved next to them (`repro-*`) are kept.
 Seeds per target:
 
 - load_model: the smallest fixture model as is; every fixture model
-  "slimmed" (short value names, no node names, float weights as float16,
-  or as packed 4-bit values for the tiniest variant), which keeps the graph
+  "slimmed" (short value names, no node names, float tensors as float16,
+  or as float8 bytes for the tiniest variant), which keeps the graph
   structure discovery sees at a fraction of the size; truncations and
   bit-flipped copies of the smallest slim model; hand-made small models for
   the loader's and the IR's edge cases (subgraphs, cycles, typed data,
@@ -136,7 +136,7 @@ T_DIMS, T_TYPE, T_SEGMENT, T_FLOATS, T_INT32, T_STRINGS, T_INT64 = 1, 2, 3, 4, 5
 T_NAME, T_RAW, T_EXTERNAL, T_LOCATION = 8, 9, 13, 14
 VI_NAME, VI_TYPE = 1, 2
 
-FLOAT, UINT8, INT64, FLOAT16, INT4 = 1, 2, 7, 10, 22
+FLOAT, UINT8, INT64, FLOAT16, FLOAT8, INT4 = 1, 2, 7, 10, 17, 22
 
 # --------------------------------------------------------------------------
 # Slimming a fixture: same graph structure, far fewer bytes.
@@ -184,15 +184,18 @@ def slim_tensor(buf, names, weights):
     for f, w, v in fields:
         if f == T_NAME:
             v = names(v.decode())
-        elif f == T_RAW and dtype == FLOAT and count >= 64 and len(v) == 4 * count:
+        # Every float tensor changes type, small ones too: a block whose
+        # weights and biases differ in element type is refused at discovery,
+        # and the seeds should reach discovery.
+        elif f == T_RAW and dtype == FLOAT and len(v) == 4 * count:
             if weights == "float16":
                 values = struct.unpack("<%df" % count, v)
                 values = [max(-60000.0, min(60000.0, x)) for x in values]
                 v = struct.pack("<%de" % count, *values)
-            else:  # packed 4-bit values, two per byte
-                v = bytes((k * 37) & 0xFF for k in range((count + 1) // 2))
-        elif f == T_TYPE and dtype == FLOAT and count >= 64:
-            v = FLOAT16 if weights == "float16" else INT4
+            else:  # one byte per value; the values do not matter here
+                v = bytes((k * 37) & 0xFF for k in range(count))
+        elif f == T_TYPE and dtype == FLOAT:
+            v = FLOAT16 if weights == "float16" else FLOAT8
         out.append([f, w, v])
     return encode(out)
 
@@ -635,10 +638,10 @@ def load_model_inputs():
     smallest = min(models, key=lambda p: (p.stat().st_size, p.name))
     yield "fixture-" + smallest.stem, smallest.read_bytes()
     for path in models:
-        yield "int4-" + path.stem, slim_model(path.read_bytes(), "int4")
+        yield "f8-" + path.stem, slim_model(path.read_bytes(), "float8")
     small_slim = slim_model(smallest.read_bytes(), "float16")
     yield "f16-" + smallest.stem, small_slim
-    tiny = slim_model(smallest.read_bytes(), "int4")
+    tiny = slim_model(smallest.read_bytes(), "float8")
     for cut in (1, 2, 5, 64, 1000, len(tiny) // 3, len(tiny) // 2, len(tiny) - 1):
         yield "cut%d" % cut, tiny[:cut]
     rng = random.Random(20250101)

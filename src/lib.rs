@@ -144,6 +144,8 @@ pub struct PruneJob {
     pub output: PathBuf,
     /// Plan to apply.
     pub plan: Option<Plan>,
+    /// The file `plan` was read from, if any: no output may replace it.
+    pub plan_file: Option<PathBuf>,
     /// Where to write the applied (normalised) plan.
     pub plan_out: Option<PathBuf>,
     /// External data placement. `None`: like the input (external if the
@@ -154,8 +156,8 @@ pub struct PruneJob {
     pub decide: Option<(calib::CalibSource, decide::DecideOptions)>,
     /// Refuse to write OUT when the held-out output cosine is below this.
     pub min_fidelity: Option<f64>,
-    /// Write a JSON report here (and a Markdown summary and an SVG plot
-    /// next to it).
+    /// Write a JSON report here, and a Markdown summary and an SVG plot
+    /// next to it ([`report::files`]: the extension replaced by `md`, `svg`).
     pub report: Option<PathBuf>,
     /// Calibration data and runtime for re-applying a `plan` that records a
     /// least-squares repair (decided runs use their own calibration file).
@@ -188,6 +190,7 @@ impl PruneJob {
             input: input.into(),
             output: output.into(),
             plan: None,
+            plan_file: None,
             plan_out: None,
             external_data: None,
             decide: None,
@@ -203,7 +206,9 @@ impl PruneJob {
         self
     }
 
-    /// Runs the job. On error nothing is written.
+    /// Runs the job. On error nothing is written. Before any work the
+    /// job's files are checked ([`PruneJob::files`]): no output may replace
+    /// an input, and no two outputs may be the same file.
     pub fn run(&self) -> Result<Outcome, Error> {
         let mut timings = Vec::new();
         let mut clock = Instant::now();
@@ -217,14 +222,7 @@ impl PruneJob {
             ));
         }
         let source = open(&self.input)?;
-        let protected = source.protected_files();
-        onnx::check_not_input(&self.output, &protected)?;
-        let mut taken = protected.clone();
-        taken.push(self.output.clone());
-        taken.push(onnx::external_path(&self.output));
-        for extra in [&self.plan_out, &self.report].into_iter().flatten() {
-            onnx::check_distinct(extra, &taken)?;
-        }
+        self.files(&source).check()?;
         lap("load", &mut timings);
 
         let needs_arch = self.plan.as_ref().is_none_or(|p| !p.is_empty());
@@ -328,6 +326,41 @@ impl PruneJob {
         Ok(outcome)
     }
 
+    /// Every file the job reads (`source` and its external data, the plan
+    /// file, the calibration data, the ONNX Runtime library) and writes
+    /// (OUT, `OUT.data`, `--plan-out`, the report's three files).
+    pub fn files(&self, source: &Source) -> FileGuard {
+        let mut guard = FileGuard::new();
+        guard.inputs(source.protected_files());
+        guard.inputs(self.plan_file.clone());
+        if let Some((calib, options)) = &self.decide {
+            guard.inputs(calib_files(calib));
+            guard.inputs(runtime_files(&options.profile.runtime));
+        }
+        if let Some((calib, runtime)) = &self.repair_data {
+            guard.inputs(calib_files(calib));
+            guard.inputs(runtime_files(runtime));
+        }
+        guard.output(&self.output, "OUT");
+        if self.external_data != Some(ExternalData::Never) {
+            guard.derived_output(
+                onnx::external_path(&self.output),
+                "OUT's external data file",
+            );
+        }
+        if let Some(plan_out) = &self.plan_out {
+            guard.output(plan_out, "the --plan-out file");
+        }
+        if let Some(report) = &self.report {
+            let [json, markdown, svg] = report::files(report);
+            guard
+                .output(json, "the --report file")
+                .derived_output(markdown, "the --report Markdown summary")
+                .derived_output(svg, "the --report SVG plot");
+        }
+        guard
+    }
+
     /// Least-squares repair of the slimmed sub-blocks of `model` (`source`
     /// rewritten by `plan`) on the calibration samples `spec` names.
     fn repair(
@@ -391,11 +424,206 @@ impl PruneJob {
             return Ok(());
         };
         let report = report::Report::new(self, source, arch, outcome, timings);
-        write_atomic(path, report.to_json().as_bytes())?;
-        write_atomic(&path.with_extension("md"), report.to_markdown().as_bytes())?;
-        write_atomic(&path.with_extension("svg"), report.to_svg().as_bytes())?;
+        let [json, markdown, svg] = report::files(path);
+        write_atomic(&json, report.to_json().as_bytes())?;
+        write_atomic(&markdown, report.to_markdown().as_bytes())?;
+        write_atomic(&svg, report.to_svg().as_bytes())?;
         Ok(())
     }
+}
+
+/// The files a calibration source reads: the npz, or the captions, the
+/// tokenizer and preprocessor files (given, or found next to the model), the
+/// image folder and every image in it. Files that do not exist are left
+/// out (reading them fails later with its own message).
+pub fn calib_files(source: &calib::CalibSource) -> Vec<PathBuf> {
+    let pairs = match source {
+        calib::CalibSource::Npz(path) => return vec![path.clone()],
+        calib::CalibSource::Pairs(pairs) => pairs,
+    };
+    let near_model = |given: &Option<PathBuf>, name: &str| {
+        given.clone().or_else(|| {
+            pairs
+                .model_dir
+                .as_ref()
+                .map(|d| d.join(name))
+                .filter(|p| p.is_file())
+        })
+    };
+    let mut files = Vec::new();
+    if let Some(texts) = &pairs.texts {
+        files.push(texts.clone());
+        files.extend(near_model(&pairs.tokenizer, "tokenizer.json"));
+    }
+    if let Some(images) = &pairs.images {
+        files.push(images.clone());
+        files.extend(near_model(&pairs.preprocessor, "preprocessor_config.json"));
+        if let Ok(entries) = std::fs::read_dir(images) {
+            // What the loader reads: regular files named *.png, *.jpg, *.jpeg.
+            files.extend(
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.is_file()
+                            && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                                matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
+                            })
+                    }),
+            );
+        }
+    }
+    files
+}
+
+/// The ONNX Runtime library a run with `options` would load, when found.
+pub fn runtime_files(options: &calib::RuntimeOptions) -> Vec<PathBuf> {
+    calib::locate_library(options.library.as_deref())
+        .ok()
+        .into_iter()
+        .collect()
+}
+
+/// The files of the model at `path` that no output may replace: the model
+/// and its external data (canonical paths). Loads the model to find them.
+pub fn model_files(path: &Path) -> Result<Vec<PathBuf>, Error> {
+    let file = onnx::load(path)?;
+    let model = std::fs::canonicalize(&file.path).unwrap_or_else(|_| file.path.clone());
+    Ok(std::iter::once(model).chain(file.external_files).collect())
+}
+
+/// The files one run reads and the files it writes, checked together before
+/// any work: no output may replace an input, and no two outputs may be the
+/// same file — also through another spelling of the path (`./`, `..`), a
+/// symbolic link or a hard link. A refused run writes nothing.
+#[derive(Debug, Clone, Default)]
+pub struct FileGuard {
+    inputs: Vec<PathBuf>,
+    outputs: Vec<Destination>,
+}
+
+#[derive(Debug, Clone)]
+struct Destination {
+    path: PathBuf,
+    /// How messages name it as the other side of a collision.
+    name: &'static str,
+    /// Whether its own name is derived from another output's (messages then
+    /// say what it is).
+    derived: bool,
+}
+
+/// What identifies a file: its canonical path, and its device and inode
+/// when it exists.
+#[derive(Debug)]
+struct Identity {
+    path: PathBuf,
+    inode: Option<(u64, u64)>,
+}
+
+impl Identity {
+    fn of(resolved: PathBuf) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let inode = std::fs::metadata(&resolved)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        Self {
+            path: resolved,
+            inode,
+        }
+    }
+
+    fn input(path: &Path) -> Self {
+        Self::of(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))
+    }
+
+    fn output(path: &Path) -> Self {
+        Self::of(resolve_destination(path).unwrap_or_else(|| path.to_path_buf()))
+    }
+
+    fn same(&self, other: &Identity) -> bool {
+        self.path == other.path || (self.inode.is_some() && self.inode == other.inode)
+    }
+}
+
+impl FileGuard {
+    /// No files yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A file (or folder) the run reads.
+    pub fn input(&mut self, path: impl Into<PathBuf>) -> &mut Self {
+        self.inputs.push(path.into());
+        self
+    }
+
+    /// Files the run reads.
+    pub fn inputs(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> &mut Self {
+        self.inputs.extend(paths);
+        self
+    }
+
+    /// A file the run writes, given by the user; `name` is how messages
+    /// refer to it (`OUT`, `the --plan-out file`).
+    pub fn output(&mut self, path: impl Into<PathBuf>, name: &'static str) -> &mut Self {
+        self.outputs.push(Destination {
+            path: path.into(),
+            name,
+            derived: false,
+        });
+        self
+    }
+
+    /// A file the run writes whose name is derived from another output's
+    /// (`OUT.data`, the report's Markdown summary): messages say what it is.
+    pub fn derived_output(&mut self, path: impl Into<PathBuf>, name: &'static str) -> &mut Self {
+        self.outputs.push(Destination {
+            path: path.into(),
+            name,
+            derived: true,
+        });
+        self
+    }
+
+    /// Refuses the first output, in the order given, that is an input or
+    /// the same file as an earlier output. Reads file metadata only.
+    pub fn check(&self) -> Result<(), onnx::SaveError> {
+        let inputs: Vec<Identity> = self.inputs.iter().map(|p| Identity::input(p)).collect();
+        let mut earlier: Vec<(Identity, &Destination)> = Vec::new();
+        for out in &self.outputs {
+            let identity = Identity::output(&out.path);
+            let role = out.derived.then_some(out.name);
+            if let Some(i) = inputs.iter().position(|i| i.same(&identity)) {
+                return Err(onnx::SaveError::OverwritesInput {
+                    path: out.path.clone(),
+                    role,
+                    input: self.inputs[i].clone(),
+                });
+            }
+            if let Some((_, other)) = earlier.iter().find(|(e, _)| e.same(&identity)) {
+                return Err(onnx::SaveError::OverwritesOutput {
+                    path: out.path.clone(),
+                    role,
+                    other: other.name,
+                });
+            }
+            earlier.push((identity, out));
+        }
+        Ok(())
+    }
+}
+
+/// Where writing `path` lands: the canonical file it names (through
+/// symbolic links), or for a file that does not exist yet its canonical
+/// folder joined with its name. `None` when the folder does not exist.
+fn resolve_destination(path: &Path) -> Option<PathBuf> {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return Some(p);
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Some(std::fs::canonicalize(parent).ok()?.join(path.file_name()?))
 }
 
 /// Writes a small file atomically (temporary file in the same folder, then
@@ -418,4 +646,44 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), Error> {
     tmp.as_file_mut().write_all(contents).map_err(err)?;
     tmp.persist(path).map_err(err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_guard_finds_collisions_through_any_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.npz");
+        std::fs::write(&input, b"x").unwrap();
+        let hard = dir.path().join("hard.bin");
+        std::fs::hard_link(&input, &hard).unwrap();
+        let soft = dir.path().join("soft.bin");
+        std::os::unix::fs::symlink(&input, &soft).unwrap();
+        let dotted = dir.path().join(".").join("in.npz");
+        for out in [&input, &hard, &soft, &dotted] {
+            let mut guard = FileGuard::new();
+            guard.input(&input).output(out, "OUT");
+            let err = guard.check().unwrap_err().to_string();
+            assert!(err.contains("it is an input file"), "{err}");
+        }
+        // two outputs that do not exist yet, spelled differently
+        let mut guard = FileGuard::new();
+        guard
+            .input(&input)
+            .output(dir.path().join("a.json"), "the --plan-out file")
+            .derived_output(dir.path().join(".").join("a.json"), "the report's plot");
+        let err = guard.check().unwrap_err().to_string();
+        assert!(
+            err.ends_with("a.json (the report's plot): it is also the --plan-out file"),
+            "{err}"
+        );
+        let mut guard = FileGuard::new();
+        guard
+            .input(&input)
+            .output(dir.path().join("a.json"), "OUT")
+            .output(dir.path().join("b.json"), "the --plan-out file");
+        guard.check().unwrap();
+    }
 }

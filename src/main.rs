@@ -51,7 +51,7 @@ enum Command {
         #[command(flatten)]
         pairs: PairArgs,
         /// Samples to take (evenly spaced when there are more).
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = parse_count)]
         samples: usize,
         #[arg(long, hide = true)]
         calib: Option<PathBuf>,
@@ -76,7 +76,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "facco")]
         variant: onnx_idprune::id::Variant,
         /// Calibration samples to use (the first N of the file).
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = parse_count)]
         samples: usize,
         /// How token outputs become one vector per sample.
         #[arg(long, value_enum, default_value = "flatten")]
@@ -143,7 +143,7 @@ struct PruneArgs {
     #[arg(long, value_enum, default_value = "id")]
     score: onnx_idprune::plan::importance::Score,
     /// Calibration samples used for decisions (the first N of the file).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = parse_count)]
     samples: usize,
     /// Samples held out for verification (the last N of the file, at most a quarter).
     #[arg(long, default_value_t = 64)]
@@ -155,9 +155,11 @@ struct PruneArgs {
     #[arg(long, value_enum, default_value = "facco")]
     variant: onnx_idprune::id::Variant,
     /// Refuse to write OUT (exit 3) if the held-out output cosine is below F.
-    #[arg(long, value_name = "F", value_parser = clap::value_parser!(f64))]
+    #[arg(long, value_name = "F", value_parser = parse_cosine)]
     min_fidelity: Option<f64>,
-    /// Write a JSON report (plus a Markdown summary and an SVG plot next to it).
+    /// Write a JSON report, plus a Markdown summary and an SVG plot named
+    /// after it with the extension replaced (r.json: r.md, r.svg).
+    /// No output may be an input file or another output.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
     #[command(flatten)]
@@ -267,6 +269,25 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
     }
 }
 
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a whole number")),
+    }
+}
+
+/// A cosine similarity threshold: a number in [-1, 1] (NaN would switch
+/// the gate off without saying so).
+fn parse_cosine(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if (-1.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not a cosine in [-1, 1]"))
+    }
+}
+
 fn parse_open_fraction(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if v > 0.0 && v < 1.0 {
@@ -369,6 +390,12 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("calib: give --images DIR and/or --texts FILE")
             };
             let model = onnx_idprune::open(&input)?;
+            let mut files = onnx_idprune::FileGuard::new();
+            files
+                .inputs(model.protected_files())
+                .inputs(onnx_idprune::calib_files(&source))
+                .output(&output, "the -o file");
+            files.check()?;
             let (inputs, n) = source.load(&model.model.graph, samples)?;
             let bytes = onnx_idprune::calib::sources::npz_bytes(&inputs)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", output.display()))?;
@@ -423,6 +450,15 @@ fn run(cli: Cli) -> Result<()> {
                             .max_memory
                             .unwrap_or_else(onnx_idprune::profile::default_max_memory),
                     };
+                    if let Some(path) = &svg {
+                        let mut files = onnx_idprune::FileGuard::new();
+                        files
+                            .inputs(onnx_idprune::model_files(&input)?)
+                            .inputs(onnx_idprune::calib_files(&calib))
+                            .inputs(onnx_idprune::runtime_files(&profile_options.runtime))
+                            .output(path, "the --svg file");
+                        files.check()?;
+                    }
                     let profile = onnx_idprune::profile::profile(&input, &calib, &profile_options)?;
                     if let Some(path) = &svg {
                         onnx_idprune::write_atomic(
@@ -519,6 +555,7 @@ fn prune(args: PruneArgs) -> Result<()> {
     match (&args.plan, &calib, sized) {
         (Some(plan), calib, _) => {
             job = job.with_plan(Plan::read(plan)?);
+            job.plan_file = Some(plan.clone());
             job.repair_data = calib.clone().map(|c| (c, args.runtime.options()));
         }
         (None, Some(calib), true) => {

@@ -319,6 +319,8 @@ fn bad_images_and_captions_are_refused_clearly() {
     std::fs::create_dir(&broken).unwrap();
     std::fs::write(broken.join("a.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
     let texts = pairs.join("captions.txt");
+    let one_caption = sandbox.path("one.txt");
+    std::fs::write(&one_caption, "a red circle\n").unwrap();
     let tokenizer = pairs.join("tokenizer.json");
     let blank = sandbox.path("blank.txt");
     std::fs::write(&blank, "\n  \n").unwrap();
@@ -346,7 +348,7 @@ fn bad_images_and_captions_are_refused_clearly() {
                 "--images".into(),
                 os(&broken),
                 "--texts".into(),
-                os(&texts),
+                os(&one_caption),
                 "--tokenizer".into(),
                 os(&tokenizer),
             ],

@@ -306,6 +306,9 @@ pub enum DiscoverError {
     /// and slicing it would only carry the defect over).
     #[error("{0}")]
     WeightTypes(String),
+    /// Recognised blocks of a tower do not follow each other.
+    #[error("{0}")]
+    Gap(String),
 }
 
 /// Finds the towers and blocks of `graph`.
@@ -323,6 +326,7 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
     let mut attentions: Vec<SubBlock<Attention>> = Vec::new();
     let mut attention_linears: HashSet<NodeId> = HashSet::new();
     let mut anchors = 0;
+    let mut unrecognised_anchors: Vec<NodeId> = Vec::new();
     for &id in &by_order {
         let node = graph.node(id);
         if !matches!(node.op(), "Softmax" | "Attention") {
@@ -330,9 +334,11 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
         }
         anchors += 1;
         let Some(body) = attention::match_attention(graph, id) else {
+            unrecognised_anchors.push(id);
             continue;
         };
         let Some(join) = raw_join(graph, &body.out.output) else {
+            unrecognised_anchors.push(id);
             continue;
         };
         attention_linears.insert(body.out.matmul);
@@ -452,6 +458,16 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
         }
     }
 
+    if !unmatched.is_empty() {
+        // A residual sub-block that does not chain into a block is a layer
+        // whose other half was not recognised: leaving it out would
+        // renumber the blocks after it.
+        return Err(DiscoverError::Gap(format!(
+            "{} not part of a recognised block: the layer it belongs to does not match a transformer block (weights of unexpected shape or type, or an unusual operator), and skipping it would shift the index of every block after it",
+            unmatched.join(", ")
+        )));
+    }
+
     // Towers by reachability from the inputs.
     let (text_inputs, image_inputs) = tower_inputs(graph);
     let reach = |inputs: &[String]| -> HashSet<NodeId> {
@@ -492,6 +508,31 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
         for block in &tower.blocks {
             check_weight_types(graph, tower.kind, block)?;
         }
+        check_consecutive(graph, tower)?;
+    }
+    // An attention that was not recognised and feeds a recognised block is
+    // a whole layer left out in front of it (the gap check above only sees
+    // holes between recognised blocks).
+    let joins: Vec<(TowerKind, &Block)> = towers
+        .iter()
+        .flat_map(|t| t.blocks.iter().map(move |b| (t.kind, b)))
+        .collect();
+    for &anchor in &unrecognised_anchors {
+        let Some(output) = graph.node(anchor).outputs().first() else {
+            continue;
+        };
+        let downstream = graph.descendants(output);
+        if let Some((kind, block)) = joins
+            .iter()
+            .find(|(_, b)| downstream.contains(&b.attention.join.node))
+        {
+            return Err(DiscoverError::Gap(format!(
+                "the attention at {} feeds {} block {} but does not match an attention sub-block (weights of unexpected shape or type, or an unusual operator); skipping its layer would shift the index of every block after it",
+                graph.node(anchor).label(),
+                kind.name(),
+                block.index
+            )));
+        }
     }
     let params_total = graph
         .initializers()
@@ -503,6 +544,28 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
         params_total,
         unmatched,
     })
+}
+
+/// A tower's blocks must follow each other along the residual stream: what
+/// leaves block i enters block i + 1. A gap means a layer in between was not
+/// recognised (a weight of the wrong shape, an unusual operator); skipping
+/// it would number every later block one too low, and a plan's `index`
+/// would then name the wrong layer.
+fn check_consecutive(graph: &Graph, tower: &Tower) -> Result<(), DiscoverError> {
+    for pair in tower.blocks.windows(2) {
+        let (before, after) = (&pair[0], &pair[1]);
+        let leaving = &before.mlp.join.stream_out;
+        let entering = &after.attention.join.stream_in;
+        if leaving != entering {
+            return Err(DiscoverError::Gap(format!(
+                "{} tower: block {} ends at '{leaving}', but the next recognised block starts from '{entering}' (at {}); the layer in between does not match a transformer block, and skipping it would shift the index of every block after it",
+                tower.kind.name(),
+                before.index,
+                graph.node(after.attention.join.node).label()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The weights and biases of `block`'s linear layers (those stored as
@@ -538,7 +601,8 @@ fn check_weight_types(graph: &Graph, tower: TowerKind, block: &Block) -> Result<
         };
         let data_type = tensor.data_type();
         let place = format!("{} block {}", tower.name(), block.index);
-        if !matches!(data_type, 1 | 10 | 11 | 16) {
+        // float32, float16, float64, bfloat16, the float8 kinds, float4.
+        if !matches!(data_type, 1 | 10 | 11 | 16..=20 | 23) {
             return Err(DiscoverError::WeightTypes(format!(
                 "{place}: the {role} {what} '{name}' holds {} values, not floating-point numbers",
                 dtype::name(data_type)

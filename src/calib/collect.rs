@@ -83,6 +83,9 @@ pub fn instrument(model: &Model, taps: &[Tap]) -> Result<Model, RuntimeError> {
     Ok(copy)
 }
 
+/// Largest fixed batch size calibration pads its batches to.
+pub const MAX_STATIC_BATCH: usize = 4096;
+
 /// The batch size the model requires (a fixed first dimension on every
 /// input), if any.
 pub fn static_batch(model: &Model) -> Option<usize> {
@@ -134,6 +137,13 @@ pub fn run_batches(
     };
     let mut runtime = Runtime::from_bytes(&bytes, &options)?;
     let fixed = static_batch(model);
+    if let Some(b) = fixed.filter(|&b| b > MAX_STATIC_BATCH) {
+        // Every batch is padded to the fixed size: a claimed size in the
+        // billions would allocate by it.
+        return Err(RuntimeError::Unsupported(format!(
+            "the model's inputs have a fixed batch size of {b}; at most {MAX_STATIC_BATCH} is supported"
+        )));
+    }
     let batch = fixed.unwrap_or(16).max(1);
     let progress = ProgressBar::new(samples as u64).with_message("calibration");
     progress.set_style(

@@ -1,12 +1,12 @@
 //! Named input arrays and `.npz` calibration files.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
 use ndarray::{ArrayD, Axis, IxDyn};
 use ndarray_npy::NpzReader;
 
+use super::npy;
 use crate::ir::{Dim, Graph};
 use crate::onnx::dtype;
 
@@ -109,7 +109,11 @@ pub fn read_npz(path: &Path, graph: &Graph) -> Result<(Inputs, usize), DataError
         path: path.to_path_buf(),
         reason,
     };
-    let file = File::open(path).map_err(|e| read(e.to_string()))?;
+    let file = crate::onnx::open_regular(path).map_err(|e| read(e.to_string()))?;
+    // A second handle on the archive, to check each entry's claims before
+    // `ndarray-npy` allocates by them.
+    let mut archive = zip::ZipArchive::new(file.try_clone().map_err(|e| read(e.to_string()))?)
+        .map_err(|e| read(format!("not an npz archive ({e})")))?;
     let mut npz = NpzReader::new(file).map_err(|e| read(format!("not an npz archive ({e})")))?;
     let names = npz.names().map_err(|e| read(e.to_string()))?;
     let mut inputs = Inputs::new();
@@ -129,6 +133,8 @@ pub fn read_npz(path: &Path, graph: &Graph) -> Result<(Inputs, usize), DataError
                 ))
             })?
             .clone();
+        npy::check_npz_entry(&mut archive, &entry)
+            .map_err(|e| read(format!("array '{name}': {e}")))?;
         let declared = graph.value_type(name);
         let want = declared.as_ref().map_or(0, |t| t.elem_type);
         let array = match want {
@@ -222,14 +228,21 @@ pub fn read_matrix(path: &Path) -> Result<Matrix, DataError> {
         path: path.to_path_buf(),
         reason,
     };
-    let open = || File::open(path).map_err(|e| read(e.to_string()));
-    let file = open()?;
+    let open = || crate::onnx::open_regular(path).map_err(|e| read(e.to_string()));
+    let mut file = open()?;
     // SAFETY: read-only mapping of an input file that is not modified while we run.
     if let Ok(map) = unsafe { memmap2::Mmap::map(&file) }
         && ndarray::ArrayView2::<f32>::view_npy(&map).is_ok()
     {
         return Ok(Matrix::Mapped(map));
     }
+    // The readers below allocate by the header's shape: check it first.
+    let len = file.metadata().map_err(|e| read(e.to_string()))?.len();
+    let header = npy::Header::read(&mut file)
+        .map_err(|e| read(format!("not a 2-D float32 or float64 .npy matrix ({e})")))?;
+    header
+        .check_fits(len.saturating_sub(header.len))
+        .map_err(read)?;
     if let Ok(a) = ndarray::Array2::<f32>::read_npy(open()?) {
         return Ok(Matrix::Owned(a));
     }

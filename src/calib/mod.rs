@@ -8,6 +8,7 @@
 
 pub mod collect;
 pub mod data;
+pub mod npy;
 pub mod runtime;
 pub mod sources;
 

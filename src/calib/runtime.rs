@@ -121,6 +121,9 @@ pub enum RuntimeError {
     /// Creating or running a session failed.
     #[error("ONNX Runtime: {0}")]
     Session(String),
+    /// The model asks for something calibration does not do.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 static LOADED: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
@@ -179,6 +182,13 @@ pub fn load_library(
             .with_name("onnx-idprune")
             .build()
             .map_err(|e| e.to_string())?;
+        // ONNX Runtime logs errors to stderr itself, in colour, before
+        // returning them; the error comes back to us and is reported in
+        // its one line. `ORT_LOG=warning` (or info, verbose) brings its log
+        // back for debugging.
+        if std::env::var_os("ORT_LOG").is_none() {
+            environment.set_log_level(ort::logging::LogLevel::Fatal);
+        }
         Ok((path.clone(), environment))
     });
     match loaded {

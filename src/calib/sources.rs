@@ -25,6 +25,10 @@ use super::data::{self, Array, DataError, Inputs};
 use crate::ir::{Dim, Graph};
 use crate::onnx::dtype;
 
+/// Largest captions file, tokenizer or preprocessor config read (a bound
+/// for reading, far above real files: CLIP's tokenizer.json is 2 MB).
+const TEXT_LIMIT: u64 = 1 << 30;
+
 /// Calibration samples.
 #[derive(Debug, Clone)]
 pub enum CalibSource {
@@ -123,9 +127,12 @@ impl Preprocessing {
 
     /// Reads `preprocessor_config.json`; absent keys keep the defaults.
     pub fn read(path: &Path, size: Option<(u32, u32)>) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let text = crate::onnx::read_text(path, TEXT_LIMIT).map_err(|e| e.to_string())?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| format!("not JSON ({e})"))?;
+        if !json.is_object() {
+            return Err("not a JSON object of preprocessing settings".into());
+        }
         let mut p = Self::clip(size);
         let int = |v: &serde_json::Value| {
             v.as_u64()
@@ -136,7 +143,7 @@ impl Preprocessing {
             p.shortest_edge = int(size)
                 .or_else(|| size.get("shortest_edge").and_then(int))
                 .or_else(|| size.get("height").and_then(int))
-                .ok_or("'size' is not a positive size")?;
+                .ok_or("'size' must be a whole number of pixels from 1 to 16384 (or hold shortest_edge or height)")?;
         }
         if let Some(crop) = json.get("crop_size") {
             p.crop = match int(crop) {
@@ -144,10 +151,10 @@ impl Preprocessing {
                 None => (
                     crop.get("height")
                         .and_then(int)
-                        .ok_or("'crop_size' lacks a height")?,
+                        .ok_or("'crop_size' needs a height from 1 to 16384 pixels")?,
                     crop.get("width")
                         .and_then(int)
-                        .ok_or("'crop_size' lacks a width")?,
+                        .ok_or("'crop_size' needs a width from 1 to 16384 pixels")?,
                 ),
             };
         }
@@ -350,7 +357,8 @@ impl PairSource {
         };
         let captions: Vec<String> = match (&roles.ids, &self.texts) {
             (Some(_), Some(path)) => {
-                let text = std::fs::read_to_string(path).map_err(|e| read(path, e.to_string()))?;
+                let text = crate::onnx::read_text(path, TEXT_LIMIT)
+                    .map_err(|e| read(path, e.to_string()))?;
                 let lines: Vec<String> = text
                     .lines()
                     .map(|l| l.trim().to_string())
@@ -371,7 +379,18 @@ impl PairSource {
         };
         let available = match (images.len(), captions.len()) {
             (0, n) | (n, 0) => n,
-            (a, b) => a.min(b),
+            (a, b) if a == b => a,
+            (a, b) => {
+                // Sample i is image i with caption i: different counts mean
+                // the two lists do not line up.
+                return Err(mismatch(
+                    label(&self.texts),
+                    format!(
+                        "{b} captions for {a} images in {}; calibration pairs the i-th image (by file name) with the i-th caption line, so the counts must match",
+                        label(&self.images).display()
+                    ),
+                ));
+            }
         };
         let n = available.min(wanted.max(1));
         // Evenly spaced over what there is.
@@ -396,12 +415,18 @@ impl PairSource {
             let mut pixels = Array4::<f32>::zeros((n, 3, h as usize, w as usize));
             for (row, &i) in picks.iter().enumerate() {
                 let file = &images[i];
-                let image = image::ImageReader::open(file)
-                    .map_err(|e| read(file, e.to_string()))?
+                let opened =
+                    crate::onnx::open_regular(file).map_err(|e| read(file, e.to_string()))?;
+                let image = image::ImageReader::new(std::io::BufReader::new(opened))
                     .with_guessed_format()
                     .map_err(|e| read(file, e.to_string()))?
                     .decode()
-                    .map_err(|e| read(file, format!("not a readable image ({e})")))?;
+                    .map_err(|e| {
+                        read(
+                            file,
+                            format!("not a readable image ({})", image_problem(&e)),
+                        )
+                    })?;
                 let values = preprocessing
                     .apply(&image)
                     .map_err(|r| mismatch(file.clone(), r))?;
@@ -423,11 +448,20 @@ impl PairSource {
                         "captions need a tokenizer: give --tokenizer tokenizer.json".into(),
                     )
                 })?;
-            let tokenizer = tokenizers::Tokenizer::from_file(&path)
+            let json = crate::onnx::read_text(&path, TEXT_LIMIT)
+                .map_err(|e| read(&path, e.to_string()))?;
+            let tokenizer = json
+                .parse::<tokenizers::Tokenizer>()
                 .map_err(|e| read(&path, format!("not a Hugging Face tokenizer ({e})")))?;
             let limit = fixed_len
                 .or_else(|| tokenizer.get_truncation().map(|t| t.max_length))
                 .unwrap_or(77);
+            if limit == 0 {
+                return Err(mismatch(
+                    path.clone(),
+                    "truncates captions to 0 tokens (truncation max_length 0)".into(),
+                ));
+            }
             let pad = tokenizer
                 .get_padding()
                 .map(|p| p.pad_id)
@@ -507,4 +541,22 @@ pub fn npz_bytes(inputs: &Inputs) -> Result<Vec<u8>, String> {
         written.map_err(|e| format!("{name}: {e}"))?;
     }
     Ok(writer.finish().map_err(|e| e.to_string())?.into_inner())
+}
+
+/// The image decoder's error in words. Some decoders put a debug dump of
+/// their internal state in the message (a PNG chunk type, say); that says
+/// nothing to a user, so it is replaced by what kind of problem it is.
+fn image_problem(error: &image::ImageError) -> String {
+    let message = error.to_string();
+    if !message.contains('{') {
+        return message;
+    }
+    match error {
+        image::ImageError::Decoding(_) => "corrupt or truncated image data".into(),
+        image::ImageError::Limits(_) => "the image is too large to decode".into(),
+        image::ImageError::Unsupported(_) => {
+            "an image format or feature that is not supported".into()
+        }
+        _ => "the image cannot be decoded".into(),
+    }
 }

@@ -76,6 +76,41 @@ pub enum LoadError {
     },
 }
 
+/// Opens `path` for reading if it is a regular file. Looks before opening:
+/// opening a named pipe would wait for a writer, and reading a device such
+/// as `/dev/zero` would never end.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() {
+        return Err(io::Error::other("is a folder, not a file"));
+    }
+    if !meta.is_file() {
+        return Err(io::Error::other("is not a regular file"));
+    }
+    File::open(path)
+}
+
+/// Reads a small text input (a plan, captions, a JSON config) of at most
+/// `limit` bytes, refusing anything that is not a regular file.
+pub fn read_text(path: &Path, limit: u64) -> io::Result<String> {
+    use std::io::Read;
+    let file = open_regular(path)?;
+    let len = file.metadata()?.len();
+    if len > limit {
+        return Err(io::Error::other(format!(
+            "is {len} bytes; at most {limit} are accepted"
+        )));
+    }
+    let mut text = String::new();
+    file.take(limit)
+        .read_to_string(&mut text)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => io::Error::other("is not UTF-8 text"),
+            _ => e,
+        })?;
+    Ok(text)
+}
+
 /// Loads the model at `path`, resolving external data relative to its folder.
 pub fn load(path: &Path) -> Result<LoadedModel, LoadError> {
     let io_err = |error| LoadError::Io {
@@ -279,6 +314,10 @@ impl<'a> ExternalResolver<'a> {
                     offset.saturating_add(length)
                 ))
             })?;
+        if tensor.raw_data.is_some() || has_typed_data(tensor) {
+            // Which of the two payloads counts is not defined anywhere.
+            return Err(err("holds values inline as well as in external data".into()));
+        }
         tensor.raw_data = Some(data.slice(offset as usize..end as usize));
         tensor.external_data.clear();
         tensor.data_location = None;
@@ -338,6 +377,26 @@ fn check_tensor(path: &Path, tensor: &TensorProto) -> Result<(), LoadError> {
         })?;
     }
     let dt = tensor.data_type();
+    // The values live in exactly one place, and a typed field only holds
+    // the element types the ONNX spec assigns to it: a float tensor whose
+    // numbers sit in int64_data has no float payload at all.
+    let fields = data_fields(tensor);
+    if fields.len() > 1 {
+        return Err(bad(format!(
+            "holds values in both {} and {}; only one may be set",
+            fields[0], fields[1]
+        )));
+    }
+    if let Some(&field) = fields.first()
+        && field != "raw_data"
+        && field != typed_field(dt)
+    {
+        return Err(bad(format!(
+            "is {} but stores its values in {field} (which holds {} values)",
+            dtype::name(dt),
+            field.trim_end_matches("_data")
+        )));
+    }
     let mismatch = |what: &str, got: usize, want: u64| {
         bad(format!(
             "dims {:?} of {} need {want} {what}, but the tensor holds {got}",
@@ -409,6 +468,36 @@ fn check_tensor(path: &Path, tensor: &TensorProto) -> Result<(), LoadError> {
             tensor.dims
         ))),
         None => Ok(()),
+    }
+}
+
+/// The payload fields of `t` that are set, by their proto names.
+fn data_fields(t: &TensorProto) -> Vec<&'static str> {
+    [
+        ("raw_data", t.raw_data.is_some()),
+        ("float_data", !t.float_data.is_empty()),
+        ("int32_data", !t.int32_data.is_empty()),
+        ("string_data", !t.string_data.is_empty()),
+        ("int64_data", !t.int64_data.is_empty()),
+        ("double_data", !t.double_data.is_empty()),
+        ("uint64_data", !t.uint64_data.is_empty()),
+    ]
+    .into_iter()
+    .filter(|(_, set)| *set)
+    .map(|(name, _)| name)
+    .collect()
+}
+
+/// The typed field that holds element type `data_type` (onnx.proto's
+/// comments on each field): everything not listed goes in int32_data.
+fn typed_field(data_type: i32) -> &'static str {
+    match data_type {
+        1 | 14 => "float_data",
+        11 | 15 => "double_data",
+        7 => "int64_data",
+        12 | 13 => "uint64_data",
+        8 => "string_data",
+        _ => "int32_data",
     }
 }
 

@@ -20,7 +20,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
-pub use load::{LoadError, LoadedModel, load, load_bytes};
+pub use load::{LoadError, LoadedModel, load, load_bytes, open_regular, read_text};
 pub use save::{
     ExternalData, SaveError, SaveOptions, SaveSummary, check_distinct, check_not_input,
     encode_to_vec, external_path, save,

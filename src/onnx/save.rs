@@ -94,13 +94,30 @@ pub enum SaveError {
         limit: u64,
     },
     /// The destination would overwrite one of the input files.
-    #[error("refusing to write {}: it is an input file ({})", path.display(), input.display())]
+    #[error("refusing to write {}{}: it is an input file ({})", path.display(), role_note(*role), input.display())]
     OverwritesInput {
         /// The destination.
         path: PathBuf,
+        /// What the destination is, when its name does not come from one
+        /// option directly (`OUT's external data file`, the report's SVG plot).
+        role: Option<&'static str>,
         /// The input it collides with.
         input: PathBuf,
     },
+    /// Two outputs of one run would be the same file.
+    #[error("refusing to write {}{}: it is also {other}", path.display(), role_note(*role))]
+    OverwritesOutput {
+        /// The destination.
+        path: PathBuf,
+        /// What the destination is, when its name is derived (see `OverwritesInput`).
+        role: Option<&'static str>,
+        /// The other output it collides with (`OUT`, `the --plan-out file`, …).
+        other: &'static str,
+    },
+}
+
+fn role_note(role: Option<&'static str>) -> String {
+    role.map(|r| format!(" ({r})")).unwrap_or_default()
 }
 
 /// The external data file that goes with model file `out`.
@@ -117,45 +134,19 @@ pub fn external_path(out: &Path) -> PathBuf {
 /// the model itself (also through another path or a hard link) or its
 /// external data. Checked before any work so that nothing is written.
 pub fn check_not_input(out: &Path, inputs: &[PathBuf]) -> Result<(), SaveError> {
-    check_distinct(out, inputs)?;
-    check_distinct(&external_path(out), inputs)
+    let mut guard = crate::FileGuard::new();
+    guard
+        .inputs(inputs.iter().cloned())
+        .output(out, "OUT")
+        .derived_output(external_path(out), "OUT's external data file");
+    guard.check()
 }
 
 /// Refuses writing `target` when it is (or links to) one of `files`.
 pub fn check_distinct(target: &Path, files: &[PathBuf]) -> Result<(), SaveError> {
-    let Some(resolved) = resolve_destination(target) else {
-        return Ok(());
-    };
-    match files.iter().find(|f| same_file(&resolved, f)) {
-        Some(input) => Err(SaveError::OverwritesInput {
-            path: target.to_path_buf(),
-            input: input.clone(),
-        }),
-        None => Ok(()),
-    }
-}
-
-fn resolve_destination(path: &Path) -> Option<PathBuf> {
-    if let Ok(p) = std::fs::canonicalize(path) {
-        return Some(p);
-    }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    Some(std::fs::canonicalize(parent).ok()?.join(path.file_name()?))
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let canonical_b = std::fs::canonicalize(b).unwrap_or_else(|_| b.to_path_buf());
-    if *a == canonical_b {
-        return true;
-    }
-    match (std::fs::metadata(a), std::fs::metadata(&canonical_b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
+    let mut guard = crate::FileGuard::new();
+    guard.inputs(files.iter().cloned()).output(target, "OUT");
+    guard.check()
 }
 
 /// Saves `model` to `out` atomically. The model is not modified; external

@@ -134,7 +134,9 @@ impl Plan {
 
     /// Reads and validates a plan file.
     pub fn read(path: &Path) -> Result<Self, PlanError> {
-        let text = std::fs::read_to_string(path).map_err(|error| PlanError::Io {
+        // Real plans are kilobytes; 64 MiB leaves room for unstructured
+        // plans of very large models without reading a device forever.
+        let text = crate::onnx::read_text(path, 64 << 20).map_err(|error| PlanError::Io {
             path: path.into(),
             error,
         })?;

@@ -1,8 +1,20 @@
 //! Human-readable renderings of what the pipeline found and did.
 
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
 
 use crate::arch::Architecture;
+
+/// The files `--report FILE` writes: FILE (JSON), and next to it FILE with
+/// its extension replaced by `md` (the summary) and `svg` (the ID plot):
+/// `report.json` gives `report.md` and `report.svg`.
+pub fn files(report: &Path) -> [PathBuf; 3] {
+    [
+        report.to_path_buf(),
+        report.with_extension("md"),
+        report.with_extension("svg"),
+    ]
+}
 
 /// A Markdown table of towers and blocks (what `inspect` prints).
 pub fn architecture_table(arch: &Architecture) -> String {

@@ -76,8 +76,6 @@ pub fn compare(
                     y.shape()
                 )));
             }
-            let rows = x.shape()[0];
-            let width = x.len() / rows.max(1);
             // Row-major copies only if ONNX Runtime handed out another layout.
             let (x, y) = (x.as_standard_layout(), y.as_standard_layout());
             let (Some(xs), Some(ys)) = (x.as_slice(), y.as_slice()) else {
@@ -85,6 +83,20 @@ pub fn compare(
                     "output '{name}' is not contiguous"
                 )));
             };
+            let batched = x.ndim() >= 1 && x.shape()[0] == take;
+            if !batched {
+                // An output without a batch axis (a scalar such as
+                // exp(logit_scale), a pooled statistic): compared as one
+                // vector, weighted like the rows of this batch so the mean
+                // over samples stays a mean.
+                let sum = cosine(xs, ys) * (end - start) as f64;
+                match sums.iter_mut().find(|(n, _)| n == name) {
+                    Some(entry) => entry.1 += sum,
+                    None => sums.push((name.clone(), sum)),
+                }
+                continue;
+            }
+            let width = x.len() / take.max(1);
             let mut sum = 0f64;
             for r in 0..end - start {
                 let (u, v) = (

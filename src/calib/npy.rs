@@ -1,0 +1,270 @@
+//! What an `.npy` header claims, checked against the bytes that are really
+//! there before anything allocates by it.
+//!
+//! `ndarray-npy` sizes its buffer from the header's `shape`, so a 100-byte
+//! file claiming `(10**12, 3, 224, 224)` float32 would ask for petabytes and
+//! abort the process. Every `.npy` (alone, or as an entry of an `.npz`) is
+//! therefore read here first: shape × item size must fit in the data that
+//! follows the header. For a compressed npz entry the uncompressed size in
+//! the zip directory is itself only a claim, so it is also bounded by what
+//! deflate can expand the compressed bytes to.
+
+use std::io::Read;
+
+/// The `.npy` magic string.
+const MAGIC: &[u8; 6] = b"\x93NUMPY";
+
+/// Longest header accepted. NumPy's headers are a few hundred bytes; a
+/// longer one is not a real file, and reading it would allocate by a claim.
+const MAX_HEADER: u32 = 1 << 16;
+
+/// Deflate cannot expand data by more than about 1032:1; a zip entry
+/// claiming more than this many uncompressed bytes per compressed byte
+/// lies about its size.
+const MAX_DEFLATE_RATIO: u64 = 1100;
+
+/// The parts of an `.npy` header that decide how many bytes follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// The NumPy type string, e.g. `<f4`.
+    pub descr: String,
+    /// The claimed shape.
+    pub shape: Vec<u64>,
+    /// Bytes before the data: magic, version, length and the header text.
+    pub len: u64,
+}
+
+impl Header {
+    /// Reads the header from the start of `reader` (and nothing after it).
+    pub fn read(reader: &mut impl Read) -> Result<Header, String> {
+        let mut start = [0u8; 8];
+        reader
+            .read_exact(&mut start)
+            .map_err(|_| "too short for an .npy header".to_string())?;
+        if &start[..6] != MAGIC {
+            return Err("not an .npy array (bad magic bytes)".into());
+        }
+        let (text_len, prefix) = match start[6] {
+            1 => {
+                let mut len = [0u8; 2];
+                reader
+                    .read_exact(&mut len)
+                    .map_err(|_| "truncated .npy header".to_string())?;
+                (u32::from(u16::from_le_bytes(len)), 10u64)
+            }
+            2 | 3 => {
+                let mut len = [0u8; 4];
+                reader
+                    .read_exact(&mut len)
+                    .map_err(|_| "truncated .npy header".to_string())?;
+                (u32::from_le_bytes(len), 12u64)
+            }
+            v => return Err(format!("unsupported .npy format version {v}")),
+        };
+        if text_len > MAX_HEADER {
+            return Err(format!(
+                ".npy header claims {text_len} bytes (at most {MAX_HEADER} accepted)"
+            ));
+        }
+        let mut text = Vec::with_capacity(text_len as usize);
+        reader
+            .take(u64::from(text_len))
+            .read_to_end(&mut text)
+            .map_err(|e| format!("cannot read the .npy header ({e})"))?;
+        if text.len() != text_len as usize {
+            return Err("truncated .npy header".into());
+        }
+        let text = String::from_utf8_lossy(&text);
+        let descr = quoted_value(&text, "descr")
+            .ok_or_else(|| format!("the .npy header has no readable 'descr': {}", text.trim()))?;
+        let shape = shape_value(&text)
+            .ok_or_else(|| format!("the .npy header has no readable 'shape': {}", text.trim()))?;
+        Ok(Header {
+            descr,
+            shape,
+            len: prefix + u64::from(text_len),
+        })
+    }
+
+    /// Bytes per element, from the type string (`<f4` → 4, `<U8` → 32).
+    pub fn item_size(&self) -> Option<u64> {
+        let body = self.descr.trim_start_matches(['<', '>', '|', '=']);
+        let kind = body.chars().next()?;
+        let n: u64 = body[kind.len_utf8()..].parse().ok()?;
+        Some(if kind == 'U' { n.checked_mul(4)? } else { n })
+    }
+
+    /// Bytes of data the header claims, or `None` when that overflows.
+    pub fn data_len(&self) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(self.item_size()?, |acc, &d| acc.checked_mul(d))
+    }
+
+    /// Checks that the claimed data fits in `available` bytes after the
+    /// header.
+    pub fn check_fits(&self, available: u64) -> Result<(), String> {
+        let Some(item) = self.item_size() else {
+            return Err(format!("unsupported element type '{}'", self.descr));
+        };
+        let claimed = self
+            .data_len()
+            .ok_or_else(|| format!("shape {:?} of {item}-byte elements overflows", self.shape))?;
+        if claimed > available {
+            return Err(format!(
+                "shape {:?} of '{}' needs {claimed} bytes of data, but only {available} follow the header",
+                self.shape, self.descr
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks the entry `name` of an npz archive: its size claims are
+/// plausible and its `.npy` header's shape fits in them.
+pub fn check_npz_entry<R: Read + std::io::Seek>(
+    archive: &mut zip::ZipArchive<R>,
+    name: &str,
+) -> Result<(), String> {
+    // NumPy stores array `x` as entry `x.npy`; look for both, as
+    // `ndarray-npy` does.
+    let index = archive
+        .index_for_name(name)
+        .or_else(|| archive.index_for_name(&format!("{name}.npy")))
+        .ok_or_else(|| format!("no entry '{name}' or '{name}.npy'"))?;
+    let mut entry = archive
+        .by_index(index)
+        .map_err(|e| format!("cannot open entry '{name}' ({e})"))?;
+    let size = entry.size();
+    let compressed = entry.compressed_size();
+    let bound = match entry.compression() {
+        zip::CompressionMethod::Stored => compressed,
+        _ => compressed.saturating_mul(MAX_DEFLATE_RATIO),
+    };
+    if size > bound {
+        return Err(format!(
+            "entry '{name}' claims {size} bytes uncompressed from {compressed} stored bytes"
+        ));
+    }
+    let header = Header::read(&mut entry)?;
+    header.check_fits(size.saturating_sub(header.len))
+}
+
+/// The `'key': 'value'` string value of `key` in a header dict.
+fn quoted_value(text: &str, key: &str) -> Option<String> {
+    let rest = after_key(text, key)?;
+    let quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+    let body = &rest[1..];
+    let end = body.find(quote)?;
+    Some(body[..end].to_string())
+}
+
+/// The `'shape': (a, b, …)` tuple of a header dict.
+fn shape_value(text: &str) -> Option<Vec<u64>> {
+    let rest = after_key(text, "shape")?;
+    let body = rest.strip_prefix('(')?;
+    let body = &body[..body.find(')')?];
+    body.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.strip_suffix('L').unwrap_or(s).parse::<u64>().ok())
+        .collect()
+}
+
+/// The text after `'key':` (quoted either way), with spaces skipped.
+fn after_key<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let at = [format!("'{key}'"), format!("\"{key}\"")]
+        .iter()
+        .find_map(|k| text.find(k.as_str()).map(|i| i + k.len()))?;
+    let rest = text[at..].trim_start().strip_prefix(':')?;
+    Some(rest.trim_start())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn npy(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend([1, 0]);
+        out.extend((header.len() as u16).to_le_bytes());
+        out.extend(header.as_bytes());
+        out.extend(data);
+        out
+    }
+
+    #[test]
+    fn reads_numpy_headers() {
+        let file = npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }\n",
+            &[0; 24],
+        );
+        let header = Header::read(&mut file.as_slice()).unwrap();
+        assert_eq!(header.descr, "<f4");
+        assert_eq!(header.shape, vec![2, 3]);
+        assert_eq!(header.item_size(), Some(4));
+        assert_eq!(header.data_len(), Some(24));
+        assert_eq!(header.len as usize, file.len() - 24);
+        header.check_fits(24).unwrap();
+        // 1-D and 0-D shapes
+        let one = npy(
+            "{'descr': '|b1', 'fortran_order': False, 'shape': (5,), }",
+            &[],
+        );
+        assert_eq!(Header::read(&mut one.as_slice()).unwrap().shape, vec![5]);
+        let zero = npy(
+            "{'descr': '<i8', 'fortran_order': False, 'shape': (), }",
+            &[],
+        );
+        let zero = Header::read(&mut zero.as_slice()).unwrap();
+        assert_eq!(zero.shape, Vec::<u64>::new());
+        assert_eq!(zero.data_len(), Some(8));
+    }
+
+    #[test]
+    fn refuses_claims_larger_than_the_data() {
+        let huge = npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000, 3, 224, 224), }",
+            &[0; 16],
+        );
+        let header = Header::read(&mut huge.as_slice()).unwrap();
+        let err = header.check_fits(16).unwrap_err();
+        assert!(err.contains("only 16 follow the header"), "{err}");
+        let overflow = npy(
+            "{'descr': '<f8', 'fortran_order': False, 'shape': (4294967296, 4294967296), }",
+            &[],
+        );
+        let err = Header::read(&mut overflow.as_slice())
+            .unwrap()
+            .check_fits(0)
+            .unwrap_err();
+        assert!(err.contains("overflows"), "{err}");
+    }
+
+    #[test]
+    fn refuses_malformed_headers() {
+        for (bytes, needle) in [
+            (b"\x93NUM".to_vec(), "too short"),
+            (b"PK\x03\x04abcdefgh".to_vec(), "bad magic"),
+            (
+                {
+                    let mut v = MAGIC.to_vec();
+                    v.extend([2, 0, 0xff, 0xff, 0xff, 0x7f]);
+                    v
+                },
+                "at most",
+            ),
+            (npy("{'descr': '<f4', 'shape': (2, x), }", &[]), "'shape'"),
+            (npy("{'shape': (2,), }", &[]), "'descr'"),
+            (
+                npy("{'descr': '<f4', 'shape': (2,", &[])[..20].to_vec(),
+                "truncated",
+            ),
+        ] {
+            let err = Header::read(&mut bytes.as_slice()).unwrap_err();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        let odd = npy("{'descr': [('a', '<f4')], 'shape': (2,), }", &[]);
+        assert!(Header::read(&mut odd.as_slice()).is_err());
+    }
+}
