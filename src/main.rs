@@ -436,6 +436,11 @@ fn run(cli: Cli) -> Result<()> {
                 .and_then(|i| pairs.source(&calib, i))
                 .or(calib.map(Into::into));
             match (input, calib, data) {
+                (None, None, Some(_)) if svg.is_some() => {
+                    bail!(
+                        "id: --svg plots the ID of each layer of a model; a --data matrix has one ID"
+                    )
+                }
                 (None, None, Some(data)) => id_of_data(&data, &options, json),
                 (Some(_), _, Some(_)) => {
                     bail!("id: give either a model (with --calib) or --data, not both")

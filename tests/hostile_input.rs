@@ -462,3 +462,26 @@ fn nan_fidelity_and_zero_samples_are_usage_errors() {
     );
     assert!(!out.exists() && !sandbox.path("c.npz").exists());
 }
+
+/// `id --data X.npy --svg F` ignored `--svg` without a word.
+#[test]
+fn svg_of_a_data_matrix_is_refused() {
+    let sandbox = Sandbox::new();
+    let data = sandbox.write(
+        "x.npy",
+        npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }",
+            &[0; 16],
+        ),
+    );
+    let svg = sandbox.path("plot.svg");
+    run([
+        "id".as_ref(),
+        "--data".as_ref(),
+        data.as_os_str(),
+        "--svg".as_ref(),
+        svg.as_os_str(),
+    ])
+    .assert_error(1, "a --data matrix has one ID");
+    assert!(!svg.exists());
+}
