@@ -485,3 +485,67 @@ fn svg_of_a_data_matrix_is_refused() {
     .assert_error(1, "a --data matrix has one ID");
     assert!(!svg.exists());
 }
+
+/// A tokenizer that does not fit the model: without truncation its long
+/// captions ran past the position embedding (the npz `calib` wrote could
+/// not be fed back), and ids past the vocabulary failed only later, inside
+/// ONNX Runtime.
+#[test]
+fn tokenizers_that_do_not_fit_the_model() {
+    let sandbox = Sandbox::new();
+    let images = pairs().join("images");
+    let tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pairs().join("tokenizer.json")).unwrap())
+            .unwrap();
+    let captions: String = std::fs::read_to_string(pairs().join("captions.txt"))
+        .unwrap()
+        .lines()
+        .map(|l| format!("{l} {}\n", "and a red circle".repeat(20)))
+        .collect();
+    let texts = sandbox.write("long.txt", captions);
+    let calib_with = |tokenizer: &Path| {
+        run([
+            "calib".as_ref(),
+            model().as_os_str(),
+            "--images".as_ref(),
+            images.as_os_str(),
+            "--texts".as_ref(),
+            texts.as_os_str(),
+            "--tokenizer".as_ref(),
+            tokenizer.as_os_str(),
+            "-o".as_ref(),
+            sandbox.path("c.npz").as_os_str(),
+        ])
+    };
+
+    let mut untruncated = tokenizer.clone();
+    untruncated["truncation"] = serde_json::Value::Null;
+    let path = sandbox.write("untruncated.json", untruncated.to_string());
+    let made = calib_with(&path);
+    made.assert_ok();
+    // 16 position embeddings in the tiny CLIP text tower
+    assert!(
+        made.stderr.contains("input_ids [12, 16]"),
+        "{}",
+        made.stderr
+    );
+    run([
+        "id".as_ref(),
+        model().as_os_str(),
+        "--calib".as_ref(),
+        sandbox.path("c.npz").as_os_str(),
+        "--samples".as_ref(),
+        "12".as_ref(),
+    ])
+    .assert_ok();
+    std::fs::remove_file(sandbox.path("c.npz")).unwrap();
+
+    let mut shifted = tokenizer.clone();
+    let vocab = shifted["model"]["vocab"].as_object_mut().unwrap();
+    for id in vocab.values_mut() {
+        *id = (id.as_u64().unwrap() + 1000).into();
+    }
+    let path = sandbox.write("shifted.json", shifted.to_string());
+    calib_with(&path).assert_error(1, "but the model's token embedding has 99 rows");
+    assert!(!sandbox.path("c.npz").exists());
+}

@@ -453,9 +453,13 @@ impl PairSource {
             let tokenizer = json
                 .parse::<tokenizers::Tokenizer>()
                 .map_err(|e| read(&path, format!("not a Hugging Face tokenizer ({e})")))?;
+            let embedding = embedding_sizes(graph, ids_name);
             let limit = fixed_len
                 .or_else(|| tokenizer.get_truncation().map(|t| t.max_length))
                 .unwrap_or(77);
+            // A model with a free sequence axis still has only so many
+            // position embeddings: longer captions would not run.
+            let limit = embedding.positions.map_or(limit, |p| limit.min(p));
             if limit == 0 {
                 return Err(mismatch(
                     path.clone(),
@@ -483,6 +487,17 @@ impl PairSource {
                     .filter(|(_, m)| **m != 0)
                     .map(|(id, _)| *id)
                     .collect();
+                if let Some(vocab) = embedding.vocab
+                    && let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab)
+                {
+                    return Err(mismatch(
+                        path.clone(),
+                        format!(
+                            "gives token id {id} for caption line {}, but the model's token embedding has {vocab} rows (a tokenizer for another model?)",
+                            i + 1
+                        ),
+                    ));
+                }
                 if ids.len() > limit {
                     // Keep the final (end-of-text) token: CLIP pools there.
                     let last = *ids.last().expect("non-empty");
@@ -558,5 +573,76 @@ fn image_problem(error: &image::ImageError) -> String {
             "an image format or feature that is not supported".into()
         }
         _ => "the image cannot be decoded".into(),
+    }
+}
+
+/// What the text embedding of a model can take, when it can be read off
+/// the graph.
+struct EmbeddingSizes {
+    /// Rows of the token embedding (the vocabulary size).
+    vocab: Option<usize>,
+    /// Rows of the position embedding (the longest sequence).
+    positions: Option<usize>,
+}
+
+/// The token embedding is the `Gather` that reads a 2-D float table at the
+/// token ids input; the position embedding is the largest other 2-D float
+/// table of the same width that a `Gather` reads (BERT-style models also
+/// have a token-type table, with 2 rows).
+fn embedding_sizes(graph: &Graph, ids_input: &str) -> EmbeddingSizes {
+    let table = |name: &str| {
+        graph
+            .initializer(name)
+            .filter(|t| t.dims().len() == 2 && matches!(t.data_type(), 1 | 10 | 11 | 16))
+            .and_then(|t| Some((usize::try_from(t.dims()[0]).ok()?, t.dims()[1])))
+    };
+    let gathers: Vec<(String, String)> = graph
+        .nodes()
+        .into_iter()
+        .map(|id| graph.node(id))
+        .filter(|n| n.op() == "Gather" && n.domain().is_empty() && n.inputs().len() == 2)
+        .map(|n| (n.inputs()[0].clone(), n.inputs()[1].clone()))
+        .collect();
+    // The ids reach the token Gather directly or through reshapes.
+    let from_ids = |indices: &str| {
+        let mut value = indices.to_string();
+        for _ in 0..4 {
+            if value == ids_input {
+                return true;
+            }
+            let Some(node) = graph.producer_node(&value).map(|id| graph.node(id)) else {
+                return false;
+            };
+            if !matches!(
+                node.op(),
+                "Reshape" | "Cast" | "Unsqueeze" | "Squeeze" | "Flatten" | "Identity"
+            ) || node.inputs().is_empty()
+            {
+                return false;
+            }
+            value = node.inputs()[0].clone();
+        }
+        value == ids_input
+    };
+    let Some((token_table, (vocab, width))) = gathers
+        .iter()
+        .find(|(_, indices)| from_ids(indices))
+        .and_then(|(data, _)| Some((data.clone(), table(data)?)))
+    else {
+        return EmbeddingSizes {
+            vocab: None,
+            positions: None,
+        };
+    };
+    let positions = gathers
+        .iter()
+        .filter(|(data, _)| *data != token_table)
+        .filter_map(|(data, _)| table(data))
+        .filter(|&(_, w)| w == width)
+        .map(|(rows, _)| rows)
+        .max();
+    EmbeddingSizes {
+        vocab: Some(vocab),
+        positions,
     }
 }
