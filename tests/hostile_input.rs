@@ -41,22 +41,29 @@ fn npy(dict: &str, data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// An npz holding the fixture's three inputs, with `pixel_values` replaced
-/// by `pixels` (raw `.npy` bytes).
-fn npz_with_pixels(sandbox: &Sandbox, name: &str, pixels: &[u8]) -> PathBuf {
+/// The fixture calibration file's entry `entry` (raw `.npy` bytes).
+fn fixture_entry(entry: &str) -> Vec<u8> {
     let mut source = zip::ZipArchive::new(std::fs::File::open(calib()).unwrap()).unwrap();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut source.by_name(entry).unwrap(), &mut bytes).unwrap();
+    bytes
+}
+
+/// An npz holding the fixture's three inputs, with `entry` replaced by
+/// `bytes` (raw `.npy` bytes).
+fn npz_replacing(sandbox: &Sandbox, name: &str, entry: &str, bytes: &[u8]) -> PathBuf {
     let path = sandbox.path(name);
     let mut out = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
     let stored =
         zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    for entry in ["input_ids.npy", "attention_mask.npy"] {
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut source.by_name(entry).unwrap(), &mut bytes).unwrap();
-        out.start_file(entry, stored).unwrap();
-        out.write_all(&bytes).unwrap();
+    for name in ["input_ids.npy", "attention_mask.npy", "pixel_values.npy"] {
+        out.start_file(name, stored).unwrap();
+        if name == entry {
+            out.write_all(bytes).unwrap();
+        } else {
+            out.write_all(&fixture_entry(name)).unwrap();
+        }
     }
-    out.start_file("pixel_values.npy", stored).unwrap();
-    out.write_all(pixels).unwrap();
     out.finish().unwrap();
     path
 }
@@ -70,7 +77,7 @@ fn npy_headers_claiming_more_than_the_file_holds() {
         "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000, 3, 32, 32), }",
         &[0; 64],
     );
-    let npz = npz_with_pixels(&sandbox, "huge.npz", &huge);
+    let npz = npz_replacing(&sandbox, "huge.npz", "pixel_values.npy", &huge);
     run([
         "id".as_ref(),
         model().as_os_str(),
@@ -86,7 +93,7 @@ fn npy_headers_claiming_more_than_the_file_holds() {
         "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 3, 32), }",
         &[],
     );
-    let npz = npz_with_pixels(&sandbox, "overflow.npz", &overflow);
+    let npz = npz_replacing(&sandbox, "overflow.npz", "pixel_values.npy", &overflow);
     run([
         "id".as_ref(),
         model().as_os_str(),
@@ -340,25 +347,11 @@ fn outputs_without_a_batch_axis_are_verified() {
 #[test]
 fn onnx_runtime_errors_are_one_line() {
     let sandbox = Sandbox::new();
-    let mut source = zip::ZipArchive::new(std::fs::File::open(calib()).unwrap()).unwrap();
-    let mut ids = Vec::new();
-    std::io::Read::read_to_end(&mut source.by_name("input_ids.npy").unwrap(), &mut ids).unwrap();
+    let mut ids = fixture_entry("input_ids.npy");
     // The last 8 bytes are the last token id (int64): far past the vocabulary.
     let n = ids.len();
     ids[n - 8..].copy_from_slice(&1_000_000_000i64.to_le_bytes());
-    let path = sandbox.path("oov.npz");
-    let mut out = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
-    let stored =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    out.start_file("input_ids.npy", stored).unwrap();
-    out.write_all(&ids).unwrap();
-    for entry in ["attention_mask.npy", "pixel_values.npy"] {
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut source.by_name(entry).unwrap(), &mut bytes).unwrap();
-        out.start_file(entry, stored).unwrap();
-        out.write_all(&bytes).unwrap();
-    }
-    out.finish().unwrap();
+    let path = npz_replacing(&sandbox, "oov.npz", "input_ids.npy", &ids);
     run([
         "id".as_ref(),
         model().as_os_str(),
