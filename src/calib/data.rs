@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
-use ndarray::{ArrayD, Axis, IxDyn};
-use ndarray_npy::NpzReader;
+use ndarray::{ArrayD, Axis};
+use ndarray_npy::ReadNpyExt;
 
 use super::npy;
 use crate::ir::{Dim, Graph};
@@ -110,12 +110,13 @@ pub fn read_npz(path: &Path, graph: &Graph) -> Result<(Inputs, usize), DataError
         reason,
     };
     let file = crate::onnx::open_regular(path).map_err(|e| read(e.to_string()))?;
-    // A second handle on the archive, to check each entry's claims before
-    // `ndarray-npy` allocates by them.
-    let mut archive = zip::ZipArchive::new(file.try_clone().map_err(|e| read(e.to_string()))?)
-        .map_err(|e| read(format!("not an npz archive ({e})")))?;
-    let mut npz = NpzReader::new(file).map_err(|e| read(format!("not an npz archive ({e})")))?;
-    let names = npz.names().map_err(|e| read(e.to_string()))?;
+    let mut archive =
+        zip::ZipArchive::new(file).map_err(|e| read(format!("not an npz archive ({e})")))?;
+    // NumPy stores array `x` as entry `x.npy`.
+    let names: Vec<String> = archive
+        .file_names()
+        .map(|n| n.strip_suffix(".npy").unwrap_or(n).to_string())
+        .collect();
     let mut inputs = Inputs::new();
     let mut samples: Option<usize> = None;
     for input in graph
@@ -124,32 +125,27 @@ pub fn read_npz(path: &Path, graph: &Graph) -> Result<(Inputs, usize), DataError
         .filter(|i| graph.initializer(i.name()).is_none())
     {
         let name = input.name();
-        let entry = names
-            .iter()
-            .find(|n| n.as_str() == name || n.strip_suffix(".npy") == Some(name))
+        let index = archive
+            .index_for_name(name)
+            .or_else(|| archive.index_for_name(&format!("{name}.npy")))
             .ok_or_else(|| {
                 mismatch(format!(
                     "no array named '{name}' (the model's input); it has {names:?}"
                 ))
-            })?
-            .clone();
-        npy::check_npz_entry(&mut archive, &entry)
+            })?;
+        // Its claims are checked before `ndarray-npy` allocates by them.
+        npy::check_npz_entry(&mut archive, index)
+            .map_err(|e| read(format!("array '{name}': {e}")))?;
+        let mut entry = archive
+            .by_index(index)
             .map_err(|e| read(format!("array '{name}': {e}")))?;
         let declared = graph.value_type(name);
         let want = declared.as_ref().map_or(0, |t| t.elem_type);
         let array = match want {
-            dtype::code::FLOAT => npz
-                .by_name::<ndarray::OwnedRepr<f32>, IxDyn>(&entry)
-                .map(Array::F32),
-            dtype::code::INT64 => npz
-                .by_name::<ndarray::OwnedRepr<i64>, IxDyn>(&entry)
-                .map(Array::I64),
-            dtype::code::INT32 => npz
-                .by_name::<ndarray::OwnedRepr<i32>, IxDyn>(&entry)
-                .map(Array::I32),
-            dtype::code::BOOL => npz
-                .by_name::<ndarray::OwnedRepr<bool>, IxDyn>(&entry)
-                .map(Array::Bool),
+            dtype::code::FLOAT => ArrayD::<f32>::read_npy(&mut entry).map(Array::F32),
+            dtype::code::INT64 => ArrayD::<i64>::read_npy(&mut entry).map(Array::I64),
+            dtype::code::INT32 => ArrayD::<i32>::read_npy(&mut entry).map(Array::I32),
+            dtype::code::BOOL => ArrayD::<bool>::read_npy(&mut entry).map(Array::Bool),
             other => {
                 return Err(mismatch(format!(
                     "model input '{name}' takes {}, which calibration files do not support",

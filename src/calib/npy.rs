@@ -120,21 +120,16 @@ impl Header {
     }
 }
 
-/// Checks the entry `name` of an npz archive: its size claims are
-/// plausible and its `.npy` header's shape fits in them.
+/// Checks entry `index` of an npz archive: its size claims are plausible
+/// and its `.npy` header's shape fits in them.
 pub fn check_npz_entry<R: Read + std::io::Seek>(
     archive: &mut zip::ZipArchive<R>,
-    name: &str,
+    index: usize,
 ) -> Result<(), String> {
-    // NumPy stores array `x` as entry `x.npy`; look for both, as
-    // `ndarray-npy` does.
-    let index = archive
-        .index_for_name(name)
-        .or_else(|| archive.index_for_name(&format!("{name}.npy")))
-        .ok_or_else(|| format!("no entry '{name}' or '{name}.npy'"))?;
     let mut entry = archive
         .by_index(index)
-        .map_err(|e| format!("cannot open entry '{name}' ({e})"))?;
+        .map_err(|e| format!("cannot open entry {index} ({e})"))?;
+    let name = entry.name().to_string();
     let size = entry.size();
     let compressed = entry.compressed_size();
     let bound = match entry.compression() {

@@ -117,16 +117,8 @@ pub fn load(path: &Path) -> Result<LoadedModel, LoadError> {
         path: path.to_path_buf(),
         error,
     };
-    // Look before opening: opening a named pipe would wait for a writer.
-    let before = std::fs::metadata(path).map_err(io_err)?;
-    if !before.is_file() && !before.is_dir() {
-        return Err(io_err(io::Error::other("is not a regular file")));
-    }
-    let file = File::open(path).map_err(io_err)?;
+    let file = open_regular(path).map_err(io_err)?;
     let meta = file.metadata().map_err(io_err)?;
-    if meta.is_dir() {
-        return Err(io_err(io::Error::other("is a folder, not a file")));
-    }
     let bytes = map_file(&file, meta.len()).map_err(io_err)?;
     let file_len = bytes.len() as u64;
     let folder = match path.parent() {
@@ -277,20 +269,11 @@ impl<'a> ExternalResolver<'a> {
         let data = match self.mapped.get(&target) {
             Some(data) => data.clone(),
             None => {
-                // Look before opening: opening a named pipe would block.
-                if !std::fs::metadata(&target).is_ok_and(|m| m.is_file()) {
-                    return Err(err(format!(
-                        "location '{location}' is missing or not a regular file"
-                    )));
-                }
-                let file = File::open(&target)
+                let file = open_regular(&target)
                     .map_err(|e| err(format!("file '{location}' cannot be opened: {e}")))?;
                 let meta = file
                     .metadata()
                     .map_err(|e| err(format!("file '{location}': {e}")))?;
-                if !meta.is_file() {
-                    return Err(err(format!("location '{location}' is not a regular file")));
-                }
                 let data = map_file(&file, meta.len())
                     .map_err(|e| err(format!("file '{location}': {e}")))?;
                 self.mapped.insert(target.clone(), data.clone());

@@ -22,8 +22,7 @@ pub mod proto {
 
 pub use load::{LoadError, LoadedModel, load, load_bytes, open_regular, read_text};
 pub use save::{
-    ExternalData, SaveError, SaveOptions, SaveSummary, check_distinct, check_not_input,
-    encode_to_vec, external_path, save,
+    ExternalData, SaveError, SaveOptions, SaveSummary, encode_to_vec, external_path, save,
 };
 pub use staging::remove_staged_files;
 

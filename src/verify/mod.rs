@@ -84,37 +84,25 @@ pub fn compare(
                 )));
             };
             let batched = x.ndim() >= 1 && x.shape()[0] == take;
-            if !batched {
+            let width = x.len() / take.max(1);
+            let sum = if batched {
+                (0..end - start)
+                    .map(|r| cosine(row(xs, width, r), row(ys, width, r)))
+                    .sum()
+            } else {
                 // An output without a batch axis (a scalar such as
                 // exp(logit_scale), a pooled statistic): compared as one
                 // vector, weighted like the rows of this batch so the mean
                 // over samples stays a mean.
-                let sum = cosine(xs, ys) * (end - start) as f64;
-                match sums.iter_mut().find(|(n, _)| n == name) {
-                    Some(entry) => entry.1 += sum,
-                    None => sums.push((name.clone(), sum)),
-                }
-                continue;
-            }
-            let width = x.len() / take.max(1);
-            let mut sum = 0f64;
-            for r in 0..end - start {
-                let (u, v) = (
-                    &xs[r * width..(r + 1) * width],
-                    &ys[r * width..(r + 1) * width],
-                );
-                sum += cosine(u, v);
-            }
+                cosine(xs, ys) * (end - start) as f64
+            };
             match sums.iter_mut().find(|(n, _)| n == name) {
                 Some(entry) => entry.1 += sum,
                 None => sums.push((name.clone(), sum)),
             }
-            if name == "logits_per_image" && x.ndim() == 2 {
+            if batched && name == "logits_per_image" && x.ndim() == 2 {
                 for r in 0..end - start {
-                    let (u, v) = (
-                        &xs[r * width..(r + 1) * width],
-                        &ys[r * width..(r + 1) * width],
-                    );
+                    let (u, v) = (row(xs, width, r), row(ys, width, r));
                     agree += usize::from(argmax(u) == argmax(v));
                     compared += 1;
                 }
@@ -143,6 +131,11 @@ pub fn compare(
         },
         top1_agreement: (compared > 0).then(|| agree as f64 / compared as f64),
     })
+}
+
+/// Row `r` of a row-major matrix `width` wide.
+fn row(a: &[f32], width: usize, r: usize) -> &[f32] {
+    &a[r * width..(r + 1) * width]
 }
 
 fn cosine(u: &[f32], v: &[f32]) -> f64 {
