@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use onnx_idprune::onnx::proto::{ModelProto, NodeProto};
 use prost::Message;
-use util::{Sandbox, assert_no_output, fingerprint, run};
+use util::{Sandbox, assert_no_output, fingerprint, run, run_plan};
 
 const MODEL: &str = "clip_tiny_torchscript_op17.onnx";
 
@@ -168,13 +168,7 @@ fn refuses_to_overwrite_the_input() {
     let plan = sandbox.empty_plan();
     let before = fingerprint(&input);
     for out in [input.clone(), sandbox.root().join(".").join(MODEL)] {
-        run([
-            input.as_os_str(),
-            out.as_os_str(),
-            "--plan".as_ref(),
-            plan.as_os_str(),
-        ])
-        .assert_error(1, "is an input file");
+        run_plan(&input, &out, &plan, &[]).assert_error(1, "is an input file");
     }
     // the plan may not overwrite the input either
     let out = sandbox.path("out.onnx");
@@ -199,13 +193,7 @@ fn refuses_to_overwrite_the_inputs_external_data() {
     // OUT itself is the input's data file.
     let plan = sandbox.path("empty.json");
     let before = fingerprint(&data);
-    run([
-        model.as_os_str(),
-        data.as_os_str(),
-        "--plan".as_ref(),
-        plan.as_os_str(),
-    ])
-    .assert_error(1, "is an input file");
+    run_plan(&model, &data, &plan, &[]).assert_error(1, "is an input file");
     assert!(fingerprint(&data) == before);
 }
 
@@ -294,13 +282,7 @@ fn plan_problems() {
     for (text, needle) in cases {
         let plan = sandbox.write("plan.json", text);
         let before = sandbox.listing();
-        run([
-            input.as_os_str(),
-            out.as_os_str(),
-            "--plan".as_ref(),
-            plan.as_os_str(),
-        ])
-        .assert_error(1, needle);
+        run_plan(&input, &out, &plan, &[]).assert_error(1, needle);
         assert_no_output(&sandbox, &out, &before);
     }
     let text_only = sandbox.copy_fixture("clip_tiny_text_torchscript_op17.onnx");
@@ -309,22 +291,10 @@ fn plan_problems() {
         r#"{"format":"onnx-idprune-plan","version":1,"blocks":[{"tower":"vision","index":0,"drop":true}]}"#,
     );
     let before = sandbox.listing();
-    run([
-        text_only.as_os_str(),
-        out.as_os_str(),
-        "--plan".as_ref(),
-        plan.as_os_str(),
-    ])
-    .assert_error(1, "the model has no vision tower");
+    run_plan(&text_only, &out, &plan, &[]).assert_error(1, "the model has no vision tower");
     assert_no_output(&sandbox, &out, &before);
     let missing = sandbox.path("missing.json");
-    run([
-        input.as_os_str(),
-        out.as_os_str(),
-        "--plan".as_ref(),
-        missing.as_os_str(),
-    ])
-    .assert_error(1, "cannot read plan");
+    run_plan(&input, &out, &missing, &[]).assert_error(1, "cannot read plan");
 }
 
 #[test]
@@ -354,13 +324,7 @@ fn output_folder_missing() {
     let input = sandbox.copy_fixture(MODEL);
     let plan = sandbox.empty_plan();
     let out = sandbox.path("no/such/folder/out.onnx");
-    run([
-        input.as_os_str(),
-        out.as_os_str(),
-        "--plan".as_ref(),
-        plan.as_os_str(),
-    ])
-    .assert_error(1, "cannot write");
+    run_plan(&input, &out, &plan, &[]).assert_error(1, "cannot write");
 }
 
 /// Single-bit flips all over a real export. A flip may land in a weight's
@@ -381,12 +345,7 @@ fn bit_flips() {
         flipped[bit / 8] ^= 1 << (bit % 8);
         let input = sandbox.write("flipped.onnx", &flipped);
         let before = sandbox.listing();
-        let result = run([
-            input.as_os_str(),
-            out.as_os_str(),
-            "--plan".as_ref(),
-            plan.as_os_str(),
-        ]);
+        let result = run_plan(&input, &out, &plan, &[]);
         if result.code == 0 {
             accepted += 1;
             assert!(out.is_file(), "bit {bit}: exit 0 without OUT");
@@ -419,20 +378,7 @@ fn bit_flips() {
 /// `data_type` with `bytes_per_value` bytes per element by `convert`.
 fn retyped_query_weight(data_type: i32, convert: impl Fn(f32) -> Vec<u8>) -> ModelProto {
     let mut proto = decode(&util::fixtures().join(MODEL));
-    let graph = proto.graph.as_mut().unwrap();
-    let weight = graph
-        .node
-        .iter()
-        .find(|n| {
-            n.name().contains("layers.0/self_attn/q_proj/MatMul") && n.name().starts_with("/vision")
-        })
-        .map(|n| n.input[1].clone())
-        .unwrap();
-    let tensor = graph
-        .initializer
-        .iter_mut()
-        .find(|t| t.name() == weight)
-        .unwrap();
+    let tensor = util::vision_query_weight(proto.graph.as_mut().unwrap());
     let raw = tensor.raw_data.clone().unwrap();
     let values: Vec<u8> = raw
         .chunks_exact(4)
@@ -475,12 +421,7 @@ fn weights_of_the_wrong_element_type() {
     for (name, proto, needle) in cases {
         let input = sandbox.write(name, proto.encode_to_vec());
         let before = sandbox.listing();
-        let result = run([
-            input.as_os_str(),
-            out.as_os_str(),
-            "--plan".as_ref(),
-            plan.as_os_str(),
-        ]);
+        let result = run_plan(&input, &out, &plan, &[]);
         result
             .assert_error(1, needle)
             .assert_error(1, "vision block 0");
@@ -561,12 +502,6 @@ fn weights_of_one_other_float_type_are_accepted() {
         r#"{"format":"onnx-idprune-plan","version":1,"blocks":[{"tower":"vision","index":0,"keep_heads":[0,1]}]}"#,
     );
     let out = sandbox.path("out.onnx");
-    run([
-        input.as_os_str(),
-        out.as_os_str(),
-        "--plan".as_ref(),
-        plan.as_os_str(),
-    ])
-    .assert_ok();
+    run_plan(&input, &out, &plan, &[]).assert_ok();
     assert!(out.is_file());
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use onnx_idprune::onnx::proto::{ModelProto, NodeProto, ValueInfoProto};
 use prost::Message;
-use util::{Sandbox, assert_no_output, run};
+use util::{Sandbox, assert_no_output, run, run_plan};
 
 const MODEL: &str = "clip_tiny_torchscript_op17.onnx";
 
@@ -134,13 +134,7 @@ fn plans_and_data_that_are_not_regular_files() {
     mkfifo(&pipe);
     for plan in [Path::new("/dev/zero"), pipe.as_path()] {
         let before = sandbox.listing();
-        run([
-            model().as_os_str(),
-            out.as_os_str(),
-            "--plan".as_ref(),
-            plan.as_os_str(),
-        ])
-        .assert_error(1, "not a regular file");
+        run_plan(&model(), &out, plan, &[]).assert_error(1, "not a regular file");
         assert_no_output(&sandbox, &out, &before);
     }
     run([
@@ -180,14 +174,18 @@ fn expect_plan_failure(sandbox: &Sandbox, input: &Path, needle: &str) {
     );
     let out = sandbox.path("out.onnx");
     let before = sandbox.listing();
-    run([
-        input.as_os_str(),
-        out.as_os_str(),
-        "--plan".as_ref(),
-        plan.as_os_str(),
-    ])
-    .assert_error(1, needle);
+    run_plan(input, &out, &plan, &[]).assert_error(1, needle);
     assert_no_output(sandbox, &out, &before);
+}
+
+/// The first 2-D initializer of `proto`.
+fn first_matrix(proto: &mut ModelProto) -> &mut onnx_idprune::onnx::proto::TensorProto {
+    let graph = proto.graph.as_mut().unwrap();
+    graph
+        .initializer
+        .iter_mut()
+        .find(|t| t.dims.len() == 2)
+        .unwrap()
 }
 
 /// A tensor's values must sit in the one field its element type uses:
@@ -198,14 +196,7 @@ fn expect_plan_failure(sandbox: &Sandbox, input: &Path, needle: &str) {
 fn tensor_values_in_the_wrong_or_in_two_fields() {
     let sandbox = Sandbox::new();
     let wrong = edited(&sandbox, "wrong_field.onnx", |proto| {
-        let t = proto
-            .graph
-            .as_mut()
-            .unwrap()
-            .initializer
-            .iter_mut()
-            .find(|t| t.dims.len() == 2)
-            .unwrap();
+        let t = first_matrix(proto);
         let count = t.raw_data.as_ref().unwrap().len() / 4;
         t.raw_data = None;
         t.int64_data = vec![1; count];
@@ -213,14 +204,7 @@ fn tensor_values_in_the_wrong_or_in_two_fields() {
     expect_plan_failure(&sandbox, &wrong, "but stores its values in int64_data");
 
     let both = edited(&sandbox, "both.onnx", |proto| {
-        let t = proto
-            .graph
-            .as_mut()
-            .unwrap()
-            .initializer
-            .iter_mut()
-            .find(|t| t.dims.len() == 2)
-            .unwrap();
+        let t = first_matrix(proto);
         let count = t.raw_data.as_ref().unwrap().len() / 4;
         t.float_data = vec![0.5; count];
     });
@@ -238,18 +222,7 @@ fn tensor_values_in_the_wrong_or_in_two_fields() {
 fn a_layer_that_is_not_recognised_is_not_skipped() {
     let sandbox = Sandbox::new();
     let input = edited(&sandbox, "rank3.onnx", |proto| {
-        let graph = proto.graph.as_mut().unwrap();
-        let weight = graph
-            .node
-            .iter()
-            .find(|n| n.name() == "/vision_model/encoder/layers.0/self_attn/q_proj/MatMul")
-            .map(|n| n.input[1].clone())
-            .unwrap();
-        let t = graph
-            .initializer
-            .iter_mut()
-            .find(|t| t.name() == weight)
-            .unwrap();
+        let t = util::vision_query_weight(proto.graph.as_mut().unwrap());
         t.dims.push(1);
     });
     run(["inspect".as_ref(), input.as_os_str()]).assert_error(1, "not part of a recognised block");

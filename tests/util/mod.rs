@@ -165,3 +165,21 @@ pub fn run_plan(model: &Path, out: &Path, plan: &Path, extra: &[&str]) -> Run {
     args.extend(extra.iter().map(std::ffi::OsString::from));
     run(args)
 }
+
+/// The weight initializer of vision block 0's query projection in the
+/// TorchScript CLIP fixtures, for tests that break that one layer.
+pub fn vision_query_weight(
+    graph: &mut onnx_idprune::onnx::proto::GraphProto,
+) -> &mut onnx_idprune::onnx::proto::TensorProto {
+    let weight = graph
+        .node
+        .iter()
+        .find(|n| n.name() == "/vision_model/encoder/layers.0/self_attn/q_proj/MatMul")
+        .map(|n| n.input[1].clone())
+        .expect("the fixture's first vision q_proj MatMul");
+    graph
+        .initializer
+        .iter_mut()
+        .find(|t| t.name() == weight)
+        .expect("the q_proj weight initializer")
+}
