@@ -102,6 +102,14 @@ impl Inputs {
 
     /// `--images DIR --texts FILE`; the tokenizer and the preprocessor
     /// config are found next to the model.
+    /// `MODEL OUT --plan PLAN` plus `extra`.
+    fn plan_run(&self, out: &Path, extra: &[&dyn AsRef<OsStr>]) -> Vec<OsString> {
+        with(
+            args(&[&self.model, &out, &"--plan", &self.plan]),
+            args(extra),
+        )
+    }
+
     fn pairs(&self) -> Vec<OsString> {
         vec![
             "--images".into(),
@@ -279,12 +287,7 @@ fn calib_output_may_not_replace_an_input() {
 fn main_job_outputs_may_not_replace_inputs() {
     let inputs = Inputs::new();
     let out = inputs.path("o.onnx");
-    let plan = |out: &Path, extra: &[&dyn AsRef<OsStr>]| {
-        with(
-            args(&[&inputs.model, &out, &"--plan", &inputs.plan]),
-            args(extra),
-        )
-    };
+    let plan = |out: &Path, extra: &[&dyn AsRef<OsStr>]| inputs.plan_run(out, extra);
     // OUT, --plan-out or --report = the plan
     inputs.refused(plan(&inputs.plan, &[]), &[INPUT, "p.json"]);
     inputs.refused(plan(&out, &[&"--plan-out", &inputs.plan]), &[INPUT]);
@@ -371,12 +374,7 @@ fn main_job_outputs_may_not_replace_inputs() {
 fn main_job_outputs_may_not_collide() {
     let inputs = Inputs::new();
     let out = inputs.path("o.onnx");
-    let plan = |out: &Path, extra: &[&dyn AsRef<OsStr>]| {
-        with(
-            args(&[&inputs.model, &out, &"--plan", &inputs.plan]),
-            args(extra),
-        )
-    };
+    let plan = |out: &Path, extra: &[&dyn AsRef<OsStr>]| inputs.plan_run(out, extra);
     let x = inputs.path("x.json");
     inputs.refused(
         plan(&out, &[&"--report", &x, &"--plan-out", &x]),
