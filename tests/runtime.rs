@@ -9,7 +9,7 @@ mod util;
 use std::path::Path;
 
 use onnx_idprune::calib::{
-    Array, Provider, Runtime, RuntimeError, RuntimeOptions, data, locate_library,
+    Array, Provider, Runtime, RuntimeError, RuntimeOptions, data, locate_library, npz,
 };
 use util::Sandbox;
 
@@ -22,7 +22,7 @@ fn require_ort() {
 /// The first `n` calibration samples, restricted to the model's inputs.
 fn calib_inputs(model: &Path, n: usize) -> data::Inputs {
     let source = onnx_idprune::open(model).unwrap();
-    let (inputs, samples) = data::read_npz(
+    let (inputs, samples) = npz::read_npz(
         &util::fixtures().join("calib/clip_tiny_calib.npz"),
         &source.model.graph,
     )

@@ -48,6 +48,8 @@ pub enum Projections {
         bias: Option<String>,
         /// The input width.
         in_features: usize,
+        /// The operator's output (the merged heads).
+        output: String,
     },
 }
 
@@ -80,6 +82,15 @@ impl Attention {
     /// Whether keys and values come from another sequence than queries.
     pub fn is_cross(&self) -> bool {
         self.query_input != self.key_input
+    }
+
+    /// Width of the stream the projections read.
+    pub fn in_features(&self) -> usize {
+        match &self.projections {
+            Projections::Separate { q, .. } => q.in_features,
+            Projections::Packed { qkv } => qkv.in_features,
+            Projections::Fused { in_features, .. } => *in_features,
+        }
     }
 
     /// Width of the concatenated heads.
@@ -263,6 +274,7 @@ fn from_fused(graph: &Graph, id: NodeId) -> Option<Attention> {
                 .filter(|b| graph.initializer(b).is_some())
                 .cloned(),
             in_features: dims[0] as usize,
+            output: node.outputs()[0].clone(),
         },
         out,
         anchor: id,

@@ -55,6 +55,26 @@ impl TowerKind {
     }
 }
 
+impl std::str::FromStr for TowerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vision" => Ok(TowerKind::Vision),
+            "text" => Ok(TowerKind::Text),
+            other => Err(format!(
+                "unknown tower '{other}' (expected 'vision' or 'text')"
+            )),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TowerKind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Where a block's layer norms sit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -131,6 +151,10 @@ pub struct RoleLinear<'a> {
     pub linear: Option<&'a Linear>,
     /// Whether the layer belongs to the attention sub-block.
     pub attention: bool,
+    /// The weight initializer (as discovered).
+    pub weight: &'a str,
+    /// The layer's output value (after its bias).
+    pub output: &'a str,
 }
 
 impl Block {
@@ -143,6 +167,8 @@ impl Block {
                 node: linear.matmul,
                 linear: Some(linear),
                 attention,
+                weight: &linear.weight,
+                output: &linear.output,
             }
         }
         let mut out = Vec::new();
@@ -151,11 +177,18 @@ impl Block {
                 out.extend([of("q", q, true), of("k", k, true), of("v", v, true)])
             }
             Projections::Packed { qkv } => out.push(of("qkv", qkv, true)),
-            Projections::Fused { node, .. } => out.push(RoleLinear {
+            Projections::Fused {
+                node,
+                weight,
+                output,
+                ..
+            } => out.push(RoleLinear {
                 role: "qkv",
                 node: *node,
                 linear: None,
                 attention: true,
+                weight,
+                output,
             }),
         }
         out.push(of("out", &self.attention.body.out, true));

@@ -1,6 +1,7 @@
-//! Instrumentation and feature collection: the tapped tensors become extra
-//! graph outputs of an in-memory copy of the model, which ONNX Runtime runs
-//! over the calibration samples batch by batch.
+//! Instrumentation and batching: the tapped tensors become extra graph
+//! outputs of an in-memory copy of the model, which ONNX Runtime runs over
+//! the calibration samples batch by batch; each batch's taps go to the
+//! statistics of [`super::stats`].
 //!
 //! Why graph optimisations are off: ONNX Runtime fuses at session load (a
 //! LayerNorm+Add into SkipLayerNormalization, say) and a tensor inside a
@@ -12,35 +13,13 @@
 //! models are measured in f32 like any other.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use ndarray::{Array2, ArrayD, Ix3};
+use ndarray::{Array2, ArrayD};
 
 use super::data::{Array, Inputs};
 use super::runtime::{Runtime, RuntimeError, RuntimeOptions};
+use super::stats::{self, Energy, Pooling, SecondMoment, Tap};
 use crate::ir::{Dim, Model};
 use crate::onnx::proto::{AttributeProto, NodeProto, TypeProto, ValueInfoProto, type_proto};
-
-/// How a layer's `[batch, tokens, channels]` output becomes one vector per
-/// sample.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Pooling {
-    /// All tokens × channels in one vector (the paper's choice); padded
-    /// text positions are zeroed.
-    Flatten,
-    /// The first token.
-    Cls,
-    /// Mean over the tokens that are not padding.
-    Mean,
-}
-
-/// A value to record, and the graph input holding its padding mask (text).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tap {
-    /// The value.
-    pub value: String,
-    /// A `[batch, tokens]` 0/1 input marking real tokens, if any.
-    pub mask: Option<String>,
-}
 
 /// Output name used for a tap.
 fn tap_output(value: &str) -> String {
@@ -86,6 +65,9 @@ pub fn instrument(model: &Model, taps: &[Tap]) -> Result<Model, RuntimeError> {
 /// Largest fixed batch size calibration pads its batches to.
 pub const MAX_STATIC_BATCH: usize = 4096;
 
+/// Batch size used when the model does not fix one.
+pub const DEFAULT_BATCH: usize = 16;
+
 /// The batch size the model requires (a fixed first dimension on every
 /// input), if any.
 pub fn static_batch(model: &Model) -> Option<usize> {
@@ -98,6 +80,77 @@ pub fn static_batch(model: &Model) -> Option<usize> {
             Dim::Fixed(b) if *b > 0 => Some(*b as usize),
             _ => None,
         })
+}
+
+/// How samples are cut into the batches ONNX Runtime is fed: the model's
+/// static batch size (batches padded to it by repeating the last sample),
+/// else [`DEFAULT_BATCH`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    samples: usize,
+    size: usize,
+    padded: bool,
+}
+
+/// One batch: samples `start..end`, fed as `take` rows (rows past
+/// `end - start` are padding for a static batch size and are ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchRange {
+    /// First sample.
+    pub start: usize,
+    /// One past the last sample.
+    pub end: usize,
+    /// Rows fed.
+    pub take: usize,
+}
+
+impl Batching {
+    /// Batches of `samples` samples for `model`.
+    pub fn for_model(model: &Model, samples: usize) -> Result<Self, RuntimeError> {
+        Self::new(samples, static_batch(model))
+    }
+
+    /// Batches of `samples` samples for a model whose batch size is fixed
+    /// to `fixed`, if it is.
+    pub fn new(samples: usize, fixed: Option<usize>) -> Result<Self, RuntimeError> {
+        if let Some(b) = fixed.filter(|&b| b > MAX_STATIC_BATCH) {
+            // Every batch is padded to the fixed size: a claimed size in the
+            // billions would allocate by it.
+            return Err(RuntimeError::Unsupported(format!(
+                "the model's inputs have a fixed batch size of {b}; at most {MAX_STATIC_BATCH} is supported"
+            )));
+        }
+        Ok(Self {
+            samples,
+            size: fixed.unwrap_or(DEFAULT_BATCH).max(1),
+            padded: fixed.is_some(),
+        })
+    }
+
+    /// The batches, in order.
+    pub fn ranges(&self) -> impl Iterator<Item = BatchRange> + '_ {
+        (0..self.samples).step_by(self.size).map(|start| {
+            let end = (start + self.size).min(self.samples);
+            BatchRange {
+                start,
+                end,
+                take: if self.padded { self.size } else { end - start },
+            }
+        })
+    }
+
+    /// The rows of `inputs` that `range` feeds (the last sample repeated as
+    /// padding).
+    pub fn feed(&self, inputs: &Inputs, range: BatchRange) -> Inputs {
+        let last = self.samples.saturating_sub(1);
+        let index: Vec<usize> = (range.start..range.start + range.take)
+            .map(|i| i.min(last))
+            .collect();
+        inputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.select_rows(&index)))
+            .collect()
+    }
 }
 
 /// One batch of tapped outputs, handed to a [`run_batches`] consumer.
@@ -114,8 +167,8 @@ pub struct Batch<'a> {
 }
 
 /// Runs the first `samples` calibration samples through `model` with
-/// `taps`, batch by batch (the model's static batch size, else 16), and
-/// hands every batch to `consume`. Returns the provider that ran.
+/// `taps`, batch by batch, and hands every batch to `consume`. Returns the
+/// provider that ran.
 pub fn run_batches(
     model: &Model,
     inputs: &Inputs,
@@ -136,32 +189,15 @@ pub fn run_batches(
         ..options.clone()
     };
     let mut runtime = Runtime::from_bytes(&bytes, &options)?;
-    let fixed = static_batch(model);
-    if let Some(b) = fixed.filter(|&b| b > MAX_STATIC_BATCH) {
-        // Every batch is padded to the fixed size: a claimed size in the
-        // billions would allocate by it.
-        return Err(RuntimeError::Unsupported(format!(
-            "the model's inputs have a fixed batch size of {b}; at most {MAX_STATIC_BATCH} is supported"
-        )));
-    }
-    let batch = fixed.unwrap_or(16).max(1);
+    let batching = Batching::for_model(model, samples)?;
     let progress = ProgressBar::new(samples as u64).with_message("calibration");
     progress.set_style(
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} samples ({eta})")
             .expect("valid template"),
     );
     let names: Vec<String> = taps.iter().map(|t| tap_output(&t.value)).collect();
-    let mut start = 0;
-    while start < samples {
-        let end = (start + batch).min(samples);
-        // A model with a fixed batch size gets full batches: pad by repeating
-        // the last sample and drop the extra rows afterwards.
-        let take = if fixed.is_some() { batch } else { end - start };
-        let index: Vec<usize> = (start..start + take).map(|i| i.min(samples - 1)).collect();
-        let feed: Inputs = inputs
-            .iter()
-            .map(|(k, v)| (k.clone(), v.select_rows(&index)))
-            .collect();
+    for range in batching.ranges() {
+        let feed = batching.feed(inputs, range);
         let outputs = runtime.run(&feed)?;
         let mut tapped = Vec::with_capacity(taps.len());
         for (tap, name) in taps.iter().zip(&names) {
@@ -174,13 +210,12 @@ pub fn run_batches(
             tapped.push(values);
         }
         consume(Batch {
-            start,
-            end,
+            start: range.start,
+            end: range.end,
             taps: tapped,
             feed: &feed,
         })?;
-        progress.inc((end - start) as u64);
-        start = end;
+        progress.inc((range.end - range.start) as u64);
     }
     progress.finish_and_clear();
     Ok(runtime.provider)
@@ -237,9 +272,11 @@ pub fn collect_all(
         grams: gram_taps,
         pooling,
     } = request;
-    let mut grams: Vec<(Array2<f64>, f64)> = vec![(Array2::zeros((0, 0)), 0.0); gram_taps.len()];
+    let mut grams: Vec<SecondMoment> = vec![SecondMoment::default(); gram_taps.len()];
+    // One token stride for every Gram tap of the pass, set from the first
+    // one's token count.
     let mut stride = 0usize;
-    let mut energy: Vec<(Vec<f64>, f64)> = vec![(Vec::new(), 0.0); energy_taps.len()];
+    let mut energy: Vec<Energy> = vec![Energy::default(); energy_taps.len()];
     // Feature matrices are allocated once their width is known (first
     // batch) and filled in place: no second copy.
     let mut features: Vec<Option<Array2<f32>>> = vec![None; feature_taps.len()];
@@ -248,8 +285,7 @@ pub fn collect_all(
         let rows = batch.end - batch.start;
         for (slot, &t) in feature_taps.iter().enumerate() {
             let tap = &taps[t];
-            let mask = tap.mask.as_ref().and_then(|m| batch.feed.get(m));
-            let pooled = pool(batch.taps[t], mask, pooling)?;
+            let pooled = stats::pool(batch.taps[t], mask_in(tap, batch.feed), pooling)?;
             let matrix =
                 features[slot].get_or_insert_with(|| Array2::zeros((samples, pooled.ncols())));
             if matrix.ncols() != pooled.ncols() {
@@ -265,7 +301,7 @@ pub fn collect_all(
                 .assign(&pooled.slice(ndarray::s![..rows, ..]));
         }
         for (p, &(a, b)) in pairs.iter().enumerate() {
-            let (sum, count) = token_cosines(
+            let (sum, count) = stats::token_cosines(
                 &taps[a],
                 batch.taps[a],
                 &taps[b],
@@ -277,67 +313,14 @@ pub fn collect_all(
             sums[p].1 += count;
         }
         for (slot, &t) in energy_taps.iter().enumerate() {
-            let values = batch.taps[t];
-            let width = *values.shape().last().unwrap_or(&1);
-            let tokens = values.len() / values.shape()[0].max(1) / width.max(1);
-            let mask = taps[t].mask.as_ref().and_then(|m| batch.feed.get(m));
-            let Some(flat) = values.as_slice_memory_order() else {
-                return Err(RuntimeError::Session(
-                    "tapped tensors are not contiguous".into(),
-                ));
-            };
-            let (acc, count) = &mut energy[slot];
-            acc.resize(width, 0.0);
-            for sample in 0..rows {
-                for token in 0..tokens {
-                    if !real_token(mask, sample, token, tokens) {
-                        continue;
-                    }
-                    let offset = (sample * tokens + token) * width;
-                    for (a, &v) in acc.iter_mut().zip(&flat[offset..offset + width]) {
-                        *a += v as f64 * v as f64;
-                    }
-                    *count += 1.0;
-                }
-            }
+            energy[slot].add(batch.taps[t], mask_in(&taps[t], batch.feed), rows)?;
         }
         for (slot, &t) in gram_taps.iter().enumerate() {
-            let values = batch.taps[t];
-            let width = *values.shape().last().unwrap_or(&1);
-            let tokens = values.len() / values.shape()[0].max(1) / width.max(1);
             if stride == 0 {
-                // Every stride-th token: the cost is tokens × width², so
-                // long sequences are subsampled to at most GRAM_TOKENS.
-                stride = (samples * tokens).div_ceil(GRAM_TOKENS).max(1);
+                stride = stats::gram_stride(samples, stats::tokens_per_sample(batch.taps[t]));
             }
-            let mask = taps[t].mask.as_ref().and_then(|m| batch.feed.get(m));
-            let Some(flat) = values.as_slice_memory_order() else {
-                return Err(RuntimeError::Session(
-                    "tapped tensors are not contiguous".into(),
-                ));
-            };
-            let picked: Vec<usize> = (0..rows * tokens)
-                .filter(|i| {
-                    let global = batch.start * tokens + i;
-                    global.is_multiple_of(stride)
-                        && real_token(mask, i / tokens, i % tokens, tokens)
-                })
-                .collect();
-            let mut m = Array2::<f32>::zeros((picked.len(), width + 1));
-            for (r, &i) in picked.iter().enumerate() {
-                let row = &flat[i * width..(i + 1) * width];
-                for (c, &v) in row.iter().enumerate() {
-                    m[[r, c]] = v;
-                }
-                m[[r, width]] = 1.0;
-            }
-            let (acc, count) = &mut grams[slot];
-            if acc.nrows() != width + 1 {
-                *acc = Array2::zeros((width + 1, width + 1));
-            }
-            let g = m.t().dot(&m);
-            acc.zip_mut_with(&g, |a, &v| *a += v as f64);
-            *count += picked.len() as f64;
+            let mask = mask_in(&taps[t], batch.feed);
+            grams[slot].add(batch.taps[t], mask, batch.start, rows, stride)?;
         }
         Ok(())
     })?;
@@ -347,13 +330,15 @@ pub fn collect_all(
             .map(|f| f.unwrap_or_else(|| Array2::zeros((0, 0))))
             .collect(),
         cosines: sums.iter().map(|(s, n)| s / n.max(1.0)).collect(),
-        energies: energy
-            .into_iter()
-            .map(|(acc, n)| acc.into_iter().map(|a| a / n.max(1.0)).collect())
-            .collect(),
-        grams: grams.into_iter().map(|(g, n)| g / n.max(1.0)).collect(),
+        energies: energy.into_iter().map(Energy::means).collect(),
+        grams: grams.into_iter().map(SecondMoment::mean).collect(),
         provider,
     })
+}
+
+/// The padding mask of `tap` among the inputs fed.
+fn mask_in<'a>(tap: &Tap, feed: &'a Inputs) -> Option<&'a Array> {
+    tap.mask.as_ref().and_then(|m| feed.get(m))
 }
 
 /// Runs `samples` calibration samples through `model` with `taps` and
@@ -376,95 +361,4 @@ pub fn collect(
     };
     let c = collect_all(model, inputs, samples, taps, request, options)?;
     Ok((c.features, c.provider))
-}
-
-/// Most tokens a Gram accumulation reads (longer runs take every k-th).
-pub const GRAM_TOKENS: usize = 16384;
-
-/// Whether `token` of `sample` is a real token (not padding) per `mask`.
-fn real_token(mask: Option<&Array>, sample: usize, token: usize, tokens: usize) -> bool {
-    match mask {
-        Some(Array::I64(m)) if m.ndim() == 2 && m.shape()[1] == tokens => m[[sample, token]] != 0,
-        Some(Array::I32(m)) if m.ndim() == 2 && m.shape()[1] == tokens => m[[sample, token]] != 0,
-        _ => true,
-    }
-}
-
-/// Sum over the first `rows` samples and their real tokens of the cosine
-/// between `x` and `y`'s token vectors, and the number of tokens summed.
-fn token_cosines(
-    tap_x: &Tap,
-    x: &ArrayD<f32>,
-    tap_y: &Tap,
-    y: &ArrayD<f32>,
-    rows: usize,
-    feed: &Inputs,
-) -> Result<(f64, f64), RuntimeError> {
-    if x.shape() != y.shape() || x.ndim() < 2 {
-        return Err(RuntimeError::Session(format!(
-            "cannot compare '{}' {:?} with '{}' {:?}",
-            tap_x.value,
-            x.shape(),
-            tap_y.value,
-            y.shape()
-        )));
-    }
-    let width = *x.shape().last().expect("rank ≥ 2");
-    let tokens = x.len() / x.shape()[0] / width;
-    let mask = tap_x.mask.as_ref().and_then(|m| feed.get(m));
-    let (Some(xs), Some(ys)) = (x.as_slice_memory_order(), y.as_slice_memory_order()) else {
-        return Err(RuntimeError::Session(
-            "tapped tensors are not contiguous".into(),
-        ));
-    };
-    let (mut sum, mut count) = (0f64, 0f64);
-    for sample in 0..rows {
-        for t in 0..tokens {
-            if !real_token(mask, sample, t, tokens) {
-                continue;
-            }
-            let offset = (sample * tokens + t) * width;
-            let (u, v) = (&xs[offset..offset + width], &ys[offset..offset + width]);
-            let (dot, nu, nv) = crate::verify::dot_and_norms(u, v);
-            sum += dot / (nu.sqrt() * nv.sqrt()).max(1e-30);
-            count += 1.0;
-        }
-    }
-    Ok((sum, count))
-}
-
-/// One row per sample from a `[batch, tokens, channels]` (or `[batch, d]`)
-/// output.
-fn pool(
-    values: &ArrayD<f32>,
-    mask: Option<&Array>,
-    pooling: Pooling,
-) -> Result<Array2<f32>, RuntimeError> {
-    let batch = values.shape()[0];
-    if values.ndim() == 2 {
-        return Ok(values.clone().into_dimensionality().expect("rank 2"));
-    }
-    let v = values.view().into_dimensionality::<Ix3>().map_err(|_| {
-        RuntimeError::Session(format!(
-            "tapped tensor has shape {:?}, expected [batch, tokens, channels]",
-            values.shape()
-        ))
-    })?;
-    let (_, tokens, channels) = v.dim();
-    let keep = |b: usize, t: usize| -> f32 { real_token(mask, b, t, tokens) as u8 as f32 };
-    Ok(match pooling {
-        Pooling::Flatten => Array2::from_shape_fn((batch, tokens * channels), |(b, i)| {
-            v[[b, i / channels, i % channels]] * keep(b, i / channels)
-        }),
-        Pooling::Cls => Array2::from_shape_fn((batch, channels), |(b, c)| v[[b, 0, c]]),
-        Pooling::Mean => Array2::from_shape_fn((batch, channels), |(b, c)| {
-            let (mut sum, mut count) = (0f32, 0f32);
-            for t in 0..tokens {
-                let w = keep(b, t);
-                sum += v[[b, t, c]] * w;
-                count += w;
-            }
-            sum / count.max(1.0)
-        }),
-    })
 }

@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, Array4, ArrayD};
 
-use super::data::{self, Array, DataError, Inputs};
+use super::data::{Array, DataError, Inputs};
+use super::npz;
 use crate::ir::{Dim, Graph};
 use crate::onnx::dtype;
 
@@ -82,10 +83,51 @@ impl CalibSource {
     /// number of samples.
     pub fn load(&self, graph: &Graph, wanted: usize) -> Result<(Inputs, usize), DataError> {
         match self {
-            CalibSource::Npz(path) => data::read_npz(path, graph),
+            CalibSource::Npz(path) => npz::read_npz(path, graph),
             CalibSource::Pairs(pairs) => pairs.load(graph, wanted),
         }
     }
+
+    /// The files this source reads: the npz, or the captions, the tokenizer
+    /// and preprocessor files (given, or found next to the model), the
+    /// image folder and every image in it — exactly what [`Self::load`]
+    /// opens. Files that do not exist are left out (reading them fails
+    /// later with its own message).
+    pub fn files(&self) -> Vec<PathBuf> {
+        let pairs = match self {
+            CalibSource::Npz(path) => return vec![path.clone()],
+            CalibSource::Pairs(pairs) => pairs,
+        };
+        let mut files = Vec::new();
+        if let Some(texts) = &pairs.texts {
+            files.push(texts.clone());
+            files.extend(pairs.tokenizer_file());
+        }
+        if let Some(images) = &pairs.images {
+            files.push(images.clone());
+            files.extend(pairs.preprocessor_file());
+            if let Ok(found) = image_files(images) {
+                files.extend(found);
+            }
+        }
+        files
+    }
+}
+
+/// The images of a folder that calibration reads: regular files named
+/// `*.png`, `*.jpg` or `*.jpeg` (any case), sorted by name.
+fn image_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                    matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
+                })
+        })
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 /// The `CLIPImageProcessor` settings used.
@@ -320,6 +362,18 @@ impl PairSource {
         })
     }
 
+    /// The tokenizer captions are read with: `--tokenizer`, else
+    /// `tokenizer.json` in the model's folder.
+    fn tokenizer_file(&self) -> Option<PathBuf> {
+        self.near_model(&self.tokenizer, "tokenizer.json")
+    }
+
+    /// The preprocessor settings images are read with: `--preprocessor`,
+    /// else `preprocessor_config.json` in the model's folder.
+    fn preprocessor_file(&self) -> Option<PathBuf> {
+        self.near_model(&self.preprocessor, "preprocessor_config.json")
+    }
+
     fn load(&self, graph: &Graph, wanted: usize) -> Result<(Inputs, usize), DataError> {
         let label = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
         let mismatch = |path: PathBuf, reason: String| DataError::Mismatch { path, reason };
@@ -331,17 +385,7 @@ impl PairSource {
         // The files of each side, in order.
         let images: Vec<PathBuf> = match (&roles.pixels, &self.images) {
             (Some(_), Some(dir)) => {
-                let entries = std::fs::read_dir(dir).map_err(|e| read(dir, e.to_string()))?;
-                let mut files: Vec<PathBuf> = entries
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| {
-                        p.is_file()
-                            && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                                matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
-                            })
-                    })
-                    .collect();
-                files.sort();
+                let files = image_files(dir).map_err(|e| read(dir, e.to_string()))?;
                 if files.is_empty() {
                     return Err(read(dir, "holds no .png or .jpg images".into()));
                 }
@@ -398,11 +442,10 @@ impl PairSource {
         let mut inputs = Inputs::new();
         if let Some((name, size)) = &roles.pixels {
             let dir = self.images.clone().unwrap_or_default();
-            let preprocessing =
-                match self.near_model(&self.preprocessor, "preprocessor_config.json") {
-                    Some(path) => Preprocessing::read(&path, *size).map_err(|r| read(&path, r))?,
-                    None => Preprocessing::clip(*size),
-                };
+            let preprocessing = match self.preprocessor_file() {
+                Some(path) => Preprocessing::read(&path, *size).map_err(|r| read(&path, r))?,
+                None => Preprocessing::clip(*size),
+            };
             let (h, w) = preprocessing.crop;
             if let Some((mh, mw)) = size
                 && (*mh, *mw) != (h, w)
@@ -440,14 +483,12 @@ impl PairSource {
         }
         if let Some((ids_name, elem, fixed_len)) = &roles.ids {
             let texts = self.texts.clone().unwrap_or_default();
-            let path = self
-                .near_model(&self.tokenizer, "tokenizer.json")
-                .ok_or_else(|| {
-                    mismatch(
-                        texts.clone(),
-                        "captions need a tokenizer: give --tokenizer tokenizer.json".into(),
-                    )
-                })?;
+            let path = self.tokenizer_file().ok_or_else(|| {
+                mismatch(
+                    texts.clone(),
+                    "captions need a tokenizer: give --tokenizer tokenizer.json".into(),
+                )
+            })?;
             let json = crate::onnx::read_text(&path, TEXT_LIMIT)
                 .map_err(|e| read(&path, e.to_string()))?;
             let tokenizer = json
@@ -540,22 +581,6 @@ impl PairSource {
         }
         Ok((ordered, n))
     }
-}
-
-/// `inputs` as the bytes of a compressed `.npz` (one array per input, axis
-/// 0 = sample): the form `--calib` reads back.
-pub fn npz_bytes(inputs: &Inputs) -> Result<Vec<u8>, String> {
-    let mut writer = ndarray_npy::NpzWriter::new_compressed(std::io::Cursor::new(Vec::new()));
-    for (name, array) in inputs {
-        let written = match array {
-            Array::F32(a) => writer.add_array(name.as_str(), a),
-            Array::I64(a) => writer.add_array(name.as_str(), a),
-            Array::I32(a) => writer.add_array(name.as_str(), a),
-            Array::Bool(a) => writer.add_array(name.as_str(), a),
-        };
-        written.map_err(|e| format!("{name}: {e}"))?;
-    }
-    Ok(writer.finish().map_err(|e| e.to_string())?.into_inner())
 }
 
 /// The image decoder's error in words. Some decoders put a debug dump of

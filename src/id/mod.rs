@@ -29,7 +29,7 @@ use ndarray::{Array2, ArrayView2, Axis};
 use serde::Serialize;
 
 /// Which estimator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Estimator {
     /// Two nearest neighbours.
@@ -39,13 +39,39 @@ pub enum Estimator {
 }
 
 /// Which TwoNN variant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Variant {
     /// Fit the smallest 90% of μ.
     Facco,
     /// All μ but the last two, averaged over a 20-level block analysis.
     Paper,
+}
+
+impl std::str::FromStr for Estimator {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "twonn" => Ok(Estimator::Twonn),
+            "mle" => Ok(Estimator::Mle),
+            other => Err(format!(
+                "unknown estimator '{other}' (expected twonn or mle)"
+            )),
+        }
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "facco" => Ok(Variant::Facco),
+            "paper" => Ok(Variant::Paper),
+            other => Err(format!(
+                "unknown variant '{other}' (expected facco or paper)"
+            )),
+        }
+    }
 }
 
 /// Estimation settings.

@@ -813,7 +813,8 @@ impl Graph {
     }
 
     /// Re-checks every invariant from scratch (edges, producers, acyclicity).
-    /// Costly: run by tests and with the `paranoid` feature.
+    /// Costly (it rebuilds the graph): the rewrite passes run it after each
+    /// pass in debug builds and when validation is asked for.
     pub fn check(&self) -> Result<(), IrError> {
         let rebuilt = Graph::from_proto(self.to_proto())?;
         let mut problems = Vec::new();
@@ -888,6 +889,15 @@ pub struct DeadCode {
     pub initializers: usize,
     /// `value_info` entries.
     pub value_info: usize,
+}
+
+impl DeadCode {
+    /// Adds what another elimination removed.
+    pub fn add(&mut self, other: DeadCode) {
+        self.nodes += other.nodes;
+        self.initializers += other.initializers;
+        self.value_info += other.value_info;
+    }
 }
 
 /// Inputs (present, non-empty names) and outputs an operator needs at the

@@ -8,7 +8,8 @@
 //! metadata, unknown domains), so an unedited graph converts back to the
 //! protobuf it came from.
 //!
-//! Invariants (checked by [`Graph::check`]):
+//! Invariants (checked by [`Graph::check`]; [`Graph::check_edit`] also
+//! checks an edited graph against the graph before the edit):
 //! - every value name has at most one producer;
 //! - every non-empty node input names a known value (a graph input, an
 //!   initializer or a node output) and has a matching edge;
@@ -19,9 +20,11 @@
 //! edges of their own, so topological order and dead-code elimination see
 //! them.
 
+mod check;
 mod graph;
 mod tensor;
 
+pub use check::EditCheck;
 pub use graph::{DeadCode, Dim, Graph, IrError, Node, NodeId, Producer, Slot, Use, ValueType};
 pub use tensor::{Tensor, TensorError};
 

@@ -6,9 +6,11 @@
 //! of slice, after checking that the referenced file stays inside the model's
 //! folder and that the claimed range exists. Saving streams the model to a
 //! temporary file in the destination folder and renames it at the end, so a
-//! failed run never leaves a partial output behind.
+//! failed run never leaves a partial output behind; [`FileGuard`] checks
+//! before any work that no output replaces an input or another output.
 
 pub mod dtype;
+mod files;
 mod load;
 mod save;
 pub mod staging;
@@ -20,6 +22,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
+pub use files::{FileGuard, model_files, write_atomic};
 pub use load::{LoadError, LoadedModel, load, load_bytes, open_regular, read_text};
 pub use save::{
     ExternalData, SaveError, SaveOptions, SaveSummary, encode_to_vec, external_path, save,

@@ -8,9 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-pub mod importance;
-
 use serde::{Deserialize, Serialize};
+
+use crate::arch::TowerKind;
 
 /// The `format` value every plan carries.
 pub const FORMAT: &str = "onnx-idprune-plan";
@@ -51,8 +51,8 @@ pub struct Repair {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlockAction {
-    /// `vision` or `text`.
-    pub tower: String,
+    /// The tower (`vision` or `text` in JSON).
+    pub tower: TowerKind,
     /// Block index within the tower (execution order, from 0).
     pub index: usize,
     /// Remove the whole block.
@@ -83,9 +83,23 @@ pub struct BlockAction {
 pub const LINEAR_ROLES: &[&str] = &["q", "k", "v", "qkv", "out", "fc1", "fc2"];
 
 impl BlockAction {
+    /// An entry for block `index` of `tower` with no action yet.
+    pub fn new(tower: TowerKind, index: usize) -> Self {
+        Self {
+            tower,
+            index,
+            drop: false,
+            drop_attention: false,
+            drop_mlp: false,
+            keep_heads: None,
+            keep_mlp: None,
+            zero_below: None,
+        }
+    }
+
     /// "vision/3" style label for messages and logs.
     pub fn label(&self) -> String {
-        format!("{}/{}", self.tower, self.index)
+        format!("{}/{}", self.tower.name(), self.index)
     }
 }
 
@@ -119,6 +133,12 @@ pub enum PlanError {
         /// What is wrong.
         reason: String,
     },
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Self::empty()
+    }
 }
 
 impl Plan {
@@ -172,8 +192,9 @@ impl Plan {
         Ok(plan)
     }
 
-    /// Model-independent checks: known towers, one action per entry, one
-    /// entry per block, index lists ascending, unique and non-empty.
+    /// Model-independent checks: one action per entry, one entry per
+    /// block, index lists ascending, unique and non-empty (towers are
+    /// checked when the JSON is read).
     pub fn validate(&self) -> Result<(), PlanError> {
         if let Some(repair) = &self.repair {
             let syntax = |reason: String| PlanError::Syntax {
@@ -197,13 +218,7 @@ impl Plan {
                 label: action.label(),
                 reason,
             };
-            if action.tower != "vision" && action.tower != "text" {
-                return Err(err(format!(
-                    "unknown tower '{}' (expected 'vision' or 'text')",
-                    action.tower
-                )));
-            }
-            if !seen.insert((action.tower.clone(), action.index)) {
+            if !seen.insert((action.tower, action.index)) {
                 return Err(err("the block is listed more than once".into()));
             }
             let count = [action.drop, action.drop_attention, action.drop_mlp]
@@ -292,7 +307,7 @@ impl Plan {
     /// The canonical form: entries sorted by tower (vision first) and index.
     pub fn normalized(&self) -> Plan {
         let mut plan = self.clone();
-        plan.blocks.sort_by_key(|b| (b.tower != "vision", b.index));
+        plan.blocks.sort_by_key(|b| (b.tower, b.index));
         plan
     }
 

@@ -63,7 +63,7 @@ pub fn architecture_table(arch: &Architecture) -> String {
 }
 
 /// A Markdown table of per-layer IDs, one column per tower.
-pub fn profile_table(profile: &crate::profile::Profile) -> String {
+pub fn profile_table(profile: &crate::measure::Profile) -> String {
     let mut out = String::new();
     let names: Vec<&str> = profile.towers.iter().map(|t| t.name).collect();
     let _ = writeln!(out, "| block | {} |", names.join(" ID | ") + " ID");
@@ -106,14 +106,14 @@ pub fn profile_table(profile: &crate::profile::Profile) -> String {
 }
 
 /// An SVG line plot of ID per block, one line per tower.
-pub fn profile_svg(profile: &crate::profile::Profile) -> String {
+pub fn profile_svg(profile: &crate::measure::Profile) -> String {
     profile_svg_marked(profile, &[])
 }
 
 /// [`profile_svg`] with removed sub-blocks marked: `(tower, block, label)`
 /// draws a red ring and the label (`A` attention, `M` MLP) at that point.
 pub fn profile_svg_marked(
-    profile: &crate::profile::Profile,
+    profile: &crate::measure::Profile,
     marks: &[(&str, usize, &str)],
 ) -> String {
     const W: f64 = 720.0;
@@ -254,7 +254,7 @@ pub struct Report {
     /// What could be removed (`--mode`).
     pub mode: Option<crate::decide::Mode>,
     /// Importance score used.
-    pub score: Option<crate::plan::importance::Score>,
+    pub score: Option<crate::decide::Score>,
     /// Parameters before and after, in total, in blocks and per tower.
     pub params: serde_json::Value,
     /// Approximate linear-layer FLOPs per token inside blocks
@@ -267,7 +267,7 @@ pub struct Report {
     /// The rewrites made.
     pub rewrites: Vec<String>,
     /// Per sub-block measurements and decisions.
-    pub candidates: Vec<crate::plan::importance::Candidate>,
+    pub candidates: Vec<crate::decide::Candidate>,
     /// `unstructured` mode: per linear layer, its ID, threshold and the
     /// weights zeroed.
     pub masks: Vec<crate::decide::Mask>,
@@ -286,20 +286,50 @@ pub struct Report {
     pub timings: Vec<(String, f64)>,
 }
 
+/// What a run did, as the pipeline hands it to the report.
+#[derive(Debug, Clone, Copy)]
+pub struct RunFacts<'a> {
+    /// The model read.
+    pub input: &'a Path,
+    /// The model written.
+    pub output: &'a Path,
+    /// The decision settings, when the plan was made from calibration data.
+    pub settings: Option<&'a crate::decide::DecideOptions>,
+    /// The original graph.
+    pub graph: &'a crate::ir::Graph,
+    /// Its architecture (none for an empty plan).
+    pub arch: Option<&'a Architecture>,
+    /// Bytes of the model read (and its external data).
+    pub input_bytes: u64,
+    /// What was written.
+    pub saved: &'a crate::onnx::SaveSummary,
+    /// The plan applied.
+    pub plan: &'a crate::plan::Plan,
+    /// The rewrites made.
+    pub rewrites: &'a [String],
+    /// The decision, when made here.
+    pub decision: Option<&'a crate::decide::Decision>,
+    /// Decision and held-out samples, when calibrated.
+    pub samples: Option<(usize, usize)>,
+    /// The provider that ran calibration.
+    pub provider: Option<crate::calib::Provider>,
+    /// Least-squares refits.
+    pub refits: &'a [crate::rewrite::repair::Refit],
+    /// Fidelity on held-out samples.
+    pub fidelity: Option<&'a crate::verify::Fidelity>,
+    /// Seconds per stage.
+    pub timings: &'a [(&'static str, f64)],
+}
+
 impl Report {
     /// Gathers what a run did.
-    pub fn new(
-        job: &crate::PruneJob,
-        source: &crate::Source,
-        before: Option<&Architecture>,
-        outcome: &crate::Outcome,
-        timings: &[(&'static str, f64)],
-    ) -> Self {
+    pub fn new(facts: &RunFacts<'_>) -> Self {
+        let before = facts.arch;
         // After-counts come from what the plan removes, not from
         // re-discovering the pruned graph (a block without attention is no
         // longer a transformer block to the matchers, but its MLP remains).
         let removed = before
-            .map(|a| crate::plan::importance::removed_params(a, &source.model.graph, &outcome.plan))
+            .map(|a| crate::decide::budget::removed_params(a, facts.graph, facts.plan))
             .unwrap_or_default();
         let mut towers_before = serde_json::Map::new();
         let mut towers_after = serde_json::Map::new();
@@ -316,17 +346,18 @@ impl Report {
         let blocks_after =
             blocks_before - removed.iter().map(|r| r.1).sum::<u64>().min(blocks_before);
         let total_before = before.map(|a| a.params_total);
-        let decision = outcome.decision.as_ref();
+        let decision = facts.decision;
+        let settings = facts.settings;
         Report {
-            input: job.input.display().to_string(),
-            output: job.output.display().to_string(),
-            keep_params: job.decide.as_ref().and_then(|(_, o)| o.budget.keep),
+            input: facts.input.display().to_string(),
+            output: facts.output.display().to_string(),
+            keep_params: settings.and_then(|o| o.budget.keep),
             tower_keep: serde_json::json!({
-                "vision": job.decide.as_ref().and_then(|(_, o)| o.budget.vision),
-                "text": job.decide.as_ref().and_then(|(_, o)| o.budget.text),
+                "vision": settings.and_then(|o| o.budget.vision),
+                "text": settings.and_then(|o| o.budget.text),
             }),
-            mode: job.decide.as_ref().map(|(_, o)| o.mode),
-            score: job.decide.as_ref().map(|(_, o)| o.score),
+            mode: settings.map(|o| o.mode),
+            score: settings.map(|o| o.score),
             params: serde_json::json!({
                 "blocks_before": blocks_before,
                 "blocks_after": blocks_after,
@@ -338,29 +369,26 @@ impl Report {
             }),
             block_flops_per_token: [2 * blocks_before, 2 * blocks_after],
             bytes: [
-                source.file.file_len
-                    + source
-                        .file
-                        .external_files
-                        .iter()
-                        .filter_map(|f| std::fs::metadata(f).ok())
-                        .map(|m| m.len())
-                        .sum::<u64>(),
-                outcome.saved.model_bytes + outcome.saved.external_bytes,
+                facts.input_bytes,
+                facts.saved.model_bytes + facts.saved.external_bytes,
             ],
-            plan: outcome.plan.clone(),
-            rewrites: outcome.rewrites.clone(),
+            plan: facts.plan.clone(),
+            rewrites: facts.rewrites.to_vec(),
             candidates: decision.map(|d| d.candidates.clone()).unwrap_or_default(),
             masks: decision.map(|d| d.masks.clone()).unwrap_or_default(),
             split_trials: decision.map(|d| d.split_trials.clone()).unwrap_or_default(),
-            refits: outcome.refits.clone(),
-            fidelity: outcome.fidelity.clone(),
+            refits: facts.refits.to_vec(),
+            fidelity: facts.fidelity.cloned(),
             samples: serde_json::json!({
-                "decision": decision.map(|d| d.samples),
-                "holdout": decision.map(|d| d.holdout_samples),
+                "decision": facts.samples.map(|s| s.0),
+                "holdout": facts.samples.map(|s| s.1),
             }),
-            provider: decision.map(|d| d.provider),
-            timings: timings.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            provider: facts.provider,
+            timings: facts
+                .timings
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
         }
     }
 
@@ -450,8 +478,8 @@ impl Report {
     /// ID per block (the stream each MLP writes), vision vs text, removed
     /// sub-blocks marked.
     pub fn to_svg(&self) -> String {
-        use crate::plan::importance::Part;
-        let mut towers: Vec<crate::profile::TowerProfile> = Vec::new();
+        use crate::decide::Part;
+        let mut towers: Vec<crate::measure::TowerProfile> = Vec::new();
         for c in self.candidates.iter().filter(|c| c.part == Part::Mlp) {
             let estimate = crate::id::IdEstimate {
                 estimator: crate::id::Estimator::Twonn,
@@ -461,13 +489,13 @@ impl Report {
                 duplicates_removed: 0,
                 id: c.id,
             };
-            let layer = crate::profile::LayerId {
+            let layer = crate::measure::LayerId {
                 block: c.block,
                 estimate,
             };
             match towers.iter_mut().find(|t| t.name == c.tower.name()) {
                 Some(t) => t.layers.push(layer),
-                None => towers.push(crate::profile::TowerProfile {
+                None => towers.push(crate::measure::TowerProfile {
                     name: c.tower.name(),
                     layers: vec![layer],
                 }),
@@ -485,10 +513,10 @@ impl Report {
                 )
             })
             .collect();
-        let profile = crate::profile::Profile {
+        let profile = crate::measure::Profile {
             towers,
             samples: 0,
-            pooling: crate::calib::collect::Pooling::Flatten,
+            pooling: crate::calib::Pooling::Flatten,
             provider: self.provider.unwrap_or(crate::calib::Provider::Cpu),
         };
         profile_svg_marked(&profile, &marks)

@@ -24,8 +24,9 @@ use ndarray::{Array2, Axis};
 
 use super::RewriteError;
 use crate::arch::{Architecture, Block, Linear, TowerKind};
-use crate::calib::collect::{self, Tap};
+use crate::calib::collect;
 use crate::calib::data::Inputs;
+use crate::calib::{Pooling, Tap};
 use crate::calib::{Provider, RuntimeError, RuntimeOptions};
 use crate::ir::{Graph, Model};
 use crate::plan::Plan;
@@ -56,11 +57,7 @@ struct Target<'a> {
 fn targets<'a>(arch: &'a Architecture, plan: &Plan) -> Vec<Target<'a>> {
     let mut out = Vec::new();
     for action in &plan.blocks {
-        let tower = if action.tower == "vision" {
-            TowerKind::Vision
-        } else {
-            TowerKind::Text
-        };
+        let tower = action.tower;
         let Some(block): Option<&Block> =
             arch.tower(tower).and_then(|t| t.blocks.get(action.index))
         else {
@@ -136,7 +133,7 @@ pub fn statistics(
         pairs: &[],
         energies: &[],
         grams: &all,
-        pooling: collect::Pooling::Flatten,
+        pooling: Pooling::Flatten,
     };
     let collected = collect::collect_all(original, inputs, samples, &taps, request, runtime)?;
     Ok(Statistics {

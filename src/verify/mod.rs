@@ -4,7 +4,9 @@
 
 use serde::Serialize;
 
+use crate::calib::collect::Batching;
 use crate::calib::data::{Array, Inputs};
+use crate::calib::stats::{argmax, cosine};
 use crate::calib::{Runtime, RuntimeError, RuntimeOptions};
 
 /// Agreement of one output.
@@ -48,22 +50,12 @@ pub fn compare(
     };
     let mut a = Runtime::from_bytes(original, &options)?;
     let mut b = Runtime::from_bytes(pruned, &options)?;
-    let batch = fixed_batch.unwrap_or(16).max(1);
+    let batching = Batching::new(samples, fixed_batch)?;
     let mut sums: Vec<(String, f64)> = Vec::new();
     let (mut agree, mut compared) = (0usize, 0usize);
-    let mut start = 0;
-    while start < samples {
-        let end = (start + batch).min(samples);
-        let take = if fixed_batch.is_some() {
-            batch
-        } else {
-            end - start
-        };
-        let index: Vec<usize> = (start..start + take).map(|i| i.min(samples - 1)).collect();
-        let feed: Inputs = inputs
-            .iter()
-            .map(|(k, v)| (k.clone(), v.select_rows(&index)))
-            .collect();
+    for range in batching.ranges() {
+        let (start, end, take) = (range.start, range.end, range.take);
+        let feed = batching.feed(inputs, range);
         let (ra, rb) = (a.run(&feed)?, b.run(&feed)?);
         for ((name, x), (_, y)) in ra.iter().zip(&rb) {
             let (Array::F32(x), Array::F32(y)) = (x, y) else {
@@ -108,7 +100,6 @@ pub fn compare(
                 }
             }
         }
-        start = end;
     }
     let outputs: Vec<OutputFidelity> = sums
         .into_iter()
@@ -136,31 +127,4 @@ pub fn compare(
 /// Row `r` of a row-major matrix `width` wide.
 fn row(a: &[f32], width: usize, r: usize) -> &[f32] {
     &a[r * width..(r + 1) * width]
-}
-
-fn cosine(u: &[f32], v: &[f32]) -> f64 {
-    let (dot, nu, nv) = dot_and_norms(u, v);
-    if nu == 0.0 && nv == 0.0 {
-        1.0
-    } else {
-        dot / (nu.sqrt() * nv.sqrt()).max(1e-30)
-    }
-}
-
-/// `(u·v, |u|², |v|²)` accumulated in f64.
-pub(crate) fn dot_and_norms(u: &[f32], v: &[f32]) -> (f64, f64, f64) {
-    let (mut dot, mut nu, mut nv) = (0f64, 0f64, 0f64);
-    for (&p, &q) in u.iter().zip(v) {
-        dot += p as f64 * q as f64;
-        nu += p as f64 * p as f64;
-        nv += q as f64 * q as f64;
-    }
-    (dot, nu, nv)
-}
-
-fn argmax(values: &[f32]) -> usize {
-    values
-        .iter()
-        .enumerate()
-        .fold(0, |best, (i, v)| if *v > values[best] { i } else { best })
 }

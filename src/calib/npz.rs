@@ -1,15 +1,25 @@
-//! What an `.npy` header claims, checked against the bytes that are really
-//! there before anything allocates by it.
+//! `.npz` and `.npy` files: calibration inputs read by model input name,
+//! data matrices for `id --data`, and the npz the `calib` subcommand writes.
 //!
-//! `ndarray-npy` sizes its buffer from the header's `shape`, so a 100-byte
-//! file claiming `(10**12, 3, 224, 224)` float32 would ask for petabytes and
-//! abort the process. Every `.npy` (alone, or as an entry of an `.npz`) is
-//! therefore read here first: shape × item size must fit in the data that
-//! follows the header. For a compressed npz entry the uncompressed size in
-//! the zip directory is itself only a claim, so it is also bounded by what
-//! deflate can expand the compressed bytes to.
+//! What a header claims is checked against the bytes that are really there
+//! before anything allocates by it. `ndarray-npy` sizes its buffer from the
+//! header's `shape`, so a 100-byte file claiming `(10**12, 3, 224, 224)`
+//! float32 would ask for petabytes and abort the process. Every `.npy`
+//! (alone, or as an entry of an `.npz`) is therefore read here first: shape ×
+//! item size must fit in the data that follows the header. For a compressed
+//! npz entry the uncompressed size in the zip directory is itself only a
+//! claim, so it is also bounded by what deflate can expand the compressed
+//! bytes to.
 
 use std::io::Read;
+use std::path::Path;
+
+use ndarray::ArrayD;
+use ndarray_npy::ReadNpyExt;
+
+use super::data::{Array, DataError, Inputs};
+use crate::ir::{Dim, Graph};
+use crate::onnx::dtype;
 
 /// The `.npy` magic string.
 const MAGIC: &[u8; 6] = b"\x93NUMPY";
@@ -173,6 +183,175 @@ fn after_key<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|k| text.find(k.as_str()).map(|i| i + k.len()))?;
     let rest = text[at..].trim_start().strip_prefix(':')?;
     Some(rest.trim_start())
+}
+
+/// Reads the arrays named after `graph`'s inputs from an npz file and
+/// checks their element types and trailing shapes (axis 0 is the sample
+/// axis). Arrays the model does not take are ignored; NaN or infinite
+/// values are refused.
+pub fn read_npz(path: &Path, graph: &Graph) -> Result<(Inputs, usize), DataError> {
+    let read = |reason: String| DataError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mismatch = |reason: String| DataError::Mismatch {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = crate::onnx::open_regular(path).map_err(|e| read(e.to_string()))?;
+    let mut archive =
+        zip::ZipArchive::new(file).map_err(|e| read(format!("not an npz archive ({e})")))?;
+    // NumPy stores array `x` as entry `x.npy`.
+    let names: Vec<String> = archive
+        .file_names()
+        .map(|n| n.strip_suffix(".npy").unwrap_or(n).to_string())
+        .collect();
+    let mut inputs = Inputs::new();
+    let mut samples: Option<usize> = None;
+    for input in graph
+        .inputs
+        .iter()
+        .filter(|i| graph.initializer(i.name()).is_none())
+    {
+        let name = input.name();
+        let index = archive
+            .index_for_name(name)
+            .or_else(|| archive.index_for_name(&format!("{name}.npy")))
+            .ok_or_else(|| {
+                mismatch(format!(
+                    "no array named '{name}' (the model's input); it has {names:?}"
+                ))
+            })?;
+        // Its claims are checked before `ndarray-npy` allocates by them.
+        check_npz_entry(&mut archive, index).map_err(|e| read(format!("array '{name}': {e}")))?;
+        let mut entry = archive
+            .by_index(index)
+            .map_err(|e| read(format!("array '{name}': {e}")))?;
+        let declared = graph.value_type(name);
+        let want = declared.as_ref().map_or(0, |t| t.elem_type);
+        let array = match want {
+            dtype::code::FLOAT => ArrayD::<f32>::read_npy(&mut entry).map(Array::F32),
+            dtype::code::INT64 => ArrayD::<i64>::read_npy(&mut entry).map(Array::I64),
+            dtype::code::INT32 => ArrayD::<i32>::read_npy(&mut entry).map(Array::I32),
+            dtype::code::BOOL => ArrayD::<bool>::read_npy(&mut entry).map(Array::Bool),
+            other => {
+                return Err(mismatch(format!(
+                    "model input '{name}' takes {}, which calibration files do not support",
+                    dtype::name(other)
+                )));
+            }
+        }
+        .map_err(|e| {
+            mismatch(format!(
+                "array '{name}' cannot be read as {} ({e})",
+                dtype::name(want)
+            ))
+        })?;
+        let shape = array.shape().to_vec();
+        if let Some(dims) = declared.and_then(|t| t.shape) {
+            if dims.len() != shape.len() {
+                return Err(mismatch(format!(
+                    "array '{name}' has {} axes {shape:?}, the model input has {}",
+                    shape.len(),
+                    dims.len()
+                )));
+            }
+            for (axis, (dim, &got)) in dims.iter().zip(&shape).enumerate().skip(1) {
+                if let Dim::Fixed(want) = dim
+                    && *want != got as i64
+                {
+                    return Err(mismatch(format!(
+                        "array '{name}' has shape {shape:?} but the model input needs {want} along axis {axis}"
+                    )));
+                }
+            }
+        }
+        if array.has_non_finite() {
+            return Err(mismatch(format!(
+                "array '{name}' contains NaN or infinite values"
+            )));
+        }
+        let n = shape.first().copied().unwrap_or(0);
+        if let Some(prev) = samples.filter(|&p| p != n) {
+            return Err(mismatch(format!(
+                "array '{name}' has {n} samples, other inputs have {prev}"
+            )));
+        }
+        samples = Some(n);
+        inputs.insert(name.to_string(), array);
+    }
+    Ok((inputs, samples.unwrap_or(0)))
+}
+
+/// A 2-D matrix from an `.npy` file: float32 files are memory-mapped (no
+/// copy), float64 files are read and converted.
+pub enum Matrix {
+    /// A mapped float32 file.
+    Mapped(memmap2::Mmap),
+    /// Converted data.
+    Owned(ndarray::Array2<f32>),
+}
+
+impl Matrix {
+    /// The matrix.
+    pub fn view(&self) -> ndarray::ArrayView2<'_, f32> {
+        use ndarray_npy::ViewNpyExt;
+        match self {
+            Matrix::Mapped(map) => {
+                ndarray::ArrayView2::<f32>::view_npy(map).expect("checked when opened")
+            }
+            Matrix::Owned(a) => a.view(),
+        }
+    }
+}
+
+/// Opens a 2-D `.npy` matrix (rows = samples) of float32 or float64.
+pub fn read_matrix(path: &Path) -> Result<Matrix, DataError> {
+    use ndarray_npy::{ReadNpyExt, ViewNpyExt};
+    let read = |reason: String| DataError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let open = || crate::onnx::open_regular(path).map_err(|e| read(e.to_string()));
+    let mut file = open()?;
+    // SAFETY: read-only mapping of an input file that is not modified while we run.
+    if let Ok(map) = unsafe { memmap2::Mmap::map(&file) }
+        && ndarray::ArrayView2::<f32>::view_npy(&map).is_ok()
+    {
+        return Ok(Matrix::Mapped(map));
+    }
+    // The readers below allocate by the header's shape: check it first.
+    let len = file.metadata().map_err(|e| read(e.to_string()))?.len();
+    let header = Header::read(&mut file)
+        .map_err(|e| read(format!("not a 2-D float32 or float64 .npy matrix ({e})")))?;
+    header
+        .check_fits(len.saturating_sub(header.len))
+        .map_err(read)?;
+    if let Ok(a) = ndarray::Array2::<f32>::read_npy(open()?) {
+        return Ok(Matrix::Owned(a));
+    }
+    match ndarray::Array2::<f64>::read_npy(open()?) {
+        Ok(a) => Ok(Matrix::Owned(a.mapv(|v| v as f32))),
+        Err(e) => Err(read(format!(
+            "not a 2-D float32 or float64 .npy matrix ({e})"
+        ))),
+    }
+}
+
+/// `inputs` as the bytes of a compressed `.npz` (one array per input, axis
+/// 0 = sample): the form `--calib` reads back.
+pub fn npz_bytes(inputs: &Inputs) -> Result<Vec<u8>, String> {
+    let mut writer = ndarray_npy::NpzWriter::new_compressed(std::io::Cursor::new(Vec::new()));
+    for (name, array) in inputs {
+        let written = match array {
+            Array::F32(a) => writer.add_array(name.as_str(), a),
+            Array::I64(a) => writer.add_array(name.as_str(), a),
+            Array::I32(a) => writer.add_array(name.as_str(), a),
+            Array::Bool(a) => writer.add_array(name.as_str(), a),
+        };
+        written.map_err(|e| format!("{name}: {e}"))?;
+    }
+    Ok(writer.finish().map_err(|e| e.to_string())?.into_inner())
 }
 
 #[cfg(test)]

@@ -1,0 +1,197 @@
+//! Deciding what to remove: a function of the architecture, the
+//! measurements and the budget that returns a plan.
+//!
+//! - [`score`]: importance of sub-blocks (block influence × ID, the
+//!   paper's rule, or influence or magnitude alone) and of heads and
+//!   neurons (activation-aware × ID);
+//! - [`budget`]: what may go, overall and per tower, and what a plan
+//!   removes;
+//! - [`allocate`]: one global threshold across both towers, with the
+//!   floors that keep every tower and layer working;
+//! - [`search`]: `all` mode, the budget split between sub-blocks and units
+//!   chosen by judging candidate plans (the judge is the pipeline's);
+//! - [`masking`]: `unstructured` mode, the paper's |w| · ID masking.
+//!
+//! Deciding never runs a model itself: measurements come in, and plans that
+//! must be tried go out to a [`Judge`].
+
+pub mod allocate;
+pub mod budget;
+pub mod masking;
+pub mod score;
+pub mod search;
+
+use serde::Serialize;
+
+pub use budget::Budget;
+pub use masking::Mask;
+pub use score::{Candidate, Part, Score, Unit};
+pub use search::{Judge, SplitTrial, Verdict};
+
+use crate::arch::Architecture;
+use crate::ir::Graph;
+use crate::measure::{BlockMeasurements, LinearId};
+use crate::plan::{Plan, Repair};
+
+/// What may be removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Whole blocks and attention/MLP sub-blocks.
+    Blocks,
+    /// Attention heads and MLP neurons.
+    Units,
+    /// Sub-blocks, then heads and neurons of what remains: the split of
+    /// the budget between them is chosen on the calibration samples.
+    All,
+    /// The paper's one-shot masking: weights with the smallest |w| · ID
+    /// (ID of the linear layer's output) are zeroed, at one global
+    /// quantile over both towers. Nothing is removed.
+    Unstructured,
+}
+
+impl Mode {
+    /// Whether deciding in this mode scores heads and neurons (and so needs
+    /// their activation energies measured).
+    pub fn scores_units(self) -> bool {
+        matches!(self, Mode::Units | Mode::All)
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "blocks" => Ok(Mode::Blocks),
+            "units" => Ok(Mode::Units),
+            "all" => Ok(Mode::All),
+            "unstructured" => Ok(Mode::Unstructured),
+            other => Err(format!(
+                "unknown mode '{other}' (expected blocks, units, all or unstructured)"
+            )),
+        }
+    }
+}
+
+/// Settings of the decision stage.
+#[derive(Debug, Clone)]
+pub struct DecideOptions {
+    /// What may be removed.
+    pub mode: Mode,
+    /// Block parameters to keep, overall and per tower (structural modes).
+    pub budget: Budget,
+    /// `unstructured` mode: the fraction of block weight-matrix elements to
+    /// zero (else 1 − the overall kept fraction).
+    pub sparsity: Option<f64>,
+    /// Refit the projections after slimmed sub-blocks by least squares on
+    /// the decision samples (recorded in the plan).
+    pub repair: bool,
+    /// Importance score of sub-blocks.
+    pub score: Score,
+}
+
+impl DecideOptions {
+    /// The fraction of weights `unstructured` mode zeroes.
+    pub fn sparsity(&self) -> f64 {
+        self.sparsity
+            .or(self.budget.keep.map(|k| 1.0 - k))
+            .unwrap_or(0.0)
+    }
+}
+
+/// What the decision stage found and chose.
+#[derive(Debug, Clone, Default)]
+pub struct Decision {
+    /// The plan.
+    pub plan: Plan,
+    /// Every sub-block with its measurements.
+    pub candidates: Vec<Candidate>,
+    /// `unstructured` mode: the masking of every linear layer.
+    pub masks: Vec<Mask>,
+    /// `all` mode: each share of the budget tried on sub-blocks (the rest
+    /// going to heads and neurons) and how closely the result followed the
+    /// original on decision samples.
+    pub split_trials: Vec<SplitTrial>,
+}
+
+/// Why no plan could be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecideError {
+    /// The model's weights or measurements do not allow this mode.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// A structural plan (`blocks`, `units` or `all` mode) for `arch` from the
+/// measurements of its blocks on `samples` decision samples; `all` mode
+/// asks `judge` to rate its candidate plans.
+pub fn structural<J: Judge>(
+    arch: &Architecture,
+    graph: &Graph,
+    measured: &BlockMeasurements,
+    samples: usize,
+    options: &DecideOptions,
+    judge: &mut J,
+) -> Result<Decision, J::Error> {
+    let (mut candidates, mut units) =
+        score::candidates(arch, graph, measured, options.mode.scores_units());
+    let finish = |plan: Plan| with_repair(plan, options, samples);
+    let (plan, split_trials) = match options.mode {
+        Mode::Units => {
+            let plan =
+                allocate::allocate_units(arch, &mut units, &mut candidates, &options.budget, &[]);
+            (finish(plan), Vec::new())
+        }
+        Mode::All => {
+            let (plan, chosen, trials) = search::search_split(
+                arch,
+                graph,
+                &candidates,
+                &units,
+                options.score,
+                &options.budget,
+                finish,
+                judge,
+            )?;
+            candidates = chosen;
+            (plan, trials)
+        }
+        Mode::Blocks | Mode::Unstructured => {
+            let plan = allocate::allocate(arch, &mut candidates, options.score, &options.budget);
+            (finish(plan), Vec::new())
+        }
+    };
+    Ok(Decision {
+        plan,
+        candidates,
+        masks: Vec::new(),
+        split_trials,
+    })
+}
+
+/// An `unstructured` plan from the ID of every block linear layer's output.
+pub fn unstructured(
+    graph: &Graph,
+    layers: &[LinearId],
+    options: &DecideOptions,
+) -> Result<Decision, DecideError> {
+    let (plan, masks) = masking::mask(graph, layers, options.sparsity())?;
+    Ok(Decision {
+        plan,
+        masks,
+        ..Decision::default()
+    })
+}
+
+/// Records the least-squares repair in `plan` when asked for and there is
+/// something to refit.
+fn with_repair(mut plan: Plan, options: &DecideOptions, samples: usize) -> Plan {
+    if options.repair && plan.slims() {
+        plan.repair = Some(Repair {
+            method: "lsq".into(),
+            samples,
+        });
+    }
+    plan
+}

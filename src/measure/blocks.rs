@@ -1,0 +1,248 @@
+//! What the decisions read off a calibration pass.
+//!
+//! Per block: the residual stream entering it (x), after its attention (h)
+//! and leaving it (y). Block influence of a sub-block is 1 − the mean token
+//! cosine between the stream entering and leaving it (ShortGPT); its ID is
+//! that of the stream it writes. For unit scores, the per-channel energies
+//! of the merged attention context and of the MLP activation (the inputs of
+//! the output projection and of fc2). Per linear layer (unstructured
+//! masking): the ID of its output.
+
+use std::collections::HashMap;
+
+use super::{
+    MeasureError, MeasureOptions, estimate_matrices, estimate_taps, feature_bytes, residual_value,
+    tap,
+};
+use crate::arch::{Architecture, TowerKind};
+use crate::calib::collect;
+use crate::calib::{Inputs, Provider, RuntimeOptions, Tap};
+use crate::ir::Model;
+
+/// Influence and ID of one sub-block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SubBlockStats {
+    /// Block influence, 1 − cos(stream in, stream out).
+    pub influence: f64,
+    /// Intrinsic dimension of the stream the sub-block writes.
+    pub id: f64,
+}
+
+/// The measurements of one block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockStats {
+    /// Tower.
+    pub tower: TowerKind,
+    /// Block index.
+    pub block: usize,
+    /// The attention sub-block.
+    pub attention: SubBlockStats,
+    /// The MLP sub-block.
+    pub mlp: SubBlockStats,
+    /// Mean square of each channel of the merged attention context (empty
+    /// unless units were measured).
+    pub context_energy: Vec<f64>,
+    /// Mean square of each MLP neuron's activation (empty unless units
+    /// were measured).
+    pub activation_energy: Vec<f64>,
+}
+
+/// The measurements of every block, in tower and block order.
+#[derive(Debug, Clone)]
+pub struct BlockMeasurements {
+    /// One entry per block.
+    pub blocks: Vec<BlockStats>,
+    /// The provider that ran.
+    pub provider: Provider,
+}
+
+/// The tapped values of one block (indices into the pass's taps).
+struct Streams {
+    tower: TowerKind,
+    block: usize,
+    x: usize,
+    h: usize,
+    y: usize,
+    context: Option<usize>,
+    activation: Option<usize>,
+}
+
+/// Measures every block of `model` on the first `options.samples` samples
+/// of `inputs` (`mask`: the text padding input); with `units`, also the
+/// energies unit scores need. One pass gathers influence and energies,
+/// and the ID features when they fit in `options.max_memory`; otherwise the
+/// features follow in further passes.
+pub fn measure_blocks(
+    model: &Model,
+    arch: &Architecture,
+    inputs: &Inputs,
+    mask: Option<&str>,
+    units: bool,
+    options: &MeasureOptions,
+    runtime: &RuntimeOptions,
+) -> Result<BlockMeasurements, MeasureError> {
+    let samples = options.samples;
+    let mut model = model.clone();
+    let mut taps: Vec<Tap> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut add = |value: String, tower: TowerKind, taps: &mut Vec<Tap>| -> usize {
+        *index.entry(value.clone()).or_insert_with(|| {
+            taps.push(tap(value, tower, mask));
+            taps.len() - 1
+        })
+    };
+    let mut streams: Vec<Streams> = Vec::new();
+    for tower in &arch.towers {
+        for block in &tower.blocks {
+            let x = add(block.input().to_string(), tower.kind, &mut taps);
+            let h_value = residual_value(&mut model, block, &block.attention.join)?;
+            let h = add(h_value, tower.kind, &mut taps);
+            let y_value = residual_value(&mut model, block, &block.mlp.join)?;
+            let y = add(y_value, tower.kind, &mut taps);
+            let (context, activation) = if units {
+                (
+                    Some(add(
+                        block.attention.body.out.input.clone(),
+                        tower.kind,
+                        &mut taps,
+                    )),
+                    Some(add(block.mlp.body.fc2.input.clone(), tower.kind, &mut taps)),
+                )
+            } else {
+                (None, None)
+            };
+            streams.push(Streams {
+                tower: tower.kind,
+                block: block.index,
+                x,
+                h,
+                y,
+                context,
+                activation,
+            });
+        }
+    }
+    let pairs: Vec<(usize, usize)> = streams
+        .iter()
+        .flat_map(|s| [(s.x, s.h), (s.h, s.y)])
+        .collect();
+    let energy_taps: Vec<usize> = streams
+        .iter()
+        .flat_map(|s| s.context.into_iter().chain(s.activation))
+        .collect();
+    let measured: Vec<usize> = {
+        let mut m: Vec<usize> = streams.iter().flat_map(|s| [s.h, s.y]).collect();
+        m.sort_unstable();
+        m.dedup();
+        m
+    };
+    let id_taps: Vec<Tap> = measured.iter().map(|&i| taps[i].clone()).collect();
+    let labels: Vec<String> = measured.iter().map(|&i| taps[i].value.clone()).collect();
+    let bytes: u64 = feature_bytes(&model, inputs, &id_taps, samples, options, runtime)?
+        .iter()
+        .sum();
+    let fits = bytes <= options.max_memory;
+    let request = collect::Request {
+        features: if fits { &measured } else { &[] },
+        pairs: &pairs,
+        energies: &energy_taps,
+        grams: &[],
+        pooling: options.pooling,
+    };
+    let pass = collect::collect_all(&model, inputs, samples, &taps, request, runtime)?;
+    let estimates = if fits {
+        estimate_matrices(&pass.features, &labels, &options.id)?
+    } else {
+        estimate_taps(&model, inputs, &id_taps, &labels, options, runtime)?.0
+    };
+    let id_of = |tap: usize| estimates[measured.binary_search(&tap).expect("measured")].id;
+    let energy_of = |tap: Option<usize>| -> Vec<f64> {
+        tap.and_then(|t| energy_taps.iter().position(|e| *e == t))
+            .map_or_else(Vec::new, |i| pass.energies[i].clone())
+    };
+    let blocks = streams
+        .iter()
+        .enumerate()
+        .map(|(s, st)| BlockStats {
+            tower: st.tower,
+            block: st.block,
+            attention: SubBlockStats {
+                influence: 1.0 - pass.cosines[2 * s],
+                id: id_of(st.h),
+            },
+            mlp: SubBlockStats {
+                influence: 1.0 - pass.cosines[2 * s + 1],
+                id: id_of(st.y),
+            },
+            context_energy: energy_of(st.context),
+            activation_energy: energy_of(st.activation),
+        })
+        .collect();
+    Ok(BlockMeasurements {
+        blocks,
+        provider: pass.provider,
+    })
+}
+
+/// One linear layer of a block with the ID of its output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearId {
+    /// Tower.
+    pub tower: TowerKind,
+    /// Block index.
+    pub block: usize,
+    /// `q`, `k`, `v`, `qkv`, `out`, `fc1` or `fc2`.
+    pub role: &'static str,
+    /// The weight initializer.
+    pub weight: String,
+    /// Intrinsic dimension of the layer's output.
+    pub id: f64,
+}
+
+/// The ID of every block linear layer's output of `model`, on the first
+/// `options.samples` samples of `inputs`.
+pub fn measure_linears(
+    model: &Model,
+    arch: &Architecture,
+    inputs: &Inputs,
+    mask: Option<&str>,
+    options: &MeasureOptions,
+    runtime: &RuntimeOptions,
+) -> Result<(Vec<LinearId>, Provider), MeasureError> {
+    // (tower, block, role, output value, weight initializer)
+    let mut layers = Vec::new();
+    for tower in &arch.towers {
+        for block in &tower.blocks {
+            for l in block.linears() {
+                layers.push((
+                    tower.kind,
+                    block.index,
+                    l.role,
+                    l.output.to_string(),
+                    l.weight.to_string(),
+                ));
+            }
+        }
+    }
+    let taps: Vec<Tap> = layers
+        .iter()
+        .map(|(tower, _, _, output, _)| tap(output.clone(), *tower, mask))
+        .collect();
+    let labels: Vec<String> = layers
+        .iter()
+        .map(|(t, b, r, _, _)| format!("{}/{b} {r}", t.name()))
+        .collect();
+    let (estimates, provider) = estimate_taps(model, inputs, &taps, &labels, options, runtime)?;
+    let ids = layers
+        .into_iter()
+        .zip(estimates)
+        .map(|((tower, block, role, _, weight), e)| LinearId {
+            tower,
+            block,
+            role,
+            weight,
+            id: e.id,
+        })
+        .collect();
+    Ok((ids, provider))
+}

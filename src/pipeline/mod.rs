@@ -1,0 +1,287 @@
+//! The pipeline: the stages put together, once.
+//!
+//! ```text
+//! open (onnx ─► ir) ─► discover (arch) ─► calibrate + measure ─► decide ─► apply_and_verify ─► save + report
+//!                                                                   │              ▲
+//!                                                                   └── judge ─────┘  (candidate plans)
+//! ```
+//!
+//! - [`PruneJob`]: the main job, from a given plan or from calibration data;
+//! - [`apply_and_verify`]: the one step that turns a plan into a model
+//!   (rewrite passes, least-squares repair: [`apply_plan`]) and measures
+//!   how closely it follows the original. The main job uses it for its plan, and every
+//!   search that judges candidate plans uses it through [`decide::Judge`];
+//! - [`ProfileJob`], [`CalibJob`], [`inspect`], [`id_of_data`]: the other
+//!   subcommands.
+//!
+//! Every stage below this module knows nothing of files it was not given;
+//! the jobs check all the files a run reads and writes before any work
+//! ([`crate::onnx::FileGuard`]).
+
+mod jobs;
+mod prune;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub use jobs::{CalibJob, CalibSummary, ProfileJob, id_of_data, inspect};
+pub use prune::{DecideSettings, Decided, Outcome, PlanSource, PruneJob};
+
+use crate::arch::{self, Architecture};
+use crate::calib::collect::static_batch;
+use crate::calib::{CalibSource, Inputs, RuntimeOptions};
+use crate::decide;
+use crate::error::Error;
+use crate::ir::Model;
+use crate::onnx::{self, LoadedModel};
+use crate::plan::Plan;
+use crate::rewrite::{self, repair};
+use crate::verify::{self, Fidelity};
+
+/// A model read from disk: its file facts and the IR built from it.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// File facts (path, size, external data files).
+    pub file: LoadedModel,
+    /// The IR.
+    pub model: Model,
+}
+
+impl Source {
+    /// Files that an output must never replace: the model and its external
+    /// data, canonicalised.
+    pub fn protected_files(&self) -> Vec<PathBuf> {
+        onnx::model_files(&self.file)
+    }
+
+    /// The towers and blocks of the model.
+    pub fn discover(&self) -> Result<Architecture, Error> {
+        arch::discover(&self.model.graph).map_err(|error| Error::Discover {
+            path: self.file.path.clone(),
+            error,
+        })
+    }
+
+    /// Bytes of the model file and its external data.
+    pub fn bytes(&self) -> u64 {
+        self.file.file_len
+            + self
+                .file
+                .external_files
+                .iter()
+                .filter_map(|f| std::fs::metadata(f).ok())
+                .map(|m| m.len())
+                .sum::<u64>()
+    }
+}
+
+/// Loads a model file and builds its IR.
+pub fn open(path: &Path) -> Result<Source, Error> {
+    let mut file = onnx::load(path)?;
+    let proto = std::mem::take(&mut file.proto);
+    let model = Model::from_proto(proto).map_err(|error| Error::Graph {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    Ok(Source { file, model })
+}
+
+/// Calibration samples read for a model.
+struct Samples {
+    /// The model inputs, axis 0 = sample.
+    inputs: Inputs,
+    /// How many samples there are.
+    total: usize,
+    /// The input marking real text tokens, when the data provides it.
+    mask: Option<String>,
+}
+
+impl Samples {
+    /// Reads (at most `wanted`, for sources decoded on demand) samples of
+    /// `calib` for `source`.
+    fn load(source: &Source, calib: &CalibSource, wanted: usize) -> Result<Self, Error> {
+        let graph = &source.model.graph;
+        let (inputs, total) = calib.load(graph, wanted)?;
+        let mask = crate::calib::data::mask_input(graph, &inputs);
+        Ok(Self {
+            inputs,
+            total,
+            mask,
+        })
+    }
+}
+
+/// Runs models against the original on a fixed set of samples.
+#[derive(Debug)]
+pub struct Verifier {
+    original: Vec<u8>,
+    inputs: Inputs,
+    samples: usize,
+    fixed_batch: Option<usize>,
+    runtime: RuntimeOptions,
+}
+
+impl Verifier {
+    /// Compares against `source` on the first `samples` rows of `inputs`.
+    pub fn new(source: &Source, inputs: Inputs, samples: usize, runtime: &RuntimeOptions) -> Self {
+        Self {
+            original: onnx::encode_to_vec(&source.model.to_proto()),
+            inputs,
+            samples,
+            fixed_batch: static_batch(&source.model),
+            runtime: runtime.clone(),
+        }
+    }
+
+    /// How closely `model` follows the original.
+    pub fn check(&self, model: &Model) -> Result<Fidelity, Error> {
+        let candidate = onnx::encode_to_vec(&model.to_proto());
+        Ok(verify::compare(
+            &self.original,
+            &candidate,
+            &self.inputs,
+            self.samples,
+            self.fixed_batch,
+            &self.runtime,
+        )?)
+    }
+}
+
+/// A plan made into a model.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The rewritten (and repaired) model.
+    pub model: Model,
+    /// The rewrites made, in order.
+    pub rewrites: Vec<String>,
+    /// The least-squares refits made.
+    pub refits: Vec<repair::Refit>,
+    /// Seconds spent in each step.
+    pub timings: Vec<(&'static str, f64)>,
+}
+
+/// Applies `plan` to `source` (architecture `arch`, needed unless the plan
+/// is empty) and refits what the plan's repair asks for from `statistics`.
+pub fn apply_plan(
+    source: &Source,
+    arch: Option<&Architecture>,
+    plan: &Plan,
+    statistics: Option<&repair::Statistics>,
+) -> Result<Candidate, Error> {
+    let mut timings = Vec::new();
+    let mut clock = Instant::now();
+    let mut model = source.model.clone();
+    let mut rewrites = Vec::new();
+    if let (false, Some(arch)) = (plan.is_empty(), arch) {
+        rewrites = rewrite::apply(&mut model, arch, plan)?.rewrites;
+    }
+    timings.push(("rewrite", clock.elapsed().as_secs_f64()));
+    clock = Instant::now();
+    let mut refits = Vec::new();
+    if let (Some(_), Some(arch)) = (&plan.repair, arch) {
+        let statistics = statistics.ok_or_else(|| {
+            Error::Unsupported(
+                "the plan refits weights on calibration data (\"repair\"); give the same --calib file".into(),
+            )
+        })?;
+        refits = repair::apply(&source.model, &mut model, arch, plan, statistics)?;
+        timings.push(("repair", clock.elapsed().as_secs_f64()));
+    }
+    Ok(Candidate {
+        model,
+        rewrites,
+        refits,
+        timings,
+    })
+}
+
+/// [`apply_plan`], then how closely the result follows the original on the
+/// verifier's samples: the one apply-and-verify step of the main job and
+/// of every search over candidate plans.
+pub fn apply_and_verify(
+    source: &Source,
+    arch: Option<&Architecture>,
+    plan: &Plan,
+    statistics: Option<&repair::Statistics>,
+    verifier: &Verifier,
+) -> Result<(Candidate, Fidelity), Error> {
+    let mut candidate = apply_plan(source, arch, plan, statistics)?;
+    let clock = Instant::now();
+    let fidelity = verifier.check(&candidate.model)?;
+    candidate
+        .timings
+        .push(("verify", clock.elapsed().as_secs_f64()));
+    Ok((candidate, fidelity))
+}
+
+/// Decision samples the `all` search judges each candidate plan on.
+pub const JUDGE_SAMPLES: usize = 64;
+
+/// The judge of candidate plans: [`apply_and_verify`] on (the first
+/// [`JUDGE_SAMPLES`] of) the decision samples, never the held-out ones.
+struct CandidateJudge<'a> {
+    source: &'a Source,
+    arch: &'a Architecture,
+    inputs: &'a Inputs,
+    samples: usize,
+    mask: Option<&'a str>,
+    runtime: &'a RuntimeOptions,
+    verifier: Verifier,
+}
+
+impl<'a> CandidateJudge<'a> {
+    fn new(
+        source: &'a Source,
+        arch: &'a Architecture,
+        inputs: &'a Inputs,
+        samples: usize,
+        mask: Option<&'a str>,
+        runtime: &'a RuntimeOptions,
+    ) -> Self {
+        let judged = samples.min(JUDGE_SAMPLES);
+        let judge_inputs = crate::calib::data::rows(inputs, 0, judged);
+        Self {
+            source,
+            arch,
+            inputs,
+            samples,
+            mask,
+            runtime,
+            verifier: Verifier::new(source, judge_inputs, judged, runtime),
+        }
+    }
+}
+
+impl decide::Judge for CandidateJudge<'_> {
+    type Error = Error;
+
+    fn judge(&mut self, plans: &[Plan]) -> Result<Vec<decide::Verdict>, Error> {
+        // Repair statistics once for every layer any plan refits.
+        let refitting: Vec<&Plan> = plans.iter().filter(|p| p.repair.is_some()).collect();
+        let statistics = repair::statistics(
+            &self.source.model,
+            self.arch,
+            &refitting,
+            self.inputs,
+            self.samples,
+            self.mask,
+            self.runtime,
+        )?;
+        plans
+            .iter()
+            .map(|plan| {
+                let (_, fidelity) = apply_and_verify(
+                    self.source,
+                    Some(self.arch),
+                    plan,
+                    Some(&statistics),
+                    &self.verifier,
+                )?;
+                Ok(decide::Verdict {
+                    min_cosine: fidelity.min_cosine,
+                    top1_agreement: fidelity.top1_agreement,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,465 @@
+//! The main job: read IN, make or take a plan, apply and verify it, write
+//! OUT with its plan and report.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::{CandidateJudge, Samples, Source, Verifier, apply_and_verify, apply_plan, open};
+use crate::arch::Architecture;
+use crate::calib::data::{Inputs, Split};
+use crate::calib::{CalibSource, DataError, Provider, RuntimeOptions};
+use crate::decide::{self, DecideOptions, Decision, Mode};
+use crate::error::Error;
+use crate::measure::{self, MeasureOptions};
+use crate::onnx::{self, ExternalData, FileGuard, SaveOptions, SaveSummary};
+use crate::plan::Plan;
+use crate::report::{self, Report, RunFacts};
+use crate::rewrite::repair;
+use crate::verify::Fidelity;
+
+/// Where the plan of a [`PruneJob`] comes from.
+#[derive(Debug, Clone)]
+pub enum PlanSource {
+    /// Apply this plan exactly: no calibration (unless the plan records a
+    /// least-squares repair, which re-reads `repair_data`).
+    Given {
+        /// The plan.
+        plan: Plan,
+        /// The file it was read from, if any: no output may replace it.
+        file: Option<PathBuf>,
+        /// Calibration data for a plan that records a repair.
+        repair_data: Option<CalibSource>,
+    },
+    /// Measure the model on calibration data and decide.
+    Decide {
+        /// The calibration samples (decision samples first, held-out last).
+        calib: CalibSource,
+        /// How to measure and decide.
+        settings: DecideSettings,
+    },
+}
+
+/// How a plan is made from calibration data.
+#[derive(Debug, Clone)]
+pub struct DecideSettings {
+    /// Measurement (`samples` is the most used for decisions).
+    pub measure: MeasureOptions,
+    /// Samples held out for verification (taken from the end, at most a
+    /// quarter of the file).
+    pub holdout: usize,
+    /// The decision.
+    pub decide: DecideOptions,
+}
+
+/// The main job: read IN, apply or make a plan, write OUT.
+#[derive(Debug, Clone)]
+pub struct PruneJob {
+    /// Model to read.
+    pub input: PathBuf,
+    /// Model to write.
+    pub output: PathBuf,
+    /// Where the plan comes from.
+    pub plan: PlanSource,
+    /// ONNX Runtime settings for calibration, repair and verification.
+    pub runtime: RuntimeOptions,
+    /// Where to write the applied (normalised) plan.
+    pub plan_out: Option<PathBuf>,
+    /// External data placement. `None`: like the input (external if the
+    /// input used external data), and external anyway above 2 GiB.
+    pub external_data: Option<ExternalData>,
+    /// Refuse to write OUT when the held-out output cosine is below this.
+    pub min_fidelity: Option<f64>,
+    /// Write a JSON report here, and a Markdown summary and an SVG plot
+    /// next to it ([`report::files`]: the extension replaced by `md`, `svg`).
+    pub report: Option<PathBuf>,
+}
+
+/// What the decision stage measured and chose.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    /// The decision.
+    pub decision: Decision,
+    /// Samples used for decisions.
+    pub samples: usize,
+    /// Held-out inputs for verification.
+    pub holdout: Inputs,
+    /// Number of held-out samples.
+    pub holdout_samples: usize,
+    /// The provider that ran calibration.
+    pub provider: Provider,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// What was written.
+    pub saved: SaveSummary,
+    /// The plan that was applied.
+    pub plan: Plan,
+    /// The rewrites made, in order (`drop_block vision/3`, …).
+    pub rewrites: Vec<String>,
+    /// Seconds spent in each stage, in order.
+    pub timings: Vec<(&'static str, f64)>,
+    /// The decision stage's measurements, when the plan was made here.
+    pub decided: Option<Decided>,
+    /// Fidelity on held-out samples, when measured.
+    pub fidelity: Option<Fidelity>,
+    /// Least-squares refits made, when the plan asks for repair.
+    pub refits: Vec<repair::Refit>,
+}
+
+impl PruneJob {
+    /// A job reading `input`, writing `output`, with the plan from `plan`.
+    pub fn new(input: impl Into<PathBuf>, output: impl Into<PathBuf>, plan: PlanSource) -> Self {
+        Self {
+            input: input.into(),
+            output: output.into(),
+            plan,
+            runtime: RuntimeOptions::default(),
+            plan_out: None,
+            external_data: None,
+            min_fidelity: None,
+            report: None,
+        }
+    }
+
+    /// A job applying `plan` (no calibration).
+    pub fn apply(input: impl Into<PathBuf>, output: impl Into<PathBuf>, plan: Plan) -> Self {
+        Self::new(
+            input,
+            output,
+            PlanSource::Given {
+                plan,
+                file: None,
+                repair_data: None,
+            },
+        )
+    }
+
+    /// Runs the job. On error nothing is written. Before any work the
+    /// job's files are checked ([`PruneJob::files`]): no output may replace
+    /// an input, and no two outputs may be the same file.
+    pub fn run(&self) -> Result<Outcome, Error> {
+        let mut timings: Vec<(&'static str, f64)> = Vec::new();
+        let mut clock = Instant::now();
+        let mut lap = |name: &'static str, timings: &mut Vec<(&'static str, f64)>| {
+            timings.push((name, clock.elapsed().as_secs_f64()));
+            clock = Instant::now();
+        };
+        let source = open(&self.input)?;
+        self.files(&source).check()?;
+        lap("load", &mut timings);
+
+        let (arch, plan, decided) = match &self.plan {
+            PlanSource::Given { plan, .. } => {
+                let arch = if plan.is_empty() {
+                    None
+                } else {
+                    Some(source.discover()?)
+                };
+                lap("discover", &mut timings);
+                (arch, plan.clone(), None)
+            }
+            PlanSource::Decide { calib, settings } => {
+                let arch = source.discover()?;
+                lap("discover", &mut timings);
+                let decided = self.decide(&source, &arch, calib, settings)?;
+                (Some(arch), decided.decision.plan.clone(), Some(decided))
+            }
+        };
+        lap("calibrate+decide", &mut timings);
+
+        let statistics = match (&plan.repair, &arch) {
+            (Some(spec), Some(arch)) => Some(self.repair_statistics(&source, arch, &plan, spec)?),
+            _ => None,
+        };
+        let statistics_time = clock.elapsed().as_secs_f64();
+        let verifier = decided
+            .as_ref()
+            .filter(|d| d.holdout_samples > 0)
+            .map(|d| Verifier::new(&source, d.holdout.clone(), d.holdout_samples, &self.runtime));
+        let (candidate, fidelity) = match &verifier {
+            Some(verifier) => {
+                let (candidate, fidelity) =
+                    apply_and_verify(&source, arch.as_ref(), &plan, statistics.as_ref(), verifier)?;
+                if let Some(required) = self.min_fidelity
+                    && fidelity.min_cosine < required
+                {
+                    return Err(Error::Fidelity {
+                        got: fidelity.min_cosine,
+                        required,
+                    });
+                }
+                (candidate, Some(fidelity))
+            }
+            None if self.min_fidelity.is_some() => {
+                return Err(Error::Unsupported(
+                    "a fidelity gate needs held-out samples, and this run holds none out".into(),
+                ));
+            }
+            None => (
+                apply_plan(&source, arch.as_ref(), &plan, statistics.as_ref())?,
+                None,
+            ),
+        };
+        for (name, seconds) in &candidate.timings {
+            let extra = if *name == "repair" {
+                statistics_time
+            } else {
+                0.0
+            };
+            timings.push((name, seconds + extra));
+        }
+        if fidelity.is_none() {
+            timings.push(("verify", 0.0));
+        }
+        clock = Instant::now();
+        let pruned = candidate.model.to_proto();
+
+        let external_data =
+            self.external_data
+                .unwrap_or(if source.file.external_files.is_empty() {
+                    ExternalData::Auto
+                } else {
+                    ExternalData::Always
+                });
+        let options = SaveOptions {
+            external_data,
+            ..Default::default()
+        };
+        let saved = onnx::save(&pruned, &self.output, &options)?;
+        timings.push(("save", clock.elapsed().as_secs_f64()));
+        let outcome = Outcome {
+            saved,
+            plan: plan.normalized(),
+            rewrites: candidate.rewrites,
+            timings,
+            decided,
+            fidelity,
+            refits: candidate.refits,
+        };
+        if let Err(e) = self.write_companions(&source, arch.as_ref(), &outcome) {
+            // OUT and its plan/report go together: without them, no OUT.
+            let _ = std::fs::remove_file(&self.output);
+            if let Some(data) = &outcome.saved.external_file {
+                let _ = std::fs::remove_file(data);
+            }
+            return Err(e);
+        }
+        Ok(outcome)
+    }
+
+    /// Every file the job reads (`source` and its external data, the plan
+    /// file, the calibration data, the ONNX Runtime library) and writes
+    /// (OUT, `OUT.data`, `--plan-out`, the report's three files).
+    pub fn files(&self, source: &Source) -> FileGuard {
+        let mut guard = FileGuard::new();
+        guard.inputs(source.protected_files());
+        let calib = match &self.plan {
+            PlanSource::Given {
+                file, repair_data, ..
+            } => {
+                guard.inputs(file.clone());
+                repair_data.as_ref()
+            }
+            PlanSource::Decide { calib, .. } => Some(calib),
+        };
+        if let Some(calib) = calib {
+            guard.inputs(calib.files());
+            guard.inputs(runtime_files(&self.runtime));
+        }
+        guard.output(&self.output, "OUT");
+        if self.external_data != Some(ExternalData::Never) {
+            guard.derived_output(
+                onnx::external_path(&self.output),
+                "OUT's external data file",
+            );
+        }
+        if let Some(plan_out) = &self.plan_out {
+            guard.output(plan_out, "the --plan-out file");
+        }
+        if let Some(report) = &self.report {
+            let [json, markdown, svg] = report::files(report);
+            guard
+                .output(json, "the --report file")
+                .derived_output(markdown, "the --report Markdown summary")
+                .derived_output(svg, "the --report SVG plot");
+        }
+        guard
+    }
+
+    /// Calibrates on the decision samples of `calib` and decides.
+    fn decide(
+        &self,
+        source: &Source,
+        arch: &Architecture,
+        calib: &CalibSource,
+        settings: &DecideSettings,
+    ) -> Result<Decided, Error> {
+        let graph = &source.model.graph;
+        let Samples {
+            inputs,
+            total,
+            mask,
+        } = Samples::load(source, calib, settings.measure.samples + settings.holdout)?;
+        let split = Split::of(
+            &inputs,
+            total,
+            settings.measure.samples,
+            settings.holdout,
+            calib.label(),
+        )?;
+        let options = MeasureOptions {
+            samples: split.samples,
+            ..settings.measure.clone()
+        };
+        let measuring = Error::measuring(&source.file.path);
+        let (decision, provider) = if settings.decide.mode == Mode::Unstructured {
+            let (layers, provider) = measure::blocks::measure_linears(
+                &source.model,
+                arch,
+                &split.decision,
+                mask.as_deref(),
+                &options,
+                &self.runtime,
+            )
+            .map_err(&measuring)?;
+            let decision = decide::unstructured(graph, &layers, &settings.decide)?;
+            (decision, provider)
+        } else {
+            let measured = measure::blocks::measure_blocks(
+                &source.model,
+                arch,
+                &split.decision,
+                mask.as_deref(),
+                settings.decide.mode.scores_units(),
+                &options,
+                &self.runtime,
+            )
+            .map_err(&measuring)?;
+            let mut judge = CandidateJudge::new(
+                source,
+                arch,
+                &split.decision,
+                split.samples,
+                mask.as_deref(),
+                &self.runtime,
+            );
+            let decision = decide::structural(
+                arch,
+                graph,
+                &measured,
+                split.samples,
+                &settings.decide,
+                &mut judge,
+            )?;
+            (decision, measured.provider)
+        };
+        Ok(Decided {
+            decision,
+            samples: split.samples,
+            holdout: split.holdout,
+            holdout_samples: split.holdout_samples,
+            provider,
+        })
+    }
+
+    /// The activation statistics a plan's least-squares repair refits from:
+    /// the first `spec.samples` samples of the calibration data (the
+    /// decision samples of a decided run; the same `--calib` file when a
+    /// saved plan is re-applied).
+    fn repair_statistics(
+        &self,
+        source: &Source,
+        arch: &Architecture,
+        plan: &Plan,
+        spec: &crate::plan::Repair,
+    ) -> Result<repair::Statistics, Error> {
+        let calib = match &self.plan {
+            PlanSource::Decide { calib, .. } => calib,
+            PlanSource::Given {
+                repair_data: Some(calib),
+                ..
+            } => calib,
+            PlanSource::Given {
+                repair_data: None, ..
+            } => {
+                return Err(Error::Unsupported(
+                    "the plan refits weights on calibration data (\"repair\"); give the same --calib file".into(),
+                ));
+            }
+        };
+        let Samples {
+            inputs,
+            total,
+            mask,
+        } = Samples::load(source, calib, spec.samples)?;
+        if total < spec.samples {
+            return Err(Error::Data(DataError::Mismatch {
+                path: calib.label(),
+                reason: format!(
+                    "the plan's repair read {} samples, the file has {total}",
+                    spec.samples
+                ),
+            }));
+        }
+        Ok(repair::statistics(
+            &source.model,
+            arch,
+            &[plan],
+            &inputs,
+            spec.samples,
+            mask.as_deref(),
+            &self.runtime,
+        )?)
+    }
+
+    fn write_companions(
+        &self,
+        source: &Source,
+        arch: Option<&Architecture>,
+        outcome: &Outcome,
+    ) -> Result<(), Error> {
+        if let Some(plan_out) = &self.plan_out {
+            onnx::write_atomic(plan_out, outcome.plan.to_json().as_bytes())?;
+        }
+        let Some(path) = &self.report else {
+            return Ok(());
+        };
+        let decided = outcome.decided.as_ref();
+        let settings = match &self.plan {
+            PlanSource::Decide { settings, .. } => Some(&settings.decide),
+            PlanSource::Given { .. } => None,
+        };
+        let report = Report::new(&RunFacts {
+            input: &self.input,
+            output: &self.output,
+            settings,
+            graph: &source.model.graph,
+            arch,
+            input_bytes: source.bytes(),
+            saved: &outcome.saved,
+            plan: &outcome.plan,
+            rewrites: &outcome.rewrites,
+            decision: decided.map(|d| &d.decision),
+            samples: decided.map(|d| (d.samples, d.holdout_samples)),
+            provider: decided.map(|d| d.provider),
+            refits: &outcome.refits,
+            fidelity: outcome.fidelity.as_ref(),
+            timings: &outcome.timings,
+        });
+        let [json, markdown, svg] = report::files(path);
+        onnx::write_atomic(&json, report.to_json().as_bytes())?;
+        onnx::write_atomic(&markdown, report.to_markdown().as_bytes())?;
+        onnx::write_atomic(&svg, report.to_svg().as_bytes())?;
+        Ok(())
+    }
+}
+
+/// The ONNX Runtime library a run with `options` would load, when found.
+pub(super) fn runtime_files(options: &RuntimeOptions) -> Vec<PathBuf> {
+    crate::calib::locate_library(options.library.as_deref())
+        .ok()
+        .into_iter()
+        .collect()
+}

@@ -1,0 +1,98 @@
+//! Taking a residual branch out of the stream, shared by the two drop
+//! passes.
+//!
+//! ```text
+//! pre-norm   Add(x, branch)          ─► x
+//! post-norm  LN(Add(x, branch))      ─► LN(x)      (sub-block: the norm stays)
+//!                                     ─► x          (block: its norms go too)
+//! fused      SkipLN(branch, x)[3]    ─► x,  SkipLN(…)[0] ─► LayerNormalization(x)
+//! ```
+//!
+//! The stream a branch is bypassed to is looked up through the earlier
+//! edits ([`Edit::current`]): when the block before was removed, its output
+//! no longer carries the stream, its input does. Rerouting to the old name
+//! would bring the removed block back to life.
+
+use super::{Edit, RewriteError};
+use crate::arch::{Block, Join};
+use crate::onnx::proto::{AttributeProto, NodeProto};
+
+/// Makes the residual branch joined at `join` contribute nothing, the
+/// stream continuing from `stream` (a name from the discovered
+/// architecture, resolved through earlier edits). `keep_norm`: a post-norm
+/// join keeps its norm (sub-block removal) or loses it with the block
+/// (block removal).
+pub(super) fn bypass_join(
+    edit: &mut Edit<'_>,
+    join: &Join,
+    stream: &str,
+    block: &Block,
+    keep_norm: bool,
+    label: &str,
+) -> Result<(), RewriteError> {
+    let stream = edit.current(stream);
+    let node = edit.graph.node(join.node);
+    if node.op() == "Add" {
+        let sum = join.sum.clone().expect("Add joins have a sum");
+        return match (&join.norm, keep_norm) {
+            (Some(norm), false) if block.norm_after_join => {
+                edit.reroute(&norm.output, &stream, label)
+            }
+            _ => edit.reroute(&sum, &stream, label),
+        };
+    }
+    // SkipLayerNormalization: output 3 is the sum, output 0 its norm.
+    let outputs = node.outputs().to_vec();
+    let inputs = node.inputs().to_vec();
+    let epsilon = node.attr_float("epsilon");
+    let node_name = node.name().to_string();
+    if let Some(sum) = outputs.get(3).filter(|s| !s.is_empty()) {
+        edit.reroute(sum, &stream, label)?;
+    }
+    let normed = &outputs[0];
+    if edit.graph.uses(normed).is_empty() && !edit.graph.is_output(normed) {
+        return Ok(());
+    }
+    if block.norm_after_join && !keep_norm {
+        return edit.reroute(normed, &stream, label);
+    }
+    if edit.opset < 17 {
+        return Err(RewriteError::Unsupported {
+            label: label.into(),
+            reason: format!(
+                "the fused norm must be rebuilt as LayerNormalization, which needs opset 17 (the model imports {})",
+                edit.opset
+            ),
+        });
+    }
+    let output = edit.graph.fresh_name(&format!("{normed}.bypass"));
+    let mut attribute = vec![AttributeProto {
+        name: Some("axis".into()),
+        r#type: Some(2),
+        i: Some(-1),
+        ..Default::default()
+    }];
+    if let Some(eps) = epsilon {
+        attribute.push(AttributeProto {
+            name: Some("epsilon".into()),
+            r#type: Some(1),
+            f: Some(eps),
+            ..Default::default()
+        });
+    }
+    let mut norm_inputs = vec![stream.clone(), inputs[2].clone()];
+    if let Some(beta) = inputs.get(3).filter(|b| !b.is_empty()) {
+        norm_inputs.push(beta.clone());
+    }
+    edit.graph
+        .add_node(NodeProto {
+            op_type: Some("LayerNormalization".into()),
+            name: Some(format!("{node_name}/bypass")),
+            input: norm_inputs,
+            output: vec![output.clone()],
+            attribute,
+            ..Default::default()
+        })
+        .map_err(RewriteError::graph(label))?;
+    edit.reroute(normed, &output, label)
+}
