@@ -80,6 +80,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let arch = onnx_idprune::pipeline::inspect(&input)?;
             stdout.write_all(output::architecture(&arch, json).as_bytes())?;
         }
+        Request::Explain { input } => {
+            for line in onnx_idprune::pipeline::explain(&input)? {
+                writeln!(stdout, "{line}")?;
+            }
+        }
         Request::Calib(job) => {
             let summary = job.run()?;
             eprintln!(

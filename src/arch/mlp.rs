@@ -5,13 +5,19 @@
 //! x ─► Linear fc1 [d → m] ─► activation ─► Linear fc2 [m → d]
 //! activation: QuickGELU  Mul(1.702) ─► Sigmoid ─► Mul
 //!             GELU (erf) Div(√2) ─► Erf ─► Add(1) ─► Mul(0.5) ─► Mul
-//!             GELU (tanh), Gelu, QuickGelu, FastGelu, BiasGelu (bias folded in), Relu
+//!             GELU (tanh) Mul ─► Mul ─► Mul(0.0447) ─► Add ─► Mul(0.798) ─► Tanh ─► Add(1) ─► Mul ─► Mul(0.5)
+//!             SiLU  Sigmoid ─► Mul;  ReLU;  Gelu (opset 20);  QuickGelu, FastGelu, BiasGelu (bias folded in)
 //! ```
+//! Every operand inside the activation is the fc1 output, a value computed
+//! from it, or a constant: a second data input (a gate) is not this
+//! pattern.
 
 use std::collections::{HashMap, HashSet};
 
-use super::patterns::{Bias, Linear, is_const, linear_at};
-use crate::ir::{Graph, NodeId};
+use super::Miss;
+use super::patterns::{Bias, Linear, linear_at};
+use super::view::View;
+use crate::ir::NodeId;
 
 /// A recognised MLP sub-block.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,13 +36,13 @@ impl Mlp {
         self.fc1.out_features
     }
 
-    /// The parameter tensors (weights and biases).
-    pub fn parameters(&self) -> Vec<String> {
-        let mut names = vec![self.fc1.weight.clone()];
-        names.extend(self.fc1.bias.as_ref().map(|b| b.name.clone()));
-        names.push(self.fc2.weight.clone());
-        names.extend(self.fc2.bias.as_ref().map(|b| b.name.clone()));
-        names
+    /// The parameter operands (weights and biases).
+    pub fn parameters(&self) -> Vec<Bias> {
+        let mut out = vec![self.fc1.weight.clone()];
+        out.extend(self.fc1.bias.clone());
+        out.push(self.fc2.weight.clone());
+        out.extend(self.fc2.bias.clone());
+        out
     }
 }
 
@@ -50,48 +56,85 @@ const ACTIVATION_OPS: &[&str] = &[
     "Pow",
     "Sqrt",
     "Relu",
-    "Cast",
     "Gelu",
     "QuickGelu",
     "FastGelu",
     "BiasGelu",
+    "Softplus",
+    "HardSigmoid",
+    "HardSwish",
+    "LeakyRelu",
 ];
 
-/// Matches an MLP starting at `fc1`. `None`: the linear layer does not open
-/// an MLP.
-pub fn match_mlp(graph: &Graph, fc1: &Linear, order: &HashMap<NodeId, usize>) -> Option<Mlp> {
+/// Matches an MLP starting at `fc1`.
+pub fn match_mlp(
+    view: &View<'_>,
+    fc1: &Linear,
+    order: &HashMap<NodeId, usize>,
+) -> Result<Mlp, Miss> {
+    let graph = view.graph;
     let mut region: Vec<NodeId> = Vec::new();
     let mut seen: HashSet<NodeId> = HashSet::new();
     let mut values = vec![fc1.output.clone()];
-    let mut inside: HashSet<String> = HashSet::from([fc1.output.clone()]);
-    let mut fc2 = None;
+    let mut inside: HashSet<String> = HashSet::from([view.origin(&fc1.output)]);
+    let mut fc2: Option<Linear> = None;
     while let Some(value) = values.pop() {
-        for reader in graph.consumers(&value) {
+        for (reader, read) in view.readers(&value) {
             if !seen.insert(reader) {
                 continue;
             }
             let n = graph.node(reader);
-            if matches!(n.op(), "MatMul" | "Gemm") {
-                let linear = linear_at(graph, reader)?;
-                if linear.input != value || fc2.replace(linear).is_some() {
-                    return None;
+            if matches!(n.op(), "MatMul" | "Gemm") && n.domain().is_empty() {
+                let Some(linear) = linear_at(view, reader) else {
+                    return Err(Miss::new(
+                        view,
+                        reader,
+                        "the second linear layer (a constant weight)",
+                    ));
+                };
+                if linear.input != read {
+                    return Err(Miss::new(view, reader, "the activation as the data input"));
+                }
+                if fc2.replace(linear).is_some() {
+                    return Err(Miss::new(view, reader, "one second linear layer"));
                 }
                 continue;
             }
             if !ACTIVATION_OPS.contains(&n.op()) || n.outputs().len() != 1 {
-                return None;
+                return Err(Miss::new(
+                    view,
+                    reader,
+                    "an element-wise activation or the second linear layer after fc1",
+                ));
             }
             region.push(reader);
             inside.insert(n.outputs()[0].clone());
             values.push(n.outputs()[0].clone());
         }
     }
-    let fc2 = fc2?;
-    if region.is_empty()
-        || fc2.in_features != fc1.out_features
-        || fc2.out_features != fc1.in_features
-    {
-        return None;
+    let fc2 = fc2.ok_or_else(|| {
+        Miss::new(
+            view,
+            fc1.matmul,
+            "a second linear layer after the activation",
+        )
+    })?;
+    if region.is_empty() {
+        return Err(Miss::new(
+            view,
+            fc2.matmul,
+            "an activation between the two linear layers",
+        ));
+    }
+    if fc2.in_features != fc1.out_features || fc2.out_features != fc1.in_features {
+        return Err(Miss::new(
+            view,
+            fc2.matmul,
+            &format!(
+                "a second linear layer from {} back to {} features (found {} → {})",
+                fc1.out_features, fc1.in_features, fc2.in_features, fc2.out_features
+            ),
+        ));
     }
     // Every operand of the activation is the fc1 output, an activation
     // value or a constant (besides a fused bias).
@@ -99,24 +142,24 @@ pub fn match_mlp(graph: &Graph, fc1: &Linear, order: &HashMap<NodeId, usize>) ->
     for id in &region {
         let n = graph.node(*id);
         for (slot, input) in n.inputs().iter().enumerate() {
-            if input.is_empty() || inside.contains(input) {
+            if input.is_empty() || inside.contains(&view.origin(input)) {
                 continue;
             }
-            if !is_const(graph, input) {
-                return None;
+            if !view.is_const(input) {
+                return Err(Miss::new(
+                    view,
+                    *id,
+                    "an activation reading only fc1's output and constants",
+                ));
             }
             let is_bias = matches!(n.op(), "BiasGelu" | "FastGelu") && slot == 1;
             if is_bias && fc1.bias.is_none() {
-                fc1.bias = Some(Bias {
-                    node: *id,
-                    slot,
-                    name: input.clone(),
-                });
+                fc1.bias = view.operand(*id, slot);
             }
         }
     }
     region.sort_by_key(|id| order.get(id).copied());
-    Some(Mlp {
+    Ok(Mlp {
         fc1,
         fc2,
         activation: region,

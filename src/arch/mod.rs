@@ -1,13 +1,19 @@
 //! Discovery: the towers and transformer blocks of a model, found from the
 //! graph's structure.
 //!
+//! Matching runs on a normalised view of the graph ([`view`]): it sees
+//! through `Identity`, `Cast`, dropout, fake quantisation and dequantising
+//! chains, and knows constant values and tensor sizes from a partial shape
+//! inference ([`shapes`]). What it finds is named in the original graph, so
+//! the rewrites edit exactly the nodes and tensors the model has.
+//!
 //! Matching starts from anchors (Softmax or a fused attention operator for
 //! attention; any linear layer for MLPs), then follows each sub-block's
-//! output to its residual join (`Add`, or a fused `SkipLayerNormalization`)
-//! and chains sub-blocks along the residual stream: a block is a
-//! self-attention, an optional cross-attention and an MLP, each reading the
-//! stream the previous one wrote. The norm placement follows from where the
-//! layer norms sit:
+//! output to its residual join (`Add`, or a fused `SkipLayerNormalization`;
+//! through a layer-scale `Mul`) and chains sub-blocks along the residual
+//! stream: a block is a self-attention, an optional cross-attention and an
+//! MLP, each reading the stream the previous one wrote. The norm placement
+//! follows from where the layer norms sit:
 //!
 //! ```text
 //! pre   x ─► LN ─► attention ─► Add(x, ·) = h ─► LN ─► MLP ─► Add(h, ·) = y
@@ -17,20 +23,27 @@
 //!
 //! Towers come from reachability: blocks downstream of the token input (an
 //! integer input read by an embedding `Gather`) form the text tower, the
-//! others downstream of the image input (a rank-4 float input) the vision
-//! tower. Node names are never needed.
+//! others the vision tower. Node names are never needed.
+//!
+//! Sub-blocks outside a tower's chain of blocks (an attention-pooling head,
+//! a pooler's MLP) are left alone and listed; a sub-block *inside* the
+//! chain that is not part of a block is an error, because skipping it would
+//! renumber every block after it.
 
 mod attention;
 mod mlp;
 pub mod patterns;
+pub mod shapes;
+pub mod view;
 
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-pub use attention::{Attention, Projections};
+pub use attention::{Attention, Projections, ShapeRole, ShapeSite};
 pub use mlp::Mlp;
 pub use patterns::{Bias, LayerNorm, Linear, NormKind};
+pub use view::{Operand, Step, View};
 
 use crate::ir::{Graph, NodeId};
 use crate::onnx::dtype;
@@ -41,7 +54,7 @@ use crate::onnx::dtype;
 pub enum TowerKind {
     /// The image encoder.
     Vision,
-    /// The text encoder.
+    /// The text encoder (or decoder).
     Text,
 }
 
@@ -87,12 +100,44 @@ pub enum NormPlacement {
     Fused,
 }
 
+/// Why a pattern did not match, for `inspect --explain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Miss {
+    /// Where matching stopped (a node label or a value).
+    pub at: String,
+    /// What was expected there.
+    pub expected: String,
+}
+
+impl Miss {
+    pub(crate) fn new(view: &View<'_>, node: NodeId, expected: &str) -> Self {
+        Self {
+            at: view.graph.node(node).label(),
+            expected: expected.to_string(),
+        }
+    }
+
+    pub(crate) fn context(self, what: &str) -> Self {
+        Self {
+            expected: format!("{what}: {}", self.expected),
+            ..self
+        }
+    }
+}
+
+impl std::fmt::Display for Miss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stopped at {}, expected {}", self.at, self.expected)
+    }
+}
+
 /// Where a sub-block's output re-enters the residual stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Join {
     /// The `Add` or `SkipLayerNormalization` node.
     pub node: NodeId,
-    /// The residual stream entering the join (the skip connection).
+    /// The residual stream entering the join (the skip connection), as
+    /// the join node reads it.
     pub stream_in: String,
     /// The residual sum, when the graph materialises it.
     pub sum: Option<String>,
@@ -102,6 +147,9 @@ pub struct Join {
     pub norm: Option<LayerNorm>,
     /// A bias the fused join adds (SkipLayerNormalization input 4).
     pub bias: Option<Bias>,
+    /// A per-channel layer-scale factor between the branch and the join
+    /// (DINOv2, CaiT).
+    pub layer_scale: Option<Operand>,
 }
 
 /// One residual sub-block.
@@ -126,14 +174,16 @@ pub struct Block {
     pub norm: NormPlacement,
     /// Self-attention.
     pub attention: SubBlock<Attention>,
-    /// Cross-attention to the other tower (BLIP text).
+    /// Cross-attention to another sequence (BLIP text).
     pub cross_attention: Option<SubBlock<Attention>>,
     /// The MLP.
     pub mlp: SubBlock<Mlp>,
     /// Whether each sub-block's norm sits after its residual join (post-norm,
     /// and fused post-norm), rather than in front of the sub-block.
     pub norm_after_join: bool,
-    /// Number of parameters (weights, biases and norm parameters).
+    /// Number of parameters (weights, biases, norm and layer-scale
+    /// parameters), each use counted: a tensor the exporter shares between
+    /// layers counts in each, as the source model's parameters do.
     pub params: u64,
 }
 
@@ -151,8 +201,10 @@ pub struct RoleLinear<'a> {
     pub linear: Option<&'a Linear>,
     /// Whether the layer belongs to the attention sub-block.
     pub attention: bool,
-    /// The weight initializer (as discovered).
-    pub weight: &'a str,
+    /// The weight.
+    pub weight: &'a Operand,
+    /// The bias, if any.
+    pub bias: Option<&'a Operand>,
     /// The layer's output value (after its bias).
     pub output: &'a str,
 }
@@ -168,6 +220,7 @@ impl Block {
                 linear: Some(linear),
                 attention,
                 weight: &linear.weight,
+                bias: linear.bias.as_ref(),
                 output: &linear.output,
             }
         }
@@ -180,6 +233,7 @@ impl Block {
             Projections::Fused {
                 node,
                 weight,
+                bias,
                 output,
                 ..
             } => out.push(RoleLinear {
@@ -188,6 +242,7 @@ impl Block {
                 linear: None,
                 attention: true,
                 weight,
+                bias: bias.as_ref(),
                 output,
             }),
         }
@@ -205,35 +260,26 @@ impl Block {
     pub fn output(&self) -> &str {
         &self.mlp.join.stream_out
     }
-    /// Every parameter tensor of the block, each once.
-    pub fn parameters(&self) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
-        let mut add = |name: &String| {
-            if !names.contains(name) {
-                names.push(name.clone());
-            }
-        };
-        let norm_params = |norm: &Option<LayerNorm>| -> Vec<String> {
+
+    /// Every parameter operand of the block: each sub-block's weights and
+    /// biases, its fused join bias, its layer scale and its norm.
+    pub fn parameters(&self) -> Vec<Operand> {
+        let mut out = Vec::new();
+        let norm = |norm: &Option<LayerNorm>| -> Vec<Operand> {
             norm.iter()
-                .flat_map(|n| std::iter::once(n.scale.clone()).chain(n.bias.clone()))
+                .flat_map(|n| n.scale.iter().chain(&n.bias).cloned())
                 .collect()
         };
-        let mut sub = |params: Vec<String>, input_norm: &Option<LayerNorm>, join: &Join| {
-            for p in &params {
-                add(p);
-            }
-            if let Some(b) = &join.bias {
-                add(&b.name);
-            }
+        let mut sub = |params: Vec<Operand>, input_norm: &Option<LayerNorm>, join: &Join| {
+            out.extend(params);
+            out.extend(join.bias.clone());
+            out.extend(join.layer_scale.clone());
             // Each norm is counted once: pre-norm blocks own the norm in
             // front of each sub-block, post-norm blocks the one after it.
-            let norm = if self.norm_after_join {
-                norm_params(&join.norm)
+            if self.norm_after_join {
+                out.extend(norm(&join.norm));
             } else {
-                norm_params(input_norm)
-            };
-            for p in &norm {
-                add(p);
+                out.extend(norm(input_norm));
             }
         };
         sub(
@@ -249,7 +295,7 @@ impl Block {
             &self.mlp.input_norm,
             &self.mlp.join,
         );
-        names
+        out
     }
 }
 
@@ -267,13 +313,14 @@ pub struct Tower {
 pub struct Architecture {
     /// Towers present, vision first.
     pub towers: Vec<Tower>,
-    /// Parameters of the whole model: elements of floating-point
-    /// initializers with more than one element (scalars and integer tensors
-    /// are constants, not parameters).
+    /// Parameters of the whole model as stored: elements of the stored
+    /// tensors (initializers, `Constant` nodes) with more than one element
+    /// that hold floating-point weights, or integer weights a dequantising
+    /// node reads.
     pub params_total: u64,
-    /// Sub-blocks that matched but are not part of any block (for
-    /// diagnostics), as labels.
-    pub unmatched: Vec<String>,
+    /// Recognised sub-blocks outside every tower's chain of blocks (heads,
+    /// poolers), left untouched.
+    pub outside: Vec<String>,
 }
 
 impl Architecture {
@@ -320,6 +367,7 @@ impl Architecture {
             "towers": towers,
             "params_total": self.params_total,
             "params_blocks": self.params_blocks(),
+            "outside": self.outside,
         })
     }
 }
@@ -329,7 +377,9 @@ impl Architecture {
 #[non_exhaustive]
 pub enum DiscoverError {
     /// Nothing that looks like a transformer block.
-    #[error("no transformer block found ({0})")]
+    #[error(
+        "no transformer block found ({0}; `inspect --explain` says where each pattern stopped)"
+    )]
     NoBlocks(String),
     /// Blocks found, but no tower input to assign them to.
     #[error("transformer blocks found, but {0}")]
@@ -344,79 +394,189 @@ pub enum DiscoverError {
     Gap(String),
 }
 
-/// Finds the towers and blocks of `graph`.
-pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
-    let order: HashMap<NodeId, usize> = graph
-        .nodes()
-        .into_iter()
-        .enumerate()
-        .map(|(i, id)| (id, i))
-        .collect();
+/// Everything matching tried, for `inspect --explain`.
+struct Found {
+    attentions: Vec<SubBlock<Attention>>,
+    mlps: Vec<SubBlock<Mlp>>,
+    /// Attention anchors that did not match, with why.
+    unrecognised_anchors: Vec<(NodeId, Miss)>,
+    /// One line per anchor and MLP candidate.
+    explanations: Vec<String>,
+    anchors: usize,
+}
+
+/// Runs every matcher over the graph.
+fn find_sub_blocks(view: &View<'_>, order: &HashMap<NodeId, usize>) -> Found {
+    let graph = view.graph;
     let mut by_order: Vec<NodeId> = order.keys().copied().collect();
     by_order.sort_by_key(|id| order[id]);
-
-    // Attention sub-blocks.
-    let mut attentions: Vec<SubBlock<Attention>> = Vec::new();
+    let mut found = Found {
+        attentions: Vec::new(),
+        mlps: Vec::new(),
+        unrecognised_anchors: Vec::new(),
+        explanations: Vec::new(),
+        anchors: 0,
+    };
     let mut attention_linears: HashSet<NodeId> = HashSet::new();
-    let mut anchors = 0;
-    let mut unrecognised_anchors: Vec<NodeId> = Vec::new();
     for &id in &by_order {
         let node = graph.node(id);
-        if !matches!(node.op(), "Softmax" | "Attention") {
+        let anchor = matches!(
+            (node.op(), node.domain()),
+            ("Softmax", "")
+                | ("Attention", "com.microsoft" | "" | "ai.onnx")
+                | ("MultiHeadAttention", "com.microsoft")
+        );
+        if !anchor {
             continue;
         }
-        anchors += 1;
-        let Some(body) = attention::match_attention(graph, id) else {
-            unrecognised_anchors.push(id);
-            continue;
-        };
-        let Some(join) = raw_join(graph, &body.out.output) else {
-            unrecognised_anchors.push(id);
-            continue;
-        };
-        attention_linears.insert(body.out.matmul);
-        if let Projections::Separate { q, k, v } = &body.projections {
-            attention_linears.extend([q.matmul, k.matmul, v.matmul]);
-        } else if let Projections::Packed { qkv } = &body.projections {
-            attention_linears.insert(qkv.matmul);
-        }
-        let input_norm = patterns::norm_producing(graph, &body.query_input);
-        attentions.push(SubBlock {
-            body,
-            input_norm,
-            join,
+        found.anchors += 1;
+        let label = node.label();
+        let matched = attention::match_attention(view, id).and_then(|body| {
+            let join = raw_join(view, &body.out.output).ok_or_else(|| Miss {
+                at: format!("value '{}'", body.out.output),
+                expected: "the output projection's output joining a residual stream (an Add or SkipLayerNormalization, through an optional layer-scale Mul)".into(),
+            })?;
+            Ok((body, join))
         });
+        match matched {
+            Ok((body, join)) => {
+                found.explanations.push(format!(
+                    "attention at {label}: matched ({} heads × {}, {}{})",
+                    body.heads,
+                    body.head_dim,
+                    match &body.projections {
+                        Projections::Separate { .. } => "separate q/k/v",
+                        Projections::Packed { .. } => "packed qkv",
+                        Projections::Fused { .. } => "fused operator",
+                    },
+                    if body.is_cross() {
+                        ", cross-attention"
+                    } else {
+                        ""
+                    }
+                ));
+                attention_linears.insert(body.out.matmul);
+                match &body.projections {
+                    Projections::Separate { q, k, v } => {
+                        attention_linears.extend([q.matmul, k.matmul, v.matmul])
+                    }
+                    Projections::Packed { qkv } => {
+                        attention_linears.insert(qkv.matmul);
+                    }
+                    Projections::Fused { .. } => {}
+                }
+                let input_norm = patterns::norm_producing(view, &body.query_input);
+                found.attentions.push(SubBlock {
+                    body,
+                    input_norm,
+                    join,
+                });
+            }
+            Err(miss) => {
+                found
+                    .explanations
+                    .push(format!("attention at {label}: {miss}"));
+                found.unrecognised_anchors.push((id, miss));
+            }
+        }
     }
-
-    // MLP sub-blocks.
-    let mut mlps: Vec<SubBlock<Mlp>> = Vec::new();
     for &id in &by_order {
         if attention_linears.contains(&id) {
             continue;
         }
-        let Some(fc1) = patterns::linear_at(graph, id) else {
+        let Some(fc1) = patterns::linear_at(view, id) else {
             continue;
         };
-        let Some(body) = mlp::match_mlp(graph, &fc1, &order) else {
-            continue;
-        };
-        let Some(join) = raw_join(graph, &body.fc2.output) else {
-            continue;
-        };
-        let input_norm = patterns::norm_producing(graph, &body.fc1.input);
-        mlps.push(SubBlock {
-            body,
-            input_norm,
-            join,
+        let label = graph.node(id).label();
+        let matched = mlp::match_mlp(view, &fc1, order).and_then(|body| {
+            let join = raw_join(view, &body.fc2.output).ok_or_else(|| Miss {
+                at: format!("value '{}'", body.fc2.output),
+                expected: "fc2's output joining a residual stream (an Add or SkipLayerNormalization, through an optional layer-scale Mul)".into(),
+            })?;
+            Ok((body, join))
         });
+        match matched {
+            Ok((body, join)) => {
+                found.explanations.push(format!(
+                    "MLP at {label}: matched ({} → {} → {})",
+                    body.fc1.in_features,
+                    body.width(),
+                    body.fc2.out_features
+                ));
+                let input_norm = patterns::norm_producing(view, &body.fc1.input);
+                found.mlps.push(SubBlock {
+                    body,
+                    input_norm,
+                    join,
+                });
+            }
+            Err(miss) => found.explanations.push(format!("MLP at {label}: {miss}")),
+        }
     }
+    found
+}
+
+/// For `inspect --explain`: one line per attention anchor and MLP
+/// candidate, saying what matched or where the pattern stopped, then what
+/// discovery concluded.
+pub fn explain(graph: &Graph) -> Vec<String> {
+    let view = View::new(graph);
+    let order = node_order(graph);
+    let mut lines = find_sub_blocks(&view, &order).explanations;
+    match discover_in(&view) {
+        Ok(arch) => {
+            for tower in &arch.towers {
+                lines.push(format!(
+                    "{} tower: {} blocks",
+                    tower.kind.name(),
+                    tower.blocks.len()
+                ));
+            }
+            for note in &arch.outside {
+                lines.push(format!("outside the block chain: {note}"));
+            }
+        }
+        Err(e) => lines.push(format!("discovery: {e}")),
+    }
+    lines
+}
+
+fn node_order(graph: &Graph) -> HashMap<NodeId, usize> {
+    graph
+        .nodes()
+        .into_iter()
+        .enumerate()
+        .map(|(i, id)| (id, i))
+        .collect()
+}
+
+/// Finds the towers and blocks of `graph`.
+pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
+    discover_in(&View::new(graph))
+}
+
+fn discover_in(view: &View<'_>) -> Result<Architecture, DiscoverError> {
+    let graph = view.graph;
+    let order = node_order(graph);
+    let Found {
+        attentions,
+        mlps,
+        unrecognised_anchors,
+        anchors,
+        ..
+    } = find_sub_blocks(view, &order);
     if attentions.is_empty() || mlps.is_empty() {
+        let first_miss = unrecognised_anchors
+            .first()
+            .map(|(_, m)| format!("; the first attention {m}"))
+            .unwrap_or_default();
         return Err(DiscoverError::NoBlocks(format!(
-            "{anchors} attention anchors (Softmax or fused Attention), {} attention and {} MLP sub-blocks recognised",
+            "{anchors} attention anchors (Softmax or fused Attention), {} attention and {} MLP sub-blocks recognised{first_miss}",
             attentions.len(),
             mlps.len()
         )));
     }
+    let canon = |v: &str| view.origin(v);
 
     // Chain self-attention ─► [cross-attention] ─► MLP along the stream.
     let mut blocks: Vec<(NodeId, Block)> = Vec::new();
@@ -426,26 +586,26 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
         if first.body.is_cross() {
             continue;
         }
-        let Some(norm) = placement(first) else {
+        let Some(norm) = placement(view, first) else {
             continue;
         };
         // Fused joins without a materialised sum carry the normalised stream.
         let after = norm == NormPlacement::Post
             || (norm == NormPlacement::Fused && first.join.sum.is_none());
         let attention = settle(first.clone(), norm, after);
-        let mut stream = attention.join.stream_out.clone();
+        let mut stream = canon(&attention.join.stream_out);
         let mut cross = None;
         if let Some(ci) = attentions.iter().position(|c| {
             c.body.is_cross()
-                && c.join.stream_in == stream
-                && c.body.query_input_matches(&stream, norm)
+                && canon(&c.join.stream_in) == stream
+                && (norm != NormPlacement::Post || canon(&c.body.query_input) == stream)
         }) {
             let c = settle(attentions[ci].clone(), norm, after);
-            stream = c.join.stream_out.clone();
+            stream = canon(&c.join.stream_out);
             used_attention[ci] = true;
             cross = Some(c);
         }
-        let Some(mi) = mlps.iter().position(|m| m.join.stream_in == stream) else {
+        let Some(mi) = mlps.iter().position(|m| canon(&m.join.stream_in) == stream) else {
             continue;
         };
         let mlp = settle(mlps[mi].clone(), norm, after);
@@ -462,11 +622,7 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
             norm_after_join: after,
             params: 0,
         };
-        block.params = block
-            .parameters()
-            .iter()
-            .map(|p| patterns::numel(graph, p))
-            .sum();
+        block.params = block.parameters().iter().map(|p| p.numel(graph)).sum();
         blocks.push((block.attention.join.node, block));
     }
     if blocks.is_empty() {
@@ -476,38 +632,17 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
             mlps.len()
         )));
     }
-    let mut unmatched: Vec<String> = Vec::new();
-    for (a, used) in attentions.iter().zip(&used_attention) {
-        if !used {
-            unmatched.push(format!(
-                "attention at {}",
-                graph.node(a.body.anchor).label()
-            ));
-        }
-    }
-    for (m, used) in mlps.iter().zip(&used_mlp) {
-        if !used {
-            unmatched.push(format!("MLP at {}", graph.node(m.body.fc1.matmul).label()));
-        }
-    }
-
-    if !unmatched.is_empty() {
-        // A residual sub-block that does not chain into a block is a layer
-        // whose other half was not recognised: leaving it out would
-        // renumber the blocks after it.
-        return Err(DiscoverError::Gap(format!(
-            "{} not part of a recognised block: the layer it belongs to does not match a transformer block (weights of unexpected shape or type, or an unusual operator), and skipping it would shift the index of every block after it",
-            unmatched.join(", ")
-        )));
-    }
 
     // Towers by reachability from the inputs.
-    let (text_inputs, image_inputs) = tower_inputs(graph);
+    let (text_inputs, other_inputs) = tower_inputs(view);
     let reach = |inputs: &[String]| -> HashSet<NodeId> {
-        inputs.iter().flat_map(|i| graph.descendants(i)).collect()
+        inputs
+            .iter()
+            .flat_map(|i| data_descendants(graph, i))
+            .collect()
     };
     let text_reach = reach(&text_inputs);
-    let vision_reach = reach(&image_inputs);
+    let vision_reach = reach(&other_inputs);
     let mut towers: Vec<Tower> = Vec::new();
     blocks.sort_by_key(|(join, _)| order[join]);
     for (join, mut block) in blocks {
@@ -517,10 +652,10 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
             TowerKind::Vision
         } else {
             return Err(DiscoverError::NoTowers(format!(
-                "block at {} is reachable from neither a token input nor an image input (inputs seen: text {:?}, image {:?})",
+                "block at {} is reachable from neither a token input nor another model input (inputs seen: text {:?}, others {:?})",
                 graph.node(join).label(),
                 text_inputs,
-                image_inputs
+                other_inputs
             )));
         };
         let tower = match towers.iter_mut().position(|t| t.kind == kind) {
@@ -530,7 +665,7 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
                     kind,
                     blocks: Vec::new(),
                 });
-                towers.last_mut().unwrap()
+                towers.last_mut().expect("just pushed")
             }
         };
         block.index = tower.blocks.len();
@@ -541,42 +676,145 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
         for block in &tower.blocks {
             check_weight_types(graph, tower.kind, block)?;
         }
-        check_consecutive(graph, tower)?;
+        check_consecutive(view, tower)?;
     }
-    // An attention that was not recognised and feeds a recognised block is
-    // a whole layer left out in front of it (the gap check above only sees
-    // holes between recognised blocks).
-    let joins: Vec<(TowerKind, &Block)> = towers
-        .iter()
-        .flat_map(|t| t.blocks.iter().map(move |b| (t.kind, b)))
-        .collect();
-    for &anchor in &unrecognised_anchors {
-        let Some(output) = graph.node(anchor).outputs().first() else {
-            continue;
-        };
-        let downstream = graph.descendants(output);
-        if let Some((kind, block)) = joins
+
+    // What matched but is no block: if it feeds a block of its own tower
+    // it is a layer discovery did not recognise, and skipping it would
+    // renumber the blocks after it; otherwise (a pooling head, a pooler's
+    // MLP after the last block) it is left alone and listed.
+    let tower_of = |node: NodeId| {
+        if text_reach.contains(&node) {
+            Some(TowerKind::Text)
+        } else if vision_reach.contains(&node) {
+            Some(TowerKind::Vision)
+        } else {
+            None
+        }
+    };
+    let feeds_block = |node: NodeId| -> Option<(TowerKind, usize)> {
+        let kind = tower_of(node)?;
+        let downstream: HashSet<NodeId> = graph
+            .node(node)
+            .outputs()
             .iter()
-            .find(|(_, b)| downstream.contains(&b.attention.join.node))
-        {
+            .flat_map(|o| graph.descendants(o))
+            .collect();
+        towers
+            .iter()
+            .find(|t| t.kind == kind)?
+            .blocks
+            .iter()
+            .find(|b| {
+                downstream.contains(&b.attention.join.node) || downstream.contains(&b.mlp.join.node)
+            })
+            .map(|b| (kind, b.index))
+    };
+    let mut outside = Vec::new();
+    let mut gaps = Vec::new();
+    let unused = attentions
+        .iter()
+        .zip(&used_attention)
+        .filter(|(_, u)| !**u)
+        .map(|(a, _)| {
+            (
+                format!("attention at {}", graph.node(a.body.anchor).label()),
+                a.join.node,
+            )
+        })
+        .chain(
+            mlps.iter()
+                .zip(&used_mlp)
+                .filter(|(_, u)| !**u)
+                .map(|(m, _)| {
+                    (
+                        format!("MLP at {}", graph.node(m.body.fc1.matmul).label()),
+                        m.join.node,
+                    )
+                }),
+        );
+    for (label, join) in unused {
+        match feeds_block(join) {
+            Some((kind, index)) => {
+                gaps.push(format!("{label} (before {} block {index})", kind.name()))
+            }
+            None => outside.push(label),
+        }
+    }
+    if !gaps.is_empty() {
+        return Err(DiscoverError::Gap(format!(
+            "{} not part of a recognised block: the layer it belongs to does not match a transformer block (weights of unexpected shape or type, or an unusual operator), and skipping it would shift the index of every block after it",
+            gaps.join(", ")
+        )));
+    }
+    // An attention that was not recognised and feeds a block of its tower
+    // is a whole layer left out (the gap check only sees holes between
+    // recognised blocks).
+    for (anchor, miss) in &unrecognised_anchors {
+        if let Some((kind, index)) = feeds_block(*anchor) {
             return Err(DiscoverError::Gap(format!(
-                "the attention at {} feeds {} block {} but does not match an attention sub-block (weights of unexpected shape or type, or an unusual operator); skipping its layer would shift the index of every block after it",
-                graph.node(anchor).label(),
+                "the attention at {} feeds {} block {index} but does not match an attention sub-block ({miss}); skipping its layer would shift the index of every block after it",
+                graph.node(*anchor).label(),
                 kind.name(),
-                block.index
             )));
         }
     }
-    let params_total = graph
-        .initializers()
-        .filter(|(_, t)| matches!(t.data_type(), 1 | 10 | 11 | 16) && t.len() > 1)
-        .map(|(_, t)| t.len() as u64)
-        .sum();
     Ok(Architecture {
         towers,
-        params_total,
-        unmatched,
+        params_total: stored_params(view),
+        outside,
     })
+}
+
+/// The nodes `value`'s data reaches. Reading only its size (`Shape`,
+/// `Size`) does not count: exporters compute every tower's reshape targets
+/// from one input's batch size.
+fn data_descendants(graph: &Graph, value: &str) -> HashSet<NodeId> {
+    let mut seen = HashSet::new();
+    let mut stack = vec![value.to_string()];
+    while let Some(v) = stack.pop() {
+        for reader in graph.consumers(&v) {
+            let node = graph.node(reader);
+            if matches!(node.op(), "Shape" | "Size") || !seen.insert(reader) {
+                continue;
+            }
+            stack.extend(node.outputs().iter().filter(|o| !o.is_empty()).cloned());
+        }
+    }
+    seen
+}
+
+/// Elements of the stored weights: floating-point tensors, and integer
+/// tensors read by a dequantising node, with more than one element.
+fn stored_params(view: &View<'_>) -> u64 {
+    let graph = view.graph;
+    let dequantised = |name: &str| {
+        graph.consumers(name).iter().any(|&c| {
+            let n = graph.node(c);
+            (n.op() == "DequantizeLinear" && n.inputs().first().is_some_and(|i| i == name))
+                || (n.op() == "Cast" && n.attr_int("to").is_some_and(|t| dtype::is_float(t as i32)))
+        })
+    };
+    let counts = |name: &str, t: &crate::ir::Tensor| -> u64 {
+        let kind = t.data_type();
+        if t.len() > 1 && (dtype::is_float(kind) || (dtype::is_integer(kind) && dequantised(name)))
+        {
+            t.len() as u64
+        } else {
+            0
+        }
+    };
+    let mut total: u64 = graph.initializers().map(|(n, t)| counts(n, t)).sum();
+    for id in graph.nodes() {
+        let node = graph.node(id);
+        if node.op() == "Constant"
+            && let Some(out) = node.outputs().first()
+            && let Some(t) = view::stored_tensor(graph, out)
+        {
+            total += counts(out, &t);
+        }
+    }
+    total
 }
 
 /// A tower's blocks must follow each other along the residual stream: what
@@ -584,58 +822,43 @@ pub fn discover(graph: &Graph) -> Result<Architecture, DiscoverError> {
 /// recognised (a weight of the wrong shape, an unusual operator); skipping
 /// it would number every later block one too low, and a plan's `index`
 /// would then name the wrong layer.
-fn check_consecutive(graph: &Graph, tower: &Tower) -> Result<(), DiscoverError> {
+fn check_consecutive(view: &View<'_>, tower: &Tower) -> Result<(), DiscoverError> {
     for pair in tower.blocks.windows(2) {
         let (before, after) = (&pair[0], &pair[1]);
         let leaving = &before.mlp.join.stream_out;
         let entering = &after.attention.join.stream_in;
-        if leaving != entering {
+        if view.origin(leaving) != view.origin(entering) {
             return Err(DiscoverError::Gap(format!(
                 "{} tower: block {} ends at '{leaving}', but the next recognised block starts from '{entering}' (at {}); the layer in between does not match a transformer block, and skipping it would shift the index of every block after it",
                 tower.kind.name(),
                 before.index,
-                graph.node(after.attention.join.node).label()
+                view.graph.node(after.attention.join.node).label()
             )));
         }
     }
     Ok(())
 }
 
-/// The weights and biases of `block`'s linear layers (those stored as
-/// initializers) must be floating-point and of one element type: a MatMul
-/// or Gemm takes both operands in one type, and the activations of a block
-/// flow through all of them. Norm parameters are left out, because mixed
-/// precision exports keep LayerNormalization in float32 around float16
-/// linears.
+/// The weights and biases of `block`'s linear layers must be floating-point
+/// (as their readers see them: a dequantised int8 weight reads as float)
+/// and of one element type: a MatMul or Gemm takes both operands in one
+/// type, and the activations of a block flow through all of them. Norm
+/// parameters are left out, because mixed precision exports keep
+/// LayerNormalization in float32 around float16 linears.
 fn check_weight_types(graph: &Graph, tower: TowerKind, block: &Block) -> Result<(), DiscoverError> {
-    let mut tensors: Vec<(&'static str, &str, &str)> = Vec::new();
+    let mut tensors: Vec<(&'static str, &str, &Operand)> = Vec::new();
     for linear in block.linears() {
-        match linear.linear {
-            Some(l) => {
-                tensors.push((linear.role, "weight", &l.weight));
-                if let Some(b) = &l.bias {
-                    tensors.push((linear.role, "bias", &b.name));
-                }
-            }
-            None => {
-                if let Projections::Fused { weight, bias, .. } = &block.attention.body.projections {
-                    tensors.push((linear.role, "weight", weight));
-                    if let Some(b) = bias {
-                        tensors.push((linear.role, "bias", b));
-                    }
-                }
-            }
+        tensors.push((linear.role, "weight", linear.weight));
+        if let Some(b) = linear.bias {
+            tensors.push((linear.role, "bias", b));
         }
     }
     let mut first: Option<(&str, &str, &str, i32)> = None;
-    for (role, what, name) in tensors {
-        let Some(tensor) = graph.initializer(name) else {
-            continue;
-        };
-        let data_type = tensor.data_type();
+    for (role, what, operand) in tensors {
+        let data_type = operand.read_type(graph);
+        let name = operand.storage.as_str();
         let place = format!("{} block {}", tower.name(), block.index);
-        // float32, float16, float64, bfloat16, the float8 kinds, float4.
-        if !matches!(data_type, 1 | 10 | 11 | 16..=20 | 23) {
+        if !dtype::is_float(data_type) {
             return Err(DiscoverError::WeightTypes(format!(
                 "{place}: the {role} {what} '{name}' holds {} values, not floating-point numbers",
                 dtype::name(data_type)
@@ -656,72 +879,86 @@ fn check_weight_types(graph: &Graph, tower: TowerKind, block: &Block) -> Result<
     Ok(())
 }
 
-impl Attention {
-    /// Whether this sub-block's queries come from `stream` (post-norm) or a
-    /// norm of it (pre-norm and fused).
-    fn query_input_matches(&self, stream: &str, norm: NormPlacement) -> bool {
-        match norm {
-            NormPlacement::Post => self.query_input == stream,
-            _ => true,
+/// The residual join right after a sub-block's output (through a
+/// layer-scale `Mul` and a reshape back to the stream's layout), before
+/// deciding the norm placement.
+fn raw_join(view: &View<'_>, output: &str) -> Option<Join> {
+    let graph = view.graph;
+    let mut value = output.to_string();
+    let mut layer_scale = None;
+    for _ in 0..4 {
+        let (id, read) = view.single_reader(&value)?;
+        let node = graph.node(id);
+        let inputs = node.inputs();
+        match (node.op(), node.domain()) {
+            ("Mul", "") if inputs.len() == 2 && layer_scale.is_none() => {
+                let other = usize::from(inputs[0] == read);
+                let factor = view.operand(id, other)?;
+                let t = factor.tensor(graph)?;
+                if t.len() <= 1 || t.dims().iter().filter(|&&d| d > 1).count() != 1 {
+                    return None;
+                }
+                layer_scale = Some(factor);
+                value = node.outputs()[0].clone();
+            }
+            ("Reshape", "") if inputs[0] == read => value = node.outputs()[0].clone(),
+            ("Add", "") if inputs.len() == 2 => {
+                let stream_in = if inputs[0] == read {
+                    &inputs[1]
+                } else {
+                    &inputs[0]
+                };
+                if !view.is_data(stream_in) {
+                    return None;
+                }
+                let sum = node.outputs()[0].clone();
+                let norm = patterns::norm_reading(view, &sum);
+                return Some(Join {
+                    node: id,
+                    stream_in: stream_in.clone(),
+                    stream_out: sum.clone(),
+                    sum: Some(sum),
+                    norm,
+                    bias: None,
+                    layer_scale,
+                });
+            }
+            ("SkipLayerNormalization", "com.microsoft") if inputs.len() >= 3 => {
+                if inputs[0] != read && inputs[1] != read {
+                    return None;
+                }
+                let stream_in = if inputs[0] == read {
+                    &inputs[1]
+                } else {
+                    &inputs[0]
+                };
+                let outputs = node.outputs();
+                let sum = outputs.get(3).filter(|s| !s.is_empty()).cloned();
+                let normed = patterns::norm_producing(view, &outputs[0]);
+                let bias = inputs
+                    .get(4)
+                    .filter(|b| !b.is_empty())
+                    .and_then(|_| view.operand(id, 4));
+                let stream_out = sum.clone().unwrap_or_else(|| outputs[0].clone());
+                return Some(Join {
+                    node: id,
+                    stream_in: stream_in.clone(),
+                    sum,
+                    stream_out,
+                    norm: normed,
+                    bias,
+                    layer_scale,
+                });
+            }
+            _ => return None,
         }
     }
-}
-
-/// The residual join right after a sub-block output, before deciding the
-/// norm placement.
-fn raw_join(graph: &Graph, output: &str) -> Option<Join> {
-    let id = patterns::single_consumer(graph, output)?;
-    let node = graph.node(id);
-    let inputs = node.inputs();
-    match (node.op(), node.domain()) {
-        ("Add", "") if inputs.len() == 2 => {
-            let stream_in = if inputs[0] == output {
-                &inputs[1]
-            } else {
-                &inputs[0]
-            };
-            let sum = node.outputs()[0].clone();
-            let norm = patterns::norm_reading(graph, &sum);
-            Some(Join {
-                node: id,
-                stream_in: stream_in.clone(),
-                stream_out: sum.clone(),
-                sum: Some(sum),
-                norm,
-                bias: None,
-            })
-        }
-        ("SkipLayerNormalization", "com.microsoft") if inputs.len() >= 3 => {
-            let stream_in = if inputs[0] == output {
-                &inputs[1]
-            } else {
-                &inputs[0]
-            };
-            let outputs = node.outputs();
-            let sum = outputs.get(3).filter(|s| !s.is_empty()).cloned();
-            let normed = patterns::norm_producing(graph, &outputs[0]);
-            let bias = inputs.get(4).filter(|b| !b.is_empty()).map(|b| Bias {
-                node: id,
-                slot: 4,
-                name: b.clone(),
-            });
-            let stream_out = sum.clone().unwrap_or_else(|| outputs[0].clone());
-            Some(Join {
-                node: id,
-                stream_in: stream_in.clone(),
-                sum,
-                stream_out,
-                norm: normed,
-                bias,
-            })
-        }
-        _ => None,
-    }
+    None
 }
 
 /// The norm placement a block starting with `attention` has, if any.
-fn placement(attention: &SubBlock<Attention>) -> Option<NormPlacement> {
-    let stream = &attention.join.stream_in;
+fn placement(view: &View<'_>, attention: &SubBlock<Attention>) -> Option<NormPlacement> {
+    let stream = view.origin(&attention.join.stream_in);
     if attention
         .join
         .norm
@@ -731,9 +968,11 @@ fn placement(attention: &SubBlock<Attention>) -> Option<NormPlacement> {
         return Some(NormPlacement::Fused);
     }
     match &attention.input_norm {
-        Some(norm) if norm.input == *stream => Some(NormPlacement::Pre),
+        Some(norm) if view.origin(&norm.input) == stream => Some(NormPlacement::Pre),
         Some(norm) if norm.kind == NormKind::Skip => Some(NormPlacement::Fused),
-        _ if attention.body.query_input == *stream && attention.join.norm.is_some() => {
+        _ if view.origin(&attention.body.query_input) == stream
+            && attention.join.norm.is_some() =>
+        {
             Some(NormPlacement::Post)
         }
         _ => None,
@@ -772,23 +1011,21 @@ fn settle<T>(mut sub: SubBlock<T>, norm: NormPlacement, norm_after_join: bool) -
     sub
 }
 
-/// Graph inputs of the text tower (token ids read by an embedding lookup)
-/// and of the vision tower (rank-4 floating inputs, or inputs read by a Conv).
-fn tower_inputs(graph: &Graph) -> (Vec<String>, Vec<String>) {
+/// Graph inputs of the text tower (token ids read by an embedding lookup),
+/// and the other inputs that carry data (images, patches, encoder states).
+fn tower_inputs(view: &View<'_>) -> (Vec<String>, Vec<String>) {
+    let graph = view.graph;
     let mut text = Vec::new();
-    let mut image = Vec::new();
+    let mut other = Vec::new();
     for input in &graph.inputs {
         let name = input.name();
         if graph.initializer(name).is_some() {
             continue;
         }
-        let ty = graph.value_type(name);
-        let rank = ty.as_ref().and_then(|t| t.shape.as_ref().map(|s| s.len()));
-        let elem = ty.map_or(0, |t| t.elem_type);
+        let elem = graph.value_type(name).map_or(0, |t| t.elem_type);
         let mut frontier = vec![name.to_string()];
         let mut embeds = false;
-        let mut convolves = false;
-        for _ in 0..3 {
+        for _ in 0..4 {
             let mut next = Vec::new();
             for value in &frontier {
                 for reader in graph.consumers(value) {
@@ -796,11 +1033,10 @@ fn tower_inputs(graph: &Graph) -> (Vec<String>, Vec<String>) {
                     match n.op() {
                         "Gather"
                             if n.inputs().get(1) == Some(value)
-                                && graph.initializer(&n.inputs()[0]).is_some() =>
+                                && view.operand(reader, 0).is_some() =>
                         {
                             embeds = true
                         }
-                        "Conv" if n.inputs()[0] == *value => convolves = true,
                         "Cast" | "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "Identity" => {
                             next.push(n.outputs()[0].clone())
                         }
@@ -812,11 +1048,11 @@ fn tower_inputs(graph: &Graph) -> (Vec<String>, Vec<String>) {
         }
         if embeds && matches!(elem, 6 | 7) {
             text.push(name.to_string());
-        } else if convolves || (rank == Some(4) && matches!(elem, 1 | 10 | 11 | 16)) {
-            image.push(name.to_string());
+        } else if dtype::is_float(elem) {
+            other.push(name.to_string());
         }
     }
-    (text, image)
+    (text, other)
 }
 
 #[cfg(test)]

@@ -1,27 +1,29 @@
 //! Small structural matchers shared by the attention, MLP and residual
-//! matchers: constants, linear layers and layer norms.
+//! matchers: linear layers and layer norms, on the normalised view.
 //!
 //! Each matcher answers `None` for "not this pattern"; none of them relies on
 //! node or value names.
 
-use crate::ir::{Graph, NodeId, Producer};
-use crate::onnx::proto::TensorProto;
+use super::view::{Operand, View};
+use crate::ir::{Graph, NodeId};
 
 /// A linear layer `y = x·W (+ b)`.
 ///
 /// ```text
-/// x ──► MatMul(x, W) ──► [Add(·, b)] ──► y      W: 2-D initializer [in, out]
+/// x ──► MatMul(x, W) ──► [Add(·, b)] ──► y      W: [in, out], or [out, in] behind a Transpose
 /// x ──► Gemm(x, W, b; transB) ──► y             W: [out, in] when transB = 1
+/// W, b: stored, or behind Identity / Cast / DequantizeLinear / Cast+Mul(scale)
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Linear {
     /// The MatMul or Gemm node.
     pub matmul: NodeId,
-    /// The input activation.
+    /// The input activation (as the node reads it).
     pub input: String,
-    /// The weight initializer.
-    pub weight: String,
-    /// Whether the weight is stored `[out, in]` (Gemm with transB = 1).
+    /// The weight, read at input 1 of `matmul`.
+    pub weight: Operand,
+    /// Whether the node sees the weight as `[out, in]` (Gemm with
+    /// `transB = 1`, or a transpose in the chain).
     pub transposed: bool,
     /// The bias, when there is one.
     pub bias: Option<Bias>,
@@ -33,169 +35,99 @@ pub struct Linear {
     pub out_features: usize,
 }
 
-/// Where a bias vector is added.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bias {
-    /// The node that adds it (Add, Gemm, SkipLayerNormalization, BiasGelu…).
-    pub node: NodeId,
-    /// Which input of that node it is.
-    pub slot: usize,
-    /// The bias initializer.
-    pub name: String,
-}
+/// A bias vector: the operand of the node that adds it (Add, Gemm,
+/// SkipLayerNormalization, BiasGelu, a fused attention operator).
+pub type Bias = Operand;
 
-/// Integer values of a constant value (initializer or `Constant` node).
-pub fn const_ints(graph: &Graph, value: &str) -> Option<Vec<i64>> {
-    const_tensor(graph, value, |t| {
-        crate::ir::Tensor::new(t.clone()).to_i64().ok()
-    })
-    .or_else(|| {
-        constant_attr(graph, value, |node| {
-            node.attr_ints("value_ints").map(|v| v.to_vec())
-        })
-    })
-    .or_else(|| {
-        constant_attr(graph, value, |node| {
-            node.attr_int("value_int").map(|v| vec![v])
-        })
-    })
-}
-
-/// The value of a scalar (or one-element) floating constant.
-pub fn const_scalar(graph: &Graph, value: &str) -> Option<f32> {
-    const_tensor(graph, value, |t| {
-        let values = crate::ir::Tensor::new(t.clone()).to_f32().ok()?;
-        (values.len() == 1).then(|| values[0])
-    })
-    .or_else(|| constant_attr(graph, value, |node| node.attr_float("value_float")))
-}
-
-/// Whether `value` is a constant (initializer or `Constant` output).
-pub fn is_const(graph: &Graph, value: &str) -> bool {
-    match graph.producer(value) {
-        Some(Producer::Initializer) => true,
-        Some(Producer::Node(id, _)) => graph.node(id).op() == "Constant",
-        _ => false,
+impl Linear {
+    /// Which axis of the weight, as the node reads it, holds the input
+    /// (`false`) or output (`true`) features.
+    pub fn read_axis(&self, graph: &Graph, output: bool) -> usize {
+        let reads_out_in = graph.node(self.matmul).op() == "Gemm"
+            && graph.node(self.matmul).attr_int("transB").unwrap_or(0) != 0;
+        usize::from(output != reads_out_in)
     }
-}
 
-fn const_tensor<T>(
-    graph: &Graph,
-    value: &str,
-    read: impl Fn(&TensorProto) -> Option<T>,
-) -> Option<T> {
-    if let Some(t) = graph.initializer(value) {
-        return read(t.proto());
+    /// The weight as an `[in, out]` matrix in f32 (dequantised), row-major.
+    pub fn matrix(&self, graph: &Graph) -> Option<Vec<f32>> {
+        let (values, dims) = self.weight.values(graph)?;
+        let [a, b] = dims[..] else { return None };
+        let gemm_trans = graph.node(self.matmul).op() == "Gemm"
+            && graph.node(self.matmul).attr_int("transB").unwrap_or(0) != 0;
+        if !gemm_trans {
+            // The node reads [in, out] as is.
+            return (a == self.in_features && b == self.out_features).then_some(values);
+        }
+        // Read [out, in]: transpose.
+        if a != self.out_features || b != self.in_features {
+            return None;
+        }
+        Some(
+            (0..a * b)
+                .map(|k| {
+                    let (i, o) = (k / a, k % a);
+                    values[o * b + i]
+                })
+                .collect(),
+        )
     }
-    let id = graph.producer_node(value)?;
-    let node = graph.node(id);
-    if node.op() != "Constant" {
-        return None;
-    }
-    read(node.attribute("value")?.t.as_ref()?)
-}
-
-fn constant_attr<T>(
-    graph: &Graph,
-    value: &str,
-    read: impl Fn(&crate::ir::Node) -> Option<T>,
-) -> Option<T> {
-    let id = graph.producer_node(value)?;
-    let node = graph.node(id);
-    (node.op() == "Constant").then(|| read(node)).flatten()
-}
-
-/// The dims of a 2-D weight initializer (possibly behind a Transpose).
-fn weight_dims(graph: &Graph, value: &str) -> Option<(String, [usize; 2], bool)> {
-    if let Some(t) = graph.initializer(value) {
-        let d = t.dims();
-        return (d.len() == 2).then(|| (value.to_string(), [d[0] as usize, d[1] as usize], false));
-    }
-    let id = graph.producer_node(value)?;
-    let node = graph.node(id);
-    if node.op() == "Transpose" && node.attr_ints("perm").is_none_or(|p| p == [1, 0]) {
-        let (name, [a, b], _) = weight_dims(graph, &node.inputs()[0])?;
-        return Some((name, [a, b], true));
-    }
-    None
 }
 
 /// The linear layer whose MatMul/Gemm is `id`, if it is one.
-pub fn linear_at(graph: &Graph, id: NodeId) -> Option<Linear> {
+pub fn linear_at(view: &View<'_>, id: NodeId) -> Option<Linear> {
+    let graph = view.graph;
     let node = graph.node(id);
     let inputs = node.inputs();
+    if !node.domain().is_empty() || inputs.len() < 2 || !view.is_data(&inputs[0]) {
+        return None;
+    }
+    let weight = view.operand(id, 1)?;
+    let dims = weight.read_dims(graph)?;
+    let [rows, cols] = dims[..] else { return None };
     match node.op() {
-        "MatMul" if inputs.len() == 2 && node.domain().is_empty() => {
-            let (weight, [rows, cols], transposed) = weight_dims(graph, &inputs[1])?;
-            let (in_features, out_features) = if transposed {
-                (cols, rows)
-            } else {
-                (rows, cols)
-            };
+        "MatMul" => {
             let matmul_out = node.outputs()[0].clone();
             let mut linear = Linear {
                 matmul: id,
                 input: inputs[0].clone(),
+                transposed: weight.transposed(),
                 weight,
-                transposed,
                 bias: None,
                 output: matmul_out.clone(),
-                in_features,
-                out_features,
+                in_features: rows,
+                out_features: cols,
             };
-            // A bias Add directly after, reading a 1-D initializer of the output width.
-            if let [add] = graph.consumers(&matmul_out).as_slice() {
-                let add_node = graph.node(*add);
+            // A bias Add right after, adding a constant of the output width.
+            if let Some((add, read)) = view.single_reader(&matmul_out) {
+                let add_node = graph.node(add);
                 if add_node.op() == "Add" && add_node.inputs().len() == 2 {
-                    let other = usize::from(add_node.inputs()[0] == matmul_out);
-                    let name = &add_node.inputs()[other];
-                    if graph
-                        .initializer(name)
-                        .is_some_and(|t| t.dims() == [out_features as i64])
+                    let other = usize::from(add_node.inputs()[0] == read);
+                    if let Some(bias) = view.operand(add, other)
+                        && bias_fits(graph, &bias, cols)
                     {
-                        linear.bias = Some(Bias {
-                            node: *add,
-                            slot: other,
-                            name: name.clone(),
-                        });
+                        linear.bias = Some(bias);
                         linear.output = add_node.outputs()[0].clone();
                     }
                 }
             }
             Some(linear)
         }
-        "Gemm" if node.domain().is_empty() => {
+        "Gemm" => {
             if node.attr_int("transA").unwrap_or(0) != 0 {
                 return None;
             }
-            let t = graph.initializer(inputs.get(1)?)?;
-            let d = t.dims();
-            if d.len() != 2 {
-                return None;
-            }
-            let transposed = node.attr_int("transB").unwrap_or(0) != 0;
-            let (in_features, out_features) = if transposed {
-                (d[1] as usize, d[0] as usize)
-            } else {
-                (d[0] as usize, d[1] as usize)
-            };
-            let bias = inputs
-                .get(2)
-                .filter(|b| {
-                    graph
-                        .initializer(b)
-                        .is_some_and(|t| t.dims() == [out_features as i64])
-                })
-                .map(|b| Bias {
-                    node: id,
-                    slot: 2,
-                    name: b.clone(),
-                });
+            let trans_b = node.attr_int("transB").unwrap_or(0) != 0;
+            // `values` gives the matrix as the node reads input 1.
+            let (in_features, out_features) = if trans_b { (cols, rows) } else { (rows, cols) };
+            let bias = (inputs.len() > 2 && !inputs[2].is_empty())
+                .then(|| view.operand(id, 2))
+                .flatten()
+                .filter(|b| bias_fits(graph, b, out_features));
             Some(Linear {
                 matmul: id,
                 input: inputs[0].clone(),
-                weight: inputs[1].clone(),
-                transposed,
+                transposed: trans_b != weight.transposed(),
+                weight,
                 bias,
                 output: node.outputs()[0].clone(),
                 in_features,
@@ -206,19 +138,30 @@ pub fn linear_at(graph: &Graph, id: NodeId) -> Option<Linear> {
     }
 }
 
-/// The linear layer producing `value` (after its bias), if any.
-pub fn linear_producing(graph: &Graph, value: &str) -> Option<Linear> {
-    let id = graph.producer_node(value)?;
-    let node = graph.node(id);
+/// Whether `bias` is a vector of `width` values (possibly with leading
+/// 1-sized axes).
+fn bias_fits(graph: &Graph, bias: &Operand, width: usize) -> bool {
+    bias.tensor(graph).is_some_and(|t| {
+        let dims = t.dims();
+        dims.last() == Some(&(width as i64)) && t.len() == width
+    })
+}
+
+/// The linear layer producing `value` (after its bias), seen through
+/// transparent nodes.
+pub fn linear_producing(view: &View<'_>, value: &str) -> Option<Linear> {
+    let origin = view.origin(value);
+    let id = view.graph.producer_node(&origin)?;
+    let node = view.graph.node(id);
     let candidate = match node.op() {
         "MatMul" | "Gemm" => id,
         "Add" => node.inputs().iter().find_map(|i| {
-            let p = graph.producer_node(i)?;
-            (graph.node(p).op() == "MatMul").then_some(p)
+            let p = view.producer(i)?;
+            matches!(view.graph.node(p).op(), "MatMul").then_some(p)
         })?,
         _ => return None,
     };
-    linear_at(graph, candidate).filter(|l| l.output == value)
+    linear_at(view, candidate).filter(|l| view.origin(&l.output) == origin)
 }
 
 /// How a layer norm appears in the graph.
@@ -241,15 +184,27 @@ pub struct LayerNorm {
     pub input: String,
     /// The normalised output.
     pub output: String,
-    /// Scale (gamma) initializer.
-    pub scale: String,
-    /// Bias (beta) initializer.
-    pub bias: Option<String>,
+    /// Scale (gamma).
+    pub scale: Option<Operand>,
+    /// Bias (beta).
+    pub bias: Option<Operand>,
     /// Nodes that make up the norm.
     pub nodes: Vec<NodeId>,
 }
 
-/// The layer norm whose output is `value`, if it is one.
+impl LayerNorm {
+    /// Parameters of the norm.
+    pub fn params(&self, graph: &Graph) -> u64 {
+        self.scale
+            .iter()
+            .chain(&self.bias)
+            .map(|o| o.numel(graph))
+            .sum()
+    }
+}
+
+/// The layer norm whose output is `value` (seen through transparent
+/// nodes), if it is one.
 ///
 /// ```text
 /// LayerNormalization(x, scale, bias)
@@ -257,142 +212,135 @@ pub struct LayerNorm {
 /// x ─► ReduceMean ─► Sub(x, ·) ─► Pow(·, 2) ─► ReduceMean ─► Add(eps) ─► Sqrt
 ///                     └──────────────────────► Div(sub, sqrt) ─► Mul(scale) ─► Add(bias)
 /// ```
-pub fn norm_producing(graph: &Graph, value: &str) -> Option<LayerNorm> {
-    let id = graph.producer_node(value)?;
+pub fn norm_producing(view: &View<'_>, value: &str) -> Option<LayerNorm> {
+    let graph = view.graph;
+    let origin = view.origin(value);
+    let id = graph.producer_node(&origin)?;
     let node = graph.node(id);
     let inputs = node.inputs();
+    let optional = |slot: usize| {
+        inputs
+            .get(slot)
+            .filter(|b| !b.is_empty())
+            .and_then(|_| view.operand(id, slot))
+    };
     match (node.op(), node.domain()) {
-        ("LayerNormalization", "" | "ai.onnx") if node.outputs()[0] == value => Some(LayerNorm {
-            kind: NormKind::Op,
-            input: inputs[0].clone(),
-            output: value.to_string(),
-            scale: inputs.get(1)?.clone(),
-            bias: inputs.get(2).filter(|b| !b.is_empty()).cloned(),
-            nodes: vec![id],
-        }),
-        ("SkipLayerNormalization", "com.microsoft") if node.outputs()[0] == value => {
+        ("LayerNormalization", "" | "ai.onnx" | "com.microsoft") if node.outputs()[0] == origin => {
             Some(LayerNorm {
-                kind: NormKind::Skip,
+                kind: NormKind::Op,
                 input: inputs[0].clone(),
-                output: value.to_string(),
-                scale: inputs.get(2)?.clone(),
-                bias: inputs.get(3).filter(|b| !b.is_empty()).cloned(),
+                output: origin.clone(),
+                scale: optional(1),
+                bias: optional(2),
                 nodes: vec![id],
             })
         }
-        ("Add", "") => decomposed_norm(graph, id, value),
+        ("SkipLayerNormalization", "com.microsoft") if node.outputs()[0] == origin => {
+            Some(LayerNorm {
+                kind: NormKind::Skip,
+                input: inputs[0].clone(),
+                output: origin.clone(),
+                scale: optional(2),
+                bias: optional(3),
+                nodes: vec![id],
+            })
+        }
+        ("Add", "") => decomposed_norm(view, id, &origin),
         _ => None,
     }
 }
 
-fn decomposed_norm(graph: &Graph, add: NodeId, value: &str) -> Option<LayerNorm> {
+fn decomposed_norm(view: &View<'_>, add: NodeId, value: &str) -> Option<LayerNorm> {
+    let graph = view.graph;
     // Add(Mul(div, scale), bias), operands in either order.
-    let (mul_out, bias) = split_const(graph, add)?;
-    let mul = graph
-        .producer_node(&mul_out)
+    let (mul_out, bias) = split_const(view, add)?;
+    let mul = view
+        .producer(&mul_out)
         .filter(|m| graph.node(*m).op() == "Mul")?;
-    let (div_out, scale) = split_const(graph, mul)?;
-    let div = graph
-        .producer_node(&div_out)
+    let (div_out, scale) = split_const(view, mul)?;
+    let div = view
+        .producer(&div_out)
         .filter(|d| graph.node(*d).op() == "Div")?;
     let div_inputs = graph.node(div).inputs();
-    let sub = graph
-        .producer_node(&div_inputs[0])
+    let sub = view
+        .producer(&div_inputs[0])
         .filter(|s| graph.node(*s).op() == "Sub")?;
-    let sqrt = graph
-        .producer_node(&div_inputs[1])
+    let sqrt = view
+        .producer(&div_inputs[1])
         .filter(|s| graph.node(*s).op() == "Sqrt")?;
     let sub_inputs = graph.node(sub).inputs();
-    let mean = graph
-        .producer_node(&sub_inputs[1])
+    let mean = view
+        .producer(&sub_inputs[1])
         .filter(|m| graph.node(*m).op() == "ReduceMean")?;
     let x = &sub_inputs[0];
-    if graph.node(mean).inputs().first() != Some(x) {
+    if view.origin(graph.node(mean).inputs().first()?) != view.origin(x) {
         return None;
     }
     // Sqrt(Add(ReduceMean(Pow(sub, 2)), eps)): check it reads the same Sub.
-    let eps_add = graph.producer_node(&graph.node(sqrt).inputs()[0])?;
+    let eps_add = view.producer(&graph.node(sqrt).inputs()[0])?;
     let variance = graph.node(eps_add).inputs().iter().find_map(|i| {
-        let p = graph.producer_node(i)?;
+        let p = view.producer(i)?;
         (graph.node(p).op() == "ReduceMean").then_some(p)
     })?;
-    let pow = graph
-        .producer_node(&graph.node(variance).inputs()[0])
-        .filter(|p| graph.node(*p).op() == "Pow")?;
-    if graph.node(pow).inputs()[0] != sub_inputs[0]
-        && graph.producer_node(&graph.node(pow).inputs()[0]) != Some(sub)
-    {
+    let pow = view
+        .producer(&graph.node(variance).inputs()[0])
+        .filter(|p| matches!(graph.node(*p).op(), "Pow" | "Mul"))?;
+    if view.producer(&graph.node(pow).inputs()[0]) != Some(sub) {
         return None;
     }
     Some(LayerNorm {
         kind: NormKind::Decomposed,
         input: x.clone(),
         output: value.to_string(),
-        scale,
+        scale: Some(scale),
         bias: Some(bias),
         nodes: vec![mean, sub, pow, variance, eps_add, sqrt, div, mul, add],
     })
 }
 
-/// For a binary node with one constant operand: (other operand, constant).
-fn split_const(graph: &Graph, id: NodeId) -> Option<(String, String)> {
-    let inputs = graph.node(id).inputs();
+/// For a binary node with one constant operand: (other operand, the
+/// constant as an operand).
+fn split_const(view: &View<'_>, id: NodeId) -> Option<(String, Operand)> {
+    let inputs = view.graph.node(id).inputs();
     if inputs.len() != 2 {
         return None;
     }
-    match (is_const(graph, &inputs[0]), is_const(graph, &inputs[1])) {
-        (false, true) => Some((inputs[0].clone(), inputs[1].clone())),
-        (true, false) => Some((inputs[1].clone(), inputs[0].clone())),
+    match (view.operand(id, 0), view.operand(id, 1)) {
+        (None, Some(c)) if view.is_data(&inputs[0]) => Some((inputs[0].clone(), c)),
+        (Some(c), None) if view.is_data(&inputs[1]) => Some((inputs[1].clone(), c)),
         _ => None,
     }
 }
 
 /// The layer norm that reads `value` as its (only) input, if all of
-/// `value`'s readers belong to one layer norm.
-pub fn norm_reading(graph: &Graph, value: &str) -> Option<LayerNorm> {
-    let readers = graph.consumers(value);
+/// `value`'s data readers belong to one layer norm.
+pub fn norm_reading(view: &View<'_>, value: &str) -> Option<LayerNorm> {
+    let graph = view.graph;
+    let readers = view.readers(value);
     // LayerNormalization: a single reader. Decomposed: ReduceMean and Sub.
-    for &reader in &readers {
+    for &(reader, _) in &readers {
         let node = graph.node(reader);
         let candidate = match node.op() {
             "LayerNormalization" => node.outputs()[0].clone(),
             "Sub" => {
                 // Sub ─► Div ─► Mul ─► Add
-                let div = graph
-                    .consumers(&node.outputs()[0])
+                let div = view
+                    .readers(&node.outputs()[0])
                     .into_iter()
-                    .find(|d| graph.node(*d).op() == "Div")?;
-                let mul = single_consumer(graph, &graph.node(div).outputs()[0])?;
-                let add = single_consumer(graph, &graph.node(mul).outputs()[0])?;
+                    .find(|(d, _)| graph.node(*d).op() == "Div")?
+                    .0;
+                let mul = view.single_reader(&graph.node(div).outputs()[0])?.0;
+                let add = view.single_reader(&graph.node(mul).outputs()[0])?.0;
                 graph.node(add).outputs()[0].clone()
             }
             _ => continue,
         };
-        if let Some(norm) = norm_producing(graph, &candidate)
-            && norm.input == value
-            && readers.iter().all(|r| norm.nodes.contains(r))
+        if let Some(norm) = norm_producing(view, &candidate)
+            && view.origin(&norm.input) == view.origin(value)
+            && readers.iter().all(|(r, _)| norm.nodes.contains(r))
         {
             return Some(norm);
         }
     }
     None
-}
-
-/// The only node reading `value`'s data. Nodes that read only its shape
-/// (`Shape`, `Size`: exporters compute reshape targets that way) do not count.
-pub fn single_consumer(graph: &Graph, value: &str) -> Option<NodeId> {
-    let readers: Vec<NodeId> = graph
-        .consumers(value)
-        .into_iter()
-        .filter(|r| !matches!(graph.node(*r).op(), "Shape" | "Size"))
-        .collect();
-    match readers.as_slice() {
-        [one] if !graph.is_output(value) => Some(*one),
-        _ => None,
-    }
-}
-
-/// Number of elements of an initializer.
-pub fn numel(graph: &Graph, name: &str) -> u64 {
-    graph.initializer(name).map_or(0, |t| t.len() as u64)
 }

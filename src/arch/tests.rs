@@ -181,9 +181,18 @@ fn two_pre_norm_blocks_form_a_text_tower() {
     assert_eq!(block.output(), z);
     assert_eq!(block.params, 4 * (64 + 8) + (128 + 16) + (128 + 8) + 4 * 8);
     // Reshapes of q, k, v split into heads; one merges them.
-    assert_eq!(block.attention.body.split_sites.len(), 3);
-    assert_eq!(block.attention.body.merge_sites.len(), 1);
-    assert!(arch.unmatched.is_empty());
+    let roles = |role| {
+        block
+            .attention
+            .body
+            .shape_sites
+            .iter()
+            .filter(|s| s.role == role)
+            .count()
+    };
+    assert_eq!(roles(ShapeRole::Heads), 3);
+    assert_eq!(roles(ShapeRole::Width), 1);
+    assert!(arch.outside.is_empty());
 }
 
 #[test]
@@ -195,7 +204,11 @@ fn a_softmax_classifier_is_not_attention() {
     let p = b.op("Softmax", &[&l]);
     let graph = b.build(&p);
     let softmax = graph.producer_node(&p).unwrap();
-    assert!(attention::match_attention(&graph, softmax).is_none());
+    let miss = attention::match_attention(&View::new(&graph), softmax).unwrap_err();
+    assert!(
+        miss.expected.contains("MatMul of two activations"),
+        "{miss}"
+    );
     assert!(matches!(discover(&graph), Err(DiscoverError::NoBlocks(_))));
 }
 
@@ -216,8 +229,13 @@ fn an_activation_mixing_in_another_activation_is_not_an_mlp() {
         .enumerate()
         .map(|(i, id)| (id, i))
         .collect();
-    let fc1 = patterns::linear_producing(&graph, &f).unwrap();
-    assert!(mlp::match_mlp(&graph, &fc1, &order).is_none());
+    let view = View::new(&graph);
+    let fc1 = patterns::linear_producing(&view, &f).unwrap();
+    let miss = mlp::match_mlp(&view, &fc1, &order).unwrap_err();
+    assert!(
+        miss.expected.contains("only fc1's output and constants"),
+        "{miss}"
+    );
     // …while the plain form matches.
     let mut b = Builder::default();
     b.input("x", 1, &[1, 8]);
@@ -232,8 +250,9 @@ fn an_activation_mixing_in_another_activation_is_not_an_mlp() {
         .enumerate()
         .map(|(i, id)| (id, i))
         .collect();
-    let fc1 = patterns::linear_producing(&graph, &f).unwrap();
-    let mlp = mlp::match_mlp(&graph, &fc1, &order).unwrap();
+    let view = View::new(&graph);
+    let fc1 = patterns::linear_producing(&view, &f).unwrap();
+    let mlp = mlp::match_mlp(&view, &fc1, &order).unwrap();
     assert_eq!(mlp.activation.len(), 2);
 }
 
@@ -276,12 +295,13 @@ fn decomposed_layer_norm_is_recognised() {
     let beta = b.weight(&[8]);
     let y = b.op("Add", &[&mul, &beta]);
     let graph = b.build(&y);
-    let norm = patterns::norm_producing(&graph, &y).unwrap();
+    let view = View::new(&graph);
+    let norm = patterns::norm_producing(&view, &y).unwrap();
     assert_eq!(
         (norm.kind, norm.input.as_str(), norm.nodes.len()),
         (NormKind::Decomposed, "x", 9)
     );
-    assert_eq!(patterns::norm_reading(&graph, "x").unwrap().output, y);
+    assert_eq!(patterns::norm_reading(&view, "x").unwrap().output, y);
     // Not a norm: the Sub output has no Div reader feeding Mul/Add.
-    assert!(patterns::norm_producing(&graph, &var).is_none());
+    assert!(patterns::norm_producing(&view, &var).is_none());
 }

@@ -36,6 +36,10 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Say, for every attention anchor and MLP candidate, what matched
+        /// or at which node and operator the pattern stopped.
+        #[arg(long, conflicts_with = "json")]
+        explain: bool,
     },
     /// Turn images and captions into a calibration .npz for a model (what
     /// --images/--texts feed it, for inspection or reuse with --calib).

@@ -30,6 +30,11 @@ pub enum Request {
         /// JSON instead of a table.
         json: bool,
     },
+    /// Where discovery's patterns matched or stopped.
+    Explain {
+        /// The model.
+        input: PathBuf,
+    },
     /// Images and captions as an npz.
     Calib(CalibJob),
     /// A model's ID profile.
@@ -62,7 +67,12 @@ fn usage<T>(message: &str) -> Result<T, UsageError> {
 /// Checks how the parsed flags combine and resolves them into a request.
 pub fn request(cli: Cli) -> Result<Request, UsageError> {
     match cli.command {
-        Some(Command::Inspect { input, json }) => Ok(Request::Inspect { input, json }),
+        Some(Command::Inspect {
+            input,
+            json: _,
+            explain: true,
+        }) => Ok(Request::Explain { input }),
+        Some(Command::Inspect { input, json, .. }) => Ok(Request::Inspect { input, json }),
         Some(Command::Calib {
             input,
             output,

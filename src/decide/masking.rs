@@ -44,17 +44,13 @@ pub fn mask(
     let label = |l: &LinearId| format!("{}/{} {}", l.tower.name(), l.block, l.role);
     let mut weights: Vec<Vec<f32>> = Vec::with_capacity(layers.len());
     for layer in layers {
-        let name = &layer.weight;
-        let values = graph
-            .initializer(name)
-            .filter(|t| t.data_type() == 1)
-            .and_then(|t| t.to_f32().ok())
-            .ok_or_else(|| {
-                DecideError::Unsupported(format!(
-                    "{}: weight '{name}' is not a float32 constant; unstructured masking edits float32 weights",
-                    label(layer)
-                ))
-            })?;
+        let values = layer.weight.values(graph).map(|(v, _)| v).ok_or_else(|| {
+            DecideError::Unsupported(format!(
+                "{}: weight '{}' cannot be read as numbers",
+                label(layer),
+                layer.weight.storage
+            ))
+        })?;
         weights.push(values);
     }
     for layer in layers {

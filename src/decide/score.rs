@@ -102,7 +102,7 @@ impl std::str::FromStr for Score {
 /// fused norm in the join before it becomes a plain sum then, see
 /// `rewrite`'s `unread_norms` pass). A post-norm sub-block keeps its norm.
 pub fn sub_block_params(graph: &Graph, block: &Block, part: Part) -> u64 {
-    let (names, join, input_norm) = match part {
+    let (operands, join, input_norm) = match part {
         Part::Attention => (
             block.attention.body.parameters(),
             &block.attention.join,
@@ -114,8 +114,12 @@ pub fn sub_block_params(graph: &Graph, block: &Block, part: Part) -> u64 {
             &block.mlp.input_norm,
         ),
     };
-    let numel = |n: &String| crate::arch::patterns::numel(graph, n);
-    let bias = join.bias.iter().map(|b| numel(&b.name));
+    let joined: u64 = join
+        .bias
+        .iter()
+        .chain(&join.layer_scale)
+        .map(|o| o.numel(graph))
+        .sum();
     let norm: u64 = match input_norm {
         Some(norm) if !block.norm_after_join => {
             let own: Vec<crate::ir::NodeId> = match part {
@@ -129,19 +133,14 @@ pub fn sub_block_params(graph: &Graph, block: &Block, part: Part) -> u64 {
                 Part::Mlp => vec![block.mlp.body.fc1.matmul],
             };
             // Shape reads vanish with the sub-block too.
-            let only_this = graph
-                .consumers(&norm.output)
+            let only_this = crate::arch::view::data_readers(graph, &norm.output)
                 .iter()
-                .all(|r| own.contains(r) || matches!(graph.node(*r).op(), "Shape" | "Size"));
-            if only_this {
-                numel(&norm.scale) + norm.bias.as_ref().map_or(0, numel)
-            } else {
-                0
-            }
+                .all(|r| own.contains(r));
+            if only_this { norm.params(graph) } else { 0 }
         }
         _ => 0,
     };
-    names.iter().map(numel).chain(bias).sum::<u64>() + norm
+    operands.iter().map(|o| o.numel(graph)).sum::<u64>() + joined + norm
 }
 
 /// Mean |w| over a sub-block's weight matrices.
@@ -151,17 +150,15 @@ pub fn sub_block_magnitude(graph: &Graph, block: &Block, part: Part) -> f64 {
         Part::Mlp => block.mlp.body.parameters(),
     };
     let (mut sum, mut count) = (0f64, 0f64);
-    for name in names {
-        let Some(t) = graph.initializer(&name) else {
+    for operand in names {
+        let Some((values, dims)) = operand.values(graph) else {
             continue;
         };
-        if t.dims().len() != 2 {
+        if dims.len() != 2 {
             continue;
         }
-        if let Ok(values) = t.to_f32() {
-            sum += values.iter().map(|v| v.abs() as f64).sum::<f64>();
-            count += values.len() as f64;
-        }
+        sum += values.iter().map(|v| v.abs() as f64).sum::<f64>();
+        count += values.len() as f64;
     }
     sum / count.max(1.0)
 }
@@ -257,7 +254,9 @@ pub fn unit_candidates(
     let fc2_rows = row_norms(graph, &m.fc2);
     let input = a.in_features() as u64;
     let d = a.head_dim;
-    for h in 0..a.heads {
+    // Heads whose count sits in shapes that cannot be rewritten stay.
+    let heads = if a.heads_prunable() { a.heads } else { 0 };
+    for h in 0..heads {
         let energy: f64 = (h * d..(h + 1) * d)
             .map(|c| context_energy.get(c).copied().unwrap_or(0.0))
             .sum();
@@ -292,25 +291,15 @@ pub fn unit_candidates(
 /// L2 norm of each input row of a linear layer's weight (the weights that
 /// carry input feature i).
 fn row_norms(graph: &Graph, linear: &crate::arch::Linear) -> Vec<f64> {
-    let Some(values) = graph
-        .initializer(&linear.weight)
-        .and_then(|t| t.to_f32().ok())
-    else {
+    let Some(values) = linear.matrix(graph) else {
         return Vec::new();
     };
     let (rows, cols) = (linear.in_features, linear.out_features);
     (0..rows)
         .map(|i| {
-            (0..cols)
-                .map(|o| {
-                    // [in, out] for MatMul; [out, in] when stored transposed.
-                    let v = if linear.transposed {
-                        values[o * rows + i]
-                    } else {
-                        values[i * cols + o]
-                    };
-                    (v as f64) * (v as f64)
-                })
+            values[i * cols..(i + 1) * cols]
+                .iter()
+                .map(|&v| (v as f64) * (v as f64))
                 .sum::<f64>()
                 .sqrt()
         })

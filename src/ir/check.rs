@@ -60,6 +60,12 @@ impl Graph {
         if !check.orphans_allowed {
             problems.extend(self.orphans());
         }
+        let before_duplicates = duplicate_node_names(before);
+        for name in duplicate_node_names(self) {
+            if !before_duplicates.contains(&name) {
+                problems.push(format!("two nodes are named '{name}'"));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -121,6 +127,19 @@ impl Graph {
         );
         problems
     }
+}
+
+/// Node names used by more than one node (runtimes refuse such models).
+fn duplicate_node_names(graph: &Graph) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut duplicates = std::collections::BTreeSet::new();
+    for id in graph.nodes() {
+        let name = graph.node(id).name();
+        if !name.is_empty() && !seen.insert(name.to_string()) {
+            duplicates.insert(name.to_string());
+        }
+    }
+    duplicates.into_iter().collect()
 }
 
 /// Why a value of type `b` cannot stand in for one of type `a`, if it

@@ -629,6 +629,48 @@ impl Graph {
         Ok(())
     }
 
+    /// Makes every reader of `old` read `new`, like
+    /// [`Graph::replace_all_uses`]; when `old` is a graph output (a hidden
+    /// state, `last_hidden_state`) the output keeps its name: the node that
+    /// made it writes a fresh name instead, and `Identity(new)` makes `old`.
+    pub fn reroute(&mut self, old: &str, new: &str) -> Result<(), IrError> {
+        if !self.is_output(old) {
+            return self.replace_all_uses(old, new);
+        }
+        if !self.producers.contains_key(new) {
+            return Err(IrError::Edit(format!("unknown value '{new}'")));
+        }
+        for u in self.uses(old) {
+            match u.slot {
+                Slot::Input(i) => self.set_input(u.node, i, new)?,
+                Slot::Implicit => {
+                    return Err(IrError::Edit(format!(
+                        "'{old}' is read inside a subgraph of node {}",
+                        self.dag[u.node].label()
+                    )));
+                }
+            }
+        }
+        let Some(Producer::Node(id, slot)) = self.producers.get(old).copied() else {
+            return Err(IrError::Edit(format!(
+                "graph output '{old}' is not computed by a node"
+            )));
+        };
+        let fresh = self.fresh_name(&format!("{old}.replaced"));
+        self.dag[id].proto.output[slot] = fresh.clone();
+        self.producers.remove(old);
+        self.producers.insert(fresh, Producer::Node(id, slot));
+        let name = self.fresh_node_name(&format!("{old}/keep_output_name"));
+        self.add_node(NodeProto {
+            op_type: Some("Identity".into()),
+            name: Some(name),
+            input: vec![new.to_string()],
+            output: vec![old.to_string()],
+            ..Default::default()
+        })?;
+        Ok(())
+    }
+
     /// Removes a node. Its outputs must no longer be read.
     pub fn remove_node(&mut self, id: NodeId) -> Result<Node, IrError> {
         let node = self
@@ -723,6 +765,19 @@ impl Graph {
         self.producers.insert(name.clone(), Producer::Initializer);
         self.initializers.insert(name, tensor);
         Ok(())
+    }
+
+    /// A node name no node has yet, derived from `base` (runtimes refuse
+    /// models with two nodes of one name).
+    pub fn fresh_node_name(&self, base: &str) -> String {
+        let taken: HashSet<&str> = self.dag.node_weights().map(|n| n.name()).collect();
+        if !taken.contains(base) {
+            return base.to_string();
+        }
+        (1u64..)
+            .map(|i| format!("{base}_{i}"))
+            .find(|n| !taken.contains(n.as_str()))
+            .expect("an unused name exists")
     }
 
     /// A value name not used anywhere yet, derived from `base`.

@@ -170,7 +170,40 @@ impl Tensor {
         Ok(out)
     }
 
-    /// Values of an integer tensor (int32/int64) as `i64`, e.g. shape
+    /// A tensor of element type `data_type` (float32, float16, bfloat16 or
+    /// float64) holding `values`, rounded to that type.
+    pub fn from_f32(
+        name: &str,
+        data_type: i32,
+        dims: Vec<i64>,
+        values: &[f32],
+    ) -> Result<Tensor, TensorError> {
+        let raw: Vec<u8> = match data_type {
+            1 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            10 => values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            16 => values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            11 => values
+                .iter()
+                .flat_map(|v| (*v as f64).to_le_bytes())
+                .collect(),
+            other => {
+                return Err(TensorError::Unsupported {
+                    name: name.to_string(),
+                    dtype: dtype::name(other),
+                    what: "writing float values",
+                });
+            }
+        };
+        Ok(Tensor::from_raw(name, data_type, dims, Bytes::from(raw)))
+    }
+
+    /// Values of an integer (or bool) tensor as `i64`, e.g. shape
     /// constants.
     pub fn to_i64(&self) -> Result<Vec<i64>, TensorError> {
         let raw = self.raw_bytes()?;
@@ -183,6 +216,20 @@ impl Tensor {
                 .chunks_exact(4)
                 .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
                 .collect()),
+            12 => Ok(raw
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect()),
+            5 => Ok(raw
+                .chunks_exact(2)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]) as i64)
+                .collect()),
+            4 => Ok(raw
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as i64)
+                .collect()),
+            3 => Ok(raw.iter().map(|&b| b as i8 as i64).collect()),
+            2 | 9 => Ok(raw.iter().map(|&b| b as i64).collect()),
             _ => Err(self.unsupported("integer conversion")),
         }
     }
@@ -248,21 +295,7 @@ impl Tensor {
 
 /// IEEE 754 half to single precision.
 fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, _) => {
-            // subnormal: normalise
-            let shift = frac.leading_zeros() - 21;
-            let frac = (frac << shift) & 0x3ff;
-            sign | ((113 - shift) << 23) | (frac << 13)
-        }
-        (0x1f, _) => sign | 0x7f80_0000 | (frac << 13),
-        _ => sign | ((exp + 112) << 23) | (frac << 13),
-    };
-    f32::from_bits(bits)
+    half::f16::from_bits(h).to_f32()
 }
 
 #[cfg(test)]

@@ -193,8 +193,8 @@ pub struct LinearId {
     pub block: usize,
     /// `q`, `k`, `v`, `qkv`, `out`, `fc1` or `fc2`.
     pub role: &'static str,
-    /// The weight initializer.
-    pub weight: String,
+    /// The weight.
+    pub weight: crate::arch::Operand,
     /// Intrinsic dimension of the layer's output.
     pub id: f64,
 }
@@ -219,7 +219,7 @@ pub fn measure_linears(
                     block.index,
                     l.role,
                     l.output.to_string(),
-                    l.weight.to_string(),
+                    l.weight.clone(),
                 ));
             }
         }

@@ -73,6 +73,17 @@ pub fn name(data_type: i32) -> String {
     known.to_string()
 }
 
+/// Whether `data_type` is an integer type (including bool, whose values
+/// read as 0 and 1).
+pub fn is_integer(data_type: i32) -> bool {
+    matches!(data_type, 2..=7 | 9 | 12 | 13)
+}
+
+/// Whether `data_type` is a floating-point type of the kinds weights use.
+pub fn is_float(data_type: i32) -> bool {
+    matches!(data_type, 1 | 10 | 11 | 16..=20 | 23)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,12 @@ pub fn inspect(path: &Path) -> Result<Architecture, Error> {
     open(path)?.discover()
 }
 
+/// For every attention anchor and MLP candidate of the model at `path`:
+/// what matched, or where the pattern stopped; then discovery's verdict.
+pub fn explain(path: &Path) -> Result<Vec<String>, Error> {
+    Ok(crate::arch::explain(&open(path)?.model.graph))
+}
+
 /// The intrinsic dimension of the matrix in the `.npy` file at `path`
 /// (rows = samples).
 pub fn id_of_data(path: &Path, options: &IdOptions) -> Result<IdEstimate, Error> {

@@ -24,7 +24,7 @@ mod prune;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub use jobs::{CalibJob, CalibSummary, ProfileJob, id_of_data, inspect};
+pub use jobs::{CalibJob, CalibSummary, ProfileJob, explain, id_of_data, inspect};
 pub use prune::{DecideSettings, Decided, Outcome, PlanSource, PruneJob};
 
 use crate::arch::{self, Architecture};

@@ -56,8 +56,8 @@ pub fn architecture_table(arch: &Architecture) -> String {
         blocks,
         100.0 * blocks as f64 / arch.params_total.max(1) as f64
     );
-    for note in &arch.unmatched {
-        let _ = writeln!(out, "note: {note} is not part of a recognised block");
+    for note in &arch.outside {
+        let _ = writeln!(out, "outside the block chain (left as it is): {note}");
     }
     out
 }

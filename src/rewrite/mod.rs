@@ -43,7 +43,7 @@ use crate::arch::{Architecture, Block};
 use crate::ir::{DeadCode, EditCheck, Graph, IrError, Model, TensorError};
 use crate::plan::{BlockAction, Plan};
 
-pub(crate) use slicing::{replace_f32_input, weight_read_site};
+pub(crate) use slicing::replace_values;
 
 /// Metadata key under which the applied plan is recorded.
 pub const PLAN_METADATA_KEY: &str = "onnx_idprune.plan";
@@ -185,7 +185,7 @@ impl Edit<'_> {
     /// Makes every reader of `old` read `new` instead, and records it.
     pub fn reroute(&mut self, old: &str, new: &str, label: &str) -> Result<(), RewriteError> {
         self.graph
-            .replace_all_uses(old, new)
+            .reroute(old, new)
             .map_err(RewriteError::graph(label))?;
         self.reroutes.insert(old.to_string(), new.to_string());
         self.pass_reroutes.push((old.to_string(), new.to_string()));
@@ -283,6 +283,11 @@ pub fn apply_with(
         });
     }
     let opset = model.opset("").unwrap_or(0);
+    let original_graph_for_sizes = if validation == Validation::EveryPass {
+        model.graph.clone()
+    } else {
+        Graph::default()
+    };
     // Declared shapes inside sub-blocks about to be sliced go stale: collect
     // them before any edit moves the stream.
     let stale = stale_shapes(&model.graph, &targets);
@@ -311,6 +316,24 @@ pub fn apply_with(
                     pass: pass.name,
                     source,
                 })?;
+        }
+    }
+    if validation == Validation::EveryPass {
+        // Sizes the rewrite got wrong where a runtime would see them: a
+        // head count left in a shape, a width sliced on one side only.
+        let shapes = crate::arch::shapes::Shapes::infer(edit.graph);
+        let before = crate::arch::shapes::Shapes::infer(&original_graph_for_sizes);
+        let new: Vec<String> = shapes
+            .conflicts()
+            .iter()
+            .filter(|c| !before.conflicts().contains(c))
+            .cloned()
+            .collect();
+        if !new.is_empty() {
+            return Err(RewriteError::Invalid {
+                pass: "sizes",
+                source: IrError::Invalid(new),
+            });
         }
     }
     let applied = Applied {

@@ -1,14 +1,14 @@
 //! Pass `prune_heads`: keeps the listed attention heads of a block.
 //!
 //! The q/k/v columns of the removed heads go (three separate projections,
-//! one packed `qkv`, or the fused `Attention` weight with its `num_heads`
-//! and `qkv_hidden_sizes`), with the output projection's rows, and every
-//! Reshape/Concat constant that encodes the head count or the merged width
-//! is rewritten.
+//! one packed `qkv`, or a fused operator's packed weight and bias), with the
+//! output projection's rows; every shape entry that encodes the head count
+//! or the merged width is rewritten, and so is every head-count attribute
+//! of a fused operator.
 
-use super::slicing::{rewrite_shape, slice_input, slice_inputs, slice_outputs};
+use super::slicing::{set_shape_entry, shape_value, slice_operand};
 use super::{Edit, RewriteError, Target};
-use crate::arch::{Attention, Projections};
+use crate::arch::{Attention, Linear, Projections};
 use crate::ir::Graph;
 use crate::onnx::proto::AttributeProto;
 
@@ -24,7 +24,13 @@ pub(super) fn run(edit: &mut Edit<'_>, targets: &[Target<'_>]) -> Result<(), Rew
             keep.len(),
             target.block.attention.body.heads
         );
-        prune_heads(edit.graph, &target.block.attention.body, keep, &label)?;
+        prune_heads(
+            edit.graph,
+            &target.block.attention.body,
+            keep,
+            edit.opset,
+            &label,
+        )?;
         edit.rewrites.push(label);
     }
     Ok(())
@@ -39,16 +45,63 @@ fn head_columns(
         .flat_map(move |h| (0..head_dim).map(move |d| offset + h * head_dim + d))
 }
 
+/// Keeps output features `keep` of a linear layer (weight columns and bias).
+pub(super) fn slice_outputs(
+    graph: &mut Graph,
+    linear: &Linear,
+    keep: &[usize],
+    label: &str,
+) -> Result<(), RewriteError> {
+    let axis = linear.read_axis(graph, true);
+    slice_operand(graph, &linear.weight, axis, keep, label)?;
+    if let Some(bias) = &linear.bias {
+        slice_bias(graph, bias, keep, label)?;
+    }
+    Ok(())
+}
+
+/// Keeps input features `keep` of a linear layer (weight rows).
+pub(super) fn slice_inputs(
+    graph: &mut Graph,
+    linear: &Linear,
+    keep: &[usize],
+    label: &str,
+) -> Result<(), RewriteError> {
+    let axis = linear.read_axis(graph, false);
+    slice_operand(graph, &linear.weight, axis, keep, label)
+}
+
+/// Keeps entries `keep` of a bias vector (its last axis).
+pub(super) fn slice_bias(
+    graph: &mut Graph,
+    bias: &crate::arch::Bias,
+    keep: &[usize],
+    label: &str,
+) -> Result<(), RewriteError> {
+    let rank = bias.read_dims(graph).map_or(1, |d| d.len());
+    slice_operand(graph, bias, rank.saturating_sub(1), keep, label)
+}
+
 /// Keeps heads `keep` of an attention sub-block.
 fn prune_heads(
     graph: &mut Graph,
     attention: &Attention,
     keep: &[usize],
+    opset: i64,
     label: &str,
 ) -> Result<(), RewriteError> {
     let (heads, dim) = (attention.heads, attention.head_dim);
     if keep.len() == heads {
         return Ok(());
+    }
+    if let Some(&site) = attention.opaque_sites.first() {
+        return Err(RewriteError::Unsupported {
+            label: label.into(),
+            reason: format!(
+                "the target of the reshape at {} is computed in a way discovery cannot evaluate, so the head count in it cannot be rewritten",
+                graph.node(site).label()
+            ),
+        });
     }
     let columns: Vec<usize> = head_columns(keep, dim, 0).collect();
     let packed: Vec<usize> = (0..3)
@@ -61,48 +114,43 @@ fn prune_heads(
             }
         }
         Projections::Packed { qkv } => slice_outputs(graph, qkv, &packed, label)?,
-        Projections::Fused { node, bias, .. } => {
-            slice_input(graph, *node, 1, 1, &packed, label)?;
-            if bias.is_some() {
-                slice_input(graph, *node, 2, 0, &packed, label)?;
-            }
-            let attribute = AttributeProto {
-                name: Some("num_heads".into()),
-                r#type: Some(2),
-                i: Some(keep.len() as i64),
-                ..Default::default()
-            };
-            graph
-                .set_attribute(*node, attribute)
-                .map_err(RewriteError::graph(label))?;
-            if graph.node(*node).attribute("qkv_hidden_sizes").is_some() {
-                let width = (keep.len() * dim) as i64;
-                let attribute = AttributeProto {
-                    name: Some("qkv_hidden_sizes".into()),
-                    r#type: Some(7),
-                    ints: vec![width; 3],
-                    ..Default::default()
-                };
-                graph
-                    .set_attribute(*node, attribute)
-                    .map_err(RewriteError::graph(label))?;
+        Projections::Fused { weight, bias, .. } => {
+            slice_operand(graph, weight, 1, &packed, label)?;
+            if let Some(bias) = bias {
+                slice_bias(graph, bias, &packed, label)?;
             }
         }
     }
-    slice_inputs(graph, &attention.out, &columns, label)?;
-    // Head counts in split reshapes sit second to last; merged widths last.
-    for &site in &attention.split_sites {
-        rewrite_shape(graph, site, 2, heads as i64, keep.len() as i64, label)?;
+    if let Some(bias) = &attention.packed_bias {
+        slice_bias(graph, bias, &packed, label)?;
     }
-    for &site in &attention.merge_sites {
-        rewrite_shape(
-            graph,
-            site,
-            1,
-            (heads * dim) as i64,
-            (keep.len() * dim) as i64,
-            label,
-        )?;
+    slice_inputs(graph, &attention.out, &columns, label)?;
+    for &(node, name) in &attention.head_attributes {
+        if graph.node(node).attribute(name).is_none() && name != "num_heads" {
+            continue;
+        }
+        let attribute = if name == "qkv_hidden_sizes" {
+            AttributeProto {
+                name: Some(name.into()),
+                r#type: Some(7),
+                ints: vec![(keep.len() * dim) as i64; 3],
+                ..Default::default()
+            }
+        } else {
+            AttributeProto {
+                name: Some(name.into()),
+                r#type: Some(2),
+                i: Some(keep.len() as i64),
+                ..Default::default()
+            }
+        };
+        graph
+            .set_attribute(node, attribute)
+            .map_err(RewriteError::graph(label))?;
+    }
+    for site in &attention.shape_sites {
+        let value = shape_value(site, keep.len(), dim, label)?;
+        set_shape_entry(graph, site, value, opset, label)?;
     }
     Ok(())
 }

@@ -189,32 +189,28 @@ fn refit(
             gram.nrows().saturating_sub(1)
         )));
     }
-    let f32_values = |name: &str| -> Result<Vec<f32>, RewriteError> {
-        original
-            .initializer(name)
-            .filter(|t| t.data_type() == 1)
-            .and_then(|t| t.to_f32().ok())
-            .ok_or_else(|| unsupported(format!("'{name}' is not a float32 constant")))
-    };
     // W' = [W; b] as (rows + 1) × cols, in f64.
-    let weight = f32_values(&linear.weight)?;
+    let weight = linear.matrix(original).ok_or_else(|| {
+        unsupported(format!(
+            "weight '{}' cannot be read as numbers",
+            linear.weight.storage
+        ))
+    })?;
     let mut full = Array2::<f64>::zeros((rows + 1, cols));
     for i in 0..rows {
         for o in 0..cols {
-            let v = if linear.transposed {
-                weight[o * rows + i]
-            } else {
-                weight[i * cols + o]
-            };
-            full[[i, o]] = v as f64;
+            full[[i, o]] = weight[i * cols + o] as f64;
         }
     }
     if let Some(bias) = target.bias {
-        let values = f32_values(&bias.name)?;
+        let values = bias
+            .values(original)
+            .map(|(v, _)| v)
+            .ok_or_else(|| unsupported(format!("bias '{}' cannot be read", bias.storage)))?;
         if values.len() != cols {
             return Err(unsupported(format!(
                 "bias '{}' has {} values for {cols} outputs",
-                bias.name,
+                bias.storage,
                 values.len()
             )));
         }
@@ -257,40 +253,31 @@ fn refit(
         });
     }
     let kept = target.kept.len();
-    let (node, slot, behind_transpose) = super::weight_read_site(graph, linear.matmul, &label)?;
-    let stored_transposed = behind_transpose || linear.transposed;
-    let name = graph.node(node).inputs()[slot].clone();
+    // Written as the node reads it: [kept, out], or [out, kept] for a Gemm
+    // with transB.
+    let out_in = linear.read_axis(graph, true) == 0;
     let mut values = vec![0f32; kept * cols];
     for r in 0..kept {
         for o in 0..cols {
-            let at = if stored_transposed {
-                o * kept + r
-            } else {
-                r * cols + o
-            };
+            let at = if out_in { o * kept + r } else { r * cols + o };
             values[at] = solution[[r, o]] as f32;
         }
     }
-    let dims = graph
-        .initializer(&name)
-        .map(|t| t.dims().to_vec())
-        .unwrap_or_default();
-    if dims.iter().product::<i64>() != (kept * cols) as i64 {
-        return Err(unsupported(format!(
-            "'{name}' has shape {dims:?}, expected {kept} × {cols} after slicing"
-        )));
-    }
-    super::replace_f32_input(graph, node, slot, "refit", dims, &values, &label)?;
+    let dims = if out_in {
+        vec![cols as i64, kept as i64]
+    } else {
+        vec![kept as i64, cols as i64]
+    };
+    super::replace_values(graph, linear.matmul, 1, "refit", dims, &values, &label)?;
     if let Some(bias) = target.bias {
         let bias_values: Vec<f32> = (0..cols).map(|o| solution[[kept, o]] as f32).collect();
-        let name = graph.node(bias.node).inputs()[bias.slot].clone();
-        let dims = graph
-            .initializer(&name)
-            .map(|t| t.dims().to_vec())
+        let dims = crate::arch::view::operand_at(graph, bias.reader, bias.slot)
+            .and_then(|b| b.read_dims(graph))
+            .map(|d| d.iter().map(|&x| x as i64).collect())
             .unwrap_or_else(|| vec![cols as i64]);
-        super::replace_f32_input(
+        super::replace_values(
             graph,
-            bias.node,
+            bias.reader,
             bias.slot,
             "refit",
             dims,

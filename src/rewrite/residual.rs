@@ -87,7 +87,7 @@ pub(super) fn bypass_join(
     edit.graph
         .add_node(NodeProto {
             op_type: Some("LayerNormalization".into()),
-            name: Some(format!("{node_name}/bypass")),
+            name: Some(edit.graph.fresh_node_name(&format!("{node_name}/bypass"))),
             input: norm_inputs,
             output: vec![output.clone()],
             attribute,

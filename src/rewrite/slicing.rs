@@ -1,217 +1,281 @@
-//! Slicing helpers the passes share: weights and biases cut along an axis,
-//! float32 weights replaced, head counts and merged widths rewritten in
-//! shape constants. Every edit makes a new initializer with a fresh name and
-//! points the one reader at it; the old tensor stays for whoever else
-//! reads it (exporters share identical constants between layers).
+//! Editing helpers the passes share: constant operands sliced along an axis
+//! or replaced by new values, and entries of shape constants rewritten.
+//!
+//! Every edit is copy-on-write: a new initializer with a fresh name (and,
+//! for an operand behind a chain of `Identity`, `Cast`, `Transpose`,
+//! `DequantizeLinear` or scale `Mul` nodes, a fresh copy of the chain)
+//! feeds the one reader being edited; the old tensors stay for whoever
+//! else reads them (exporters share identical constants between layers,
+//! even between towers).
 
 use super::RewriteError;
-use crate::arch::Linear;
-use crate::arch::patterns::const_ints;
+use crate::arch::view::{Operand, Step, operand_at, stored_tensor};
+use crate::arch::{ShapeRole, ShapeSite};
 use crate::ir::{Graph, NodeId, Tensor};
+use crate::onnx::proto::{AttributeProto, NodeProto};
 
-/// Where the weight read by `node` (a MatMul/Gemm or fused attention
-/// operator, weight at input 1) is stored now — after any earlier edit
-/// renamed it: (node, slot, whether it sits behind a Transpose, i.e. is
-/// stored [out, in]).
-pub(crate) fn weight_read_site(
-    graph: &Graph,
-    node: NodeId,
+/// Replaces `operand` (at its reader) by a copy holding only `keep` along
+/// `read_axis` of the tensor as the reader sees it. Scales and zero points
+/// of a dequantising chain are sliced with the weight when they run along
+/// the same axis.
+pub(super) fn slice_operand(
+    graph: &mut Graph,
+    operand: &Operand,
+    read_axis: usize,
+    keep: &[usize],
     label: &str,
-) -> Result<(NodeId, usize, bool), RewriteError> {
-    let read = graph
-        .node(node)
-        .inputs()
-        .get(1)
-        .cloned()
-        .unwrap_or_default();
-    if graph.initializer(&read).is_some() {
-        return Ok((node, 1, false));
-    }
-    match graph.producer_node(&read) {
-        Some(t)
-            if graph.node(t).op() == "Transpose"
-                && graph.initializer(&graph.node(t).inputs()[0]).is_some() =>
-        {
-            Ok((t, 0, true))
+) -> Result<(), RewriteError> {
+    let unsupported = |reason: String| RewriteError::Unsupported {
+        label: label.into(),
+        reason,
+    };
+    let tensor = operand
+        .tensor(graph)
+        .ok_or_else(|| unsupported(format!("'{}' is not a constant", operand.storage)))?;
+    // The stored axis: every transpose on the way swaps the two axes.
+    let mut axis = read_axis;
+    for step in &operand.chain {
+        if matches!(step, Step::Transpose(_)) {
+            axis = 1 - axis.min(1);
         }
-        _ => Err(RewriteError::Unsupported {
-            label: label.into(),
-            reason: format!("weight '{read}' is not a constant"),
-        }),
     }
+    if axis >= tensor.dims().len() {
+        return Err(unsupported(format!(
+            "'{}' has {} axes, axis {axis} cannot be sliced",
+            operand.storage,
+            tensor.dims().len()
+        )));
+    }
+    let mut value = new_initializer(graph, &tensor, &operand.storage, axis, keep, label)?;
+    let rank = tensor.dims().len();
+    for step in &operand.chain {
+        let node = graph.node(step.node()).clone();
+        let mut inputs = node.inputs().to_vec();
+        match step {
+            Step::Pass(_) => inputs[0] = value.clone(),
+            Step::Transpose(_) => {
+                inputs[0] = value.clone();
+                axis = 1 - axis.min(1);
+            }
+            Step::Dequantize { axis: channel, .. } => {
+                inputs[0] = value.clone();
+                let per_channel = inputs
+                    .get(1)
+                    .and_then(|s| stored_tensor(graph, s))
+                    .is_some_and(|t| t.len() > 1);
+                if per_channel && *channel == axis {
+                    for slot in [1, 2] {
+                        let Some(name) = inputs.get(slot).filter(|n| !n.is_empty()).cloned() else {
+                            continue;
+                        };
+                        let t = stored_tensor(graph, &name)
+                            .ok_or_else(|| unsupported(format!("'{name}' is not a constant")))?;
+                        inputs[slot] = new_initializer(graph, &t, &name, 0, keep, label)?;
+                    }
+                }
+            }
+            Step::Scale { slot, .. } => {
+                let other = 1 - slot;
+                inputs[other] = value.clone();
+                let name = inputs[*slot].clone();
+                let t = stored_tensor(graph, &name)
+                    .ok_or_else(|| unsupported(format!("'{name}' is not a constant")))?;
+                // The scale broadcasts from the right against the weight.
+                let dims = t.dims().to_vec();
+                if let Some(scale_axis) = (axis + dims.len()).checked_sub(rank)
+                    && dims.get(scale_axis).is_some_and(|&d| d > 1)
+                {
+                    inputs[*slot] = new_initializer(graph, &t, &name, scale_axis, keep, label)?;
+                }
+            }
+        }
+        value = copy_node(graph, &node.proto, inputs, label)?;
+    }
+    graph
+        .set_input(operand.reader, operand.slot, &value)
+        .map_err(RewriteError::graph(label))
 }
 
-/// Replaces input `slot` of `node` by a new float32 initializer holding
-/// `values` (named after the old input plus `suffix`); the old tensor is
-/// left for others that read it.
-pub(crate) fn replace_f32_input(
+/// A new initializer holding `keep` of `tensor` along `axis`, named after
+/// `base`.
+fn new_initializer(
     graph: &mut Graph,
-    node: NodeId,
+    tensor: &Tensor,
+    base: &str,
+    axis: usize,
+    keep: &[usize],
+    label: &str,
+) -> Result<String, RewriteError> {
+    let name = graph.fresh_name(&format!("{base}.pruned"));
+    let sliced = tensor
+        .select(&name, axis, keep)
+        .map_err(RewriteError::tensor(label))?;
+    graph
+        .set_initializer(sliced)
+        .map_err(RewriteError::graph(label))?;
+    Ok(name)
+}
+
+/// Adds a copy of `proto` reading `inputs`, with a fresh output; returns
+/// the output.
+fn copy_node(
+    graph: &mut Graph,
+    proto: &NodeProto,
+    inputs: Vec<String>,
+    label: &str,
+) -> Result<String, RewriteError> {
+    let base = proto.output.first().cloned().unwrap_or_default();
+    let output = graph.fresh_name(&format!("{base}.pruned"));
+    let mut copy = proto.clone();
+    copy.input = inputs;
+    copy.output = vec![output.clone()];
+    copy.name = Some(graph.fresh_node_name(&format!("{}/pruned", proto.name())));
+    graph.add_node(copy).map_err(RewriteError::graph(label))?;
+    Ok(output)
+}
+
+/// Replaces the operand read at input `slot` of `reader` (as the graph is
+/// now) by a new tensor of `values` with `dims` as the reader sees it, in
+/// the element type the reader reads (float32, float16, bfloat16). A
+/// dequantising chain is replaced by the plain values.
+pub(crate) fn replace_values(
+    graph: &mut Graph,
+    reader: NodeId,
     slot: usize,
     suffix: &str,
     dims: Vec<i64>,
     values: &[f32],
     label: &str,
 ) -> Result<(), RewriteError> {
-    let name = graph.node(node).inputs()[slot].clone();
-    let new_name = graph.fresh_name(&format!("{name}.{suffix}"));
-    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let tensor = Tensor::from_raw(&new_name, 1, dims, bytes::Bytes::from(raw));
+    let current = operand_at(graph, reader, slot).ok_or_else(|| RewriteError::Unsupported {
+        label: label.into(),
+        reason: format!(
+            "'{}' is not a constant",
+            graph
+                .node(reader)
+                .inputs()
+                .get(slot)
+                .cloned()
+                .unwrap_or_default()
+        ),
+    })?;
+    let data_type = current.read_type(graph);
+    let name = graph.fresh_name(&format!("{}.{suffix}", current.storage));
+    let tensor =
+        Tensor::from_f32(&name, data_type, dims, values).map_err(RewriteError::tensor(label))?;
+    graph
+        .set_initializer(tensor)
+        .map_err(RewriteError::graph(label))?;
+    graph
+        .set_input(reader, slot, &name)
+        .map_err(RewriteError::graph(label))
+}
+
+/// Sets `entry` of the target shape of the Reshape in `site` to `value`,
+/// in a copy: a constant target becomes a new constant; a computed one is
+/// spliced (`Concat(Slice(t, 0, p), [value], Slice(t, p + 1, end))`).
+pub(super) fn set_shape_entry(
+    graph: &mut Graph,
+    site: &ShapeSite,
+    value: i64,
+    opset: i64,
+    label: &str,
+) -> Result<(), RewriteError> {
+    let target = graph.node(site.node).inputs()[1].clone();
     let graph_err = RewriteError::graph(label);
-    graph.set_initializer(tensor).map_err(&graph_err)?;
-    graph.set_input(node, slot, &new_name).map_err(&graph_err)
-}
-
-/// Replaces input `slot` of `node` (an initializer) by its rows/columns
-/// `keep` along `axis`, as a new initializer.
-pub(super) fn slice_input(
-    graph: &mut Graph,
-    node: NodeId,
-    slot: usize,
-    axis: usize,
-    keep: &[usize],
-    label: &str,
-) -> Result<(), RewriteError> {
-    let name = graph.node(node).inputs()[slot].clone();
-    let tensor = graph
-        .initializer(&name)
-        .ok_or_else(|| RewriteError::Unsupported {
-            label: label.into(),
-            reason: format!("'{name}' is not an initializer"),
-        })?;
-    let new_name = graph.fresh_name(&format!("{name}.pruned"));
-    let sliced = tensor
-        .select(&new_name, axis, keep)
-        .map_err(RewriteError::tensor(label))?;
-    let graph_err = RewriteError::graph(label);
-    graph.set_initializer(sliced).map_err(&graph_err)?;
-    graph.set_input(node, slot, &new_name).map_err(&graph_err)
-}
-
-/// Where a linear layer's weight is read: (node, input slot, stored [out, in]).
-fn weight_site(graph: &Graph, linear: &Linear) -> (NodeId, usize, bool) {
-    let node = graph.node(linear.matmul);
-    if node.inputs()[1] == linear.weight {
-        return (linear.matmul, 1, linear.transposed);
-    }
-    // Behind a Transpose: the stored tensor is [out, in].
-    let transpose = graph
-        .producer_node(&node.inputs()[1])
-        .expect("linear weights are constants");
-    (transpose, 0, true)
-}
-
-/// Keeps only output features `keep` of a linear layer (weight columns and bias).
-pub(super) fn slice_outputs(
-    graph: &mut Graph,
-    linear: &Linear,
-    keep: &[usize],
-    label: &str,
-) -> Result<(), RewriteError> {
-    let (node, slot, stored_out_in) = weight_site(graph, linear);
-    slice_input(
-        graph,
-        node,
-        slot,
-        if stored_out_in { 0 } else { 1 },
-        keep,
-        label,
-    )?;
-    if let Some(bias) = &linear.bias {
-        slice_input(graph, bias.node, bias.slot, 0, keep, label)?;
-    }
-    Ok(())
-}
-
-/// Keeps only input features `keep` of a linear layer (weight rows).
-pub(super) fn slice_inputs(
-    graph: &mut Graph,
-    linear: &Linear,
-    keep: &[usize],
-    label: &str,
-) -> Result<(), RewriteError> {
-    let (node, slot, stored_out_in) = weight_site(graph, linear);
-    slice_input(
-        graph,
-        node,
-        slot,
-        if stored_out_in { 1 } else { 0 },
-        keep,
-        label,
-    )
-}
-
-/// In the target shape of Reshape `site`, replaces the entry `from_end`
-/// positions from the end when it equals `old` (entries of -1, 0 or computed
-/// pieces adapt by themselves). The constant is replaced by a new one.
-pub(super) fn rewrite_shape(
-    graph: &mut Graph,
-    site: NodeId,
-    from_end: usize,
-    old: i64,
-    new: i64,
-    label: &str,
-) -> Result<(), RewriteError> {
-    let shape = graph.node(site).inputs()[1].clone();
-    let graph_err = RewriteError::graph(label);
-    if let Some(values) = const_ints(graph, &shape) {
-        let Some(pos) = values.len().checked_sub(from_end) else {
-            return Ok(());
-        };
-        if values[pos] != old {
-            return Ok(());
-        }
-        let mut values = values;
-        values[pos] = new;
-        let name = graph.fresh_name(&format!("{shape}.pruned"));
+    if let Some(t) = stored_tensor(graph, &target)
+        && let Ok(mut values) = t.to_i64()
+        && site.position < values.len()
+    {
+        values[site.position] = value;
+        let name = graph.fresh_name(&format!("{target}.pruned"));
         graph
             .set_initializer(int_tensor(&name, &values))
             .map_err(&graph_err)?;
-        return graph.set_input(site, 1, &name).map_err(&graph_err);
+        return graph.set_input(site.node, 1, &name).map_err(&graph_err);
     }
-    let Some(concat) = graph
-        .producer_node(&shape)
-        .filter(|c| graph.node(*c).op() == "Concat")
-    else {
-        return Ok(());
+    if opset < 10 {
+        return Err(RewriteError::Unsupported {
+            label: label.into(),
+            reason: format!(
+                "the computed shape '{target}' would be edited with Slice inputs, which need opset 10 (the model imports {opset})"
+            ),
+        });
+    }
+    let p = site.position as i64;
+    let mut pieces = Vec::new();
+    let constant =
+        |graph: &mut Graph, base: &str, values: &[i64]| -> Result<String, RewriteError> {
+            let name = graph.fresh_name(&format!("{target}.{base}"));
+            graph
+                .set_initializer(int_tensor(&name, values))
+                .map_err(RewriteError::graph(label))?;
+            Ok(name)
+        };
+    let slice = |graph: &mut Graph, start: i64, end: i64| -> Result<String, RewriteError> {
+        let starts = constant(graph, "start", &[start])?;
+        let ends = constant(graph, "end", &[end])?;
+        let output = graph.fresh_name(&format!("{target}.part"));
+        graph
+            .add_node(NodeProto {
+                op_type: Some("Slice".into()),
+                name: Some(
+                    graph
+                        .fresh_node_name(&format!("{}/pruned_slice", graph.node(site.node).name())),
+                ),
+                input: vec![target.clone(), starts, ends],
+                output: vec![output.clone()],
+                ..Default::default()
+            })
+            .map_err(RewriteError::graph(label))?;
+        Ok(output)
     };
-    // Concat pieces: constants contribute their length, computed pieces one
-    // element (Unsqueeze of a scalar).
-    let pieces: Vec<(String, Option<Vec<i64>>)> = graph
-        .node(concat)
-        .inputs()
-        .iter()
-        .map(|p| (p.clone(), const_ints(graph, p)))
-        .collect();
-    let total: usize = pieces
-        .iter()
-        .map(|(_, v)| v.as_ref().map_or(1, |v| v.len()))
-        .sum();
-    let Some(target) = total.checked_sub(from_end) else {
-        return Ok(());
-    };
-    let mut position = 0;
-    for (slot, (name, values)) in pieces.iter().enumerate() {
-        let len = values.as_ref().map_or(1, |v| v.len());
-        if (position..position + len).contains(&target) {
-            if let Some(values) = values
-                && values[target - position] == old
-            {
-                let mut values = values.clone();
-                values[target - position] = new;
-                let new_name = graph.fresh_name(&format!("{name}.pruned"));
-                graph
-                    .set_initializer(int_tensor(&new_name, &values))
-                    .map_err(&graph_err)?;
-                graph
-                    .set_input(concat, slot, &new_name)
-                    .map_err(&graph_err)?;
-            }
-            break;
+    if p > 0 {
+        pieces.push(slice(graph, 0, p)?);
+    }
+    pieces.push(constant(graph, "entry", &[value])?);
+    if site.position + 1 < site.len {
+        pieces.push(slice(graph, p + 1, i64::MAX)?);
+    }
+    let output = graph.fresh_name(&format!("{target}.pruned"));
+    graph
+        .add_node(NodeProto {
+            op_type: Some("Concat".into()),
+            name: Some(
+                graph.fresh_node_name(&format!("{}/pruned_shape", graph.node(site.node).name())),
+            ),
+            input: pieces,
+            output: vec![output.clone()],
+            attribute: vec![AttributeProto {
+                name: Some("axis".into()),
+                r#type: Some(2),
+                i: Some(0),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .map_err(&graph_err)?;
+    graph.set_input(site.node, 1, &output).map_err(&graph_err)
+}
+
+/// The new value of a shape entry when `kept` of its heads remain.
+pub(super) fn shape_value(
+    site: &ShapeSite,
+    kept: usize,
+    head_dim: usize,
+    label: &str,
+) -> Result<i64, RewriteError> {
+    Ok(match site.role {
+        ShapeRole::Heads => kept as i64,
+        ShapeRole::Width => (kept * head_dim) as i64,
+        ShapeRole::HeadMultiple if !site.wildcard_elsewhere => -1,
+        ShapeRole::HeadMultiple => {
+            return Err(RewriteError::Unsupported {
+                label: label.into(),
+                reason: "a reshape target multiplies the head count into an unknown size and already infers another entry (-1)".into(),
+            });
         }
-        position += len;
-    }
-    Ok(())
+    })
 }
 
 fn int_tensor(name: &str, values: &[i64]) -> Tensor {

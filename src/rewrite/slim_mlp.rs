@@ -2,7 +2,8 @@
 //! columns and bias, fc2's rows, and any per-neuron constant inside the
 //! activation.
 
-use super::slicing::{slice_input, slice_inputs, slice_outputs};
+use super::prune_heads::{slice_inputs, slice_outputs};
+use super::slicing::slice_operand;
 use super::{Edit, RewriteError, Target};
 use crate::arch::Mlp;
 use crate::ir::Graph;
@@ -35,19 +36,16 @@ fn slim_mlp(graph: &mut Graph, mlp: &Mlp, keep: &[usize], label: &str) -> Result
     slice_inputs(graph, &mlp.fc2, keep, label)?;
     // Per-neuron constants inside the activation (rare) shrink too.
     for &id in &mlp.activation {
-        let inputs = graph.node(id).inputs().to_vec();
-        for (slot, input) in inputs.iter().enumerate() {
-            let per_neuron = graph
-                .initializer(input)
-                .is_some_and(|t| t.dims().last() == Some(&(width as i64)) && t.len() == width);
-            let is_fc1_bias = mlp
-                .fc1
-                .bias
-                .as_ref()
-                .is_some_and(|b| b.node == id && b.slot == slot);
-            if per_neuron && !is_fc1_bias {
-                let axis = graph.initializer(input).map_or(0, |t| t.dims().len() - 1);
-                slice_input(graph, id, slot, axis, keep, label)?;
+        for slot in 0..graph.node(id).inputs().len() {
+            let Some(operand) = crate::arch::view::operand_at(graph, id, slot) else {
+                continue;
+            };
+            let Some(dims) = operand.read_dims(graph) else {
+                continue;
+            };
+            let per_neuron = dims.last() == Some(&width) && dims.iter().product::<usize>() == width;
+            if per_neuron {
+                slice_operand(graph, &operand, dims.len() - 1, keep, label)?;
             }
         }
     }

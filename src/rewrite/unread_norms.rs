@@ -51,7 +51,7 @@ pub(super) fn run(edit: &mut Edit<'_>, _targets: &[Target<'_>]) -> Result<(), Re
             edit.graph
                 .add_node(NodeProto {
                     op_type: Some("Add".into()),
-                    name: Some(format!("{name}/{suffix}")),
+                    name: Some(edit.graph.fresh_node_name(&format!("{name}/{suffix}"))),
                     input: vec![a.to_string(), b.to_string()],
                     output: vec![output.clone()],
                     ..Default::default()

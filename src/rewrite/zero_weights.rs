@@ -3,8 +3,9 @@
 //! weight (biases are untouched). It runs after slicing, on the weights as
 //! they are then, so it composes with head and neuron pruning.
 
-use super::slicing::{replace_f32_input, weight_read_site};
+use super::slicing::replace_values;
 use super::{Edit, RewriteError, Target};
+use crate::arch::view::operand_at;
 use crate::ir::{Graph, NodeId};
 
 /// Runs the pass over every target with a `zero_below` action.
@@ -28,8 +29,9 @@ pub(super) fn run(edit: &mut Edit<'_>, targets: &[Target<'_>]) -> Result<(), Rew
 }
 
 /// Zeroes the weights with |w| < `threshold` of the linear layer read by
-/// `node` (input 1, or behind a Transpose), as a new initializer. Works on
-/// the weight as it is now, so it composes with head and neuron slicing.
+/// `node` (at input 1), as a new tensor of the type the node reads (a
+/// dequantised weight is replaced by its float values). Works on the
+/// weight as it is now, so it composes with head and neuron slicing.
 /// Returns (zeroed, total) element counts.
 fn zero_small_weights(
     graph: &mut Graph,
@@ -41,16 +43,14 @@ fn zero_small_weights(
         label: label.into(),
         reason,
     };
-    let (site, slot, _) = weight_read_site(graph, node, label)?;
-    let name = graph.node(site).inputs()[slot].clone();
-    let tensor = graph.initializer(&name).expect("checked above");
-    if tensor.data_type() != 1 {
-        return Err(unsupported(format!(
-            "weight '{name}' is not float32; unstructured masking edits float32 weights"
-        )));
-    }
-    let mut values = tensor.to_f32().map_err(RewriteError::tensor(label))?;
-    let dims = tensor.dims().to_vec();
+    let operand = operand_at(graph, node, 1)
+        .ok_or_else(|| unsupported("the weight is not a constant".into()))?;
+    let (mut values, dims) = operand.values(graph).ok_or_else(|| {
+        unsupported(format!(
+            "weight '{}' cannot be read as numbers",
+            operand.storage
+        ))
+    })?;
     let mut zeroed = 0;
     for v in values.iter_mut() {
         if (v.abs() as f64) < threshold && *v != 0.0 {
@@ -59,6 +59,7 @@ fn zero_small_weights(
         }
     }
     let total = values.len();
-    replace_f32_input(graph, site, slot, "masked", dims, &values, label)?;
+    let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+    replace_values(graph, node, 1, "masked", dims, &values, label)?;
     Ok((zeroed, total))
 }
