@@ -29,12 +29,21 @@ pub fn python() -> PathBuf {
 /// Runs tests/scripts/check_models.py with `mode` on ORIGINAL OUTPUT pairs
 /// and requires every pair to pass.
 fn check_models(mode: &str, pairs: &[PathBuf]) {
+    check_models_with(
+        &util::fixtures().join("calib/clip_tiny_calib.npz"),
+        mode,
+        pairs,
+    )
+}
+
+/// [`check_models`] with the inputs of `calib`.
+fn check_models_with(calib: &std::path::Path, mode: &str, pairs: &[PathBuf]) {
     let script = util::fixtures().join("../tests/scripts/check_models.py");
     let output = Command::new(python())
         .arg(script)
         .arg(mode)
         .arg("--calib")
-        .arg(util::fixtures().join("calib/clip_tiny_calib.npz"))
+        .arg(calib)
         .args(pairs)
         .output()
         .unwrap();
@@ -124,6 +133,40 @@ fn pruned_models_pass_onnx_checker_with_full_shape_inference() {
         }
     }
     check_models("--no-compare", &pairs);
+}
+
+/// Every file of the exporter-default corpus, pruned by its model's plan
+/// mixing every action: the ONNX checker with full shape inference accepts
+/// it and the Python ONNX Runtime runs it, keeping the output names.
+#[test]
+fn pruned_default_exports_pass_onnx_checker_with_full_shape_inference() {
+    let sandbox = Sandbox::new();
+    let corpus = util::fixtures().join("defaults");
+    let expected: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(corpus.join("expected.json")).unwrap())
+            .unwrap();
+    let mut by_inputs: std::collections::BTreeMap<String, Vec<PathBuf>> = Default::default();
+    for (file, want) in &expected {
+        let model = want["model"].as_str().unwrap();
+        let plan = corpus.join(format!("plans/{model}_mixed.json"));
+        let input = corpus.join(file);
+        let out = sandbox.path(&format!("mixed-{file}"));
+        run([
+            input.as_os_str(),
+            out.as_os_str(),
+            "--plan".as_ref(),
+            plan.as_os_str(),
+        ])
+        .assert_ok();
+        let pairs = by_inputs
+            .entry(want["inputs"].as_str().unwrap().to_string())
+            .or_default();
+        pairs.push(input);
+        pairs.push(out);
+    }
+    for (inputs, pairs) in by_inputs {
+        check_models_with(&corpus.join(inputs), "--no-compare", &pairs);
+    }
 }
 
 #[test]

@@ -761,7 +761,7 @@ fn discover_in(view: &View<'_>) -> Result<Architecture, DiscoverError> {
     }
     Ok(Architecture {
         towers,
-        params_total: stored_params(view),
+        params_total: stored_params(graph),
         outside,
     })
 }
@@ -784,10 +784,10 @@ fn data_descendants(graph: &Graph, value: &str) -> HashSet<NodeId> {
     seen
 }
 
-/// Elements of the stored weights: floating-point tensors, and integer
-/// tensors read by a dequantising node, with more than one element.
-fn stored_params(view: &View<'_>) -> u64 {
-    let graph = view.graph;
+/// Elements of the stored weights of `graph`: floating-point tensors, and
+/// integer tensors read by a dequantising node, with more than one
+/// element (what [`Architecture::params_total`] counts).
+pub fn stored_params(graph: &Graph) -> u64 {
     let dequantised = |name: &str| {
         graph.consumers(name).iter().any(|&c| {
             let n = graph.node(c);
@@ -1034,6 +1034,13 @@ fn tower_inputs(view: &View<'_>) -> (Vec<String>, Vec<String>) {
                         "Gather"
                             if n.inputs().get(1) == Some(value)
                                 && view.operand(reader, 0).is_some() =>
+                        {
+                            embeds = true
+                        }
+                        // ONNX Runtime's fused embedding: token ids at input 0.
+                        "EmbedLayerNormalization"
+                            if n.domain() == "com.microsoft"
+                                && n.inputs().first() == Some(value) =>
                         {
                             embeds = true
                         }

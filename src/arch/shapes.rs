@@ -446,7 +446,15 @@ impl Run<'_> {
                 | "QuantizeLinear"
                 | "DynamicQuantizeLinear"
                 | "InstanceNormalization"
-                | "BatchNormalization",
+                | "BatchNormalization"
+                | "Clip"
+                | "ScatterND"
+                | "ScatterElements"
+                | "GroupNormalization"
+                | "Sin"
+                | "Cos"
+                | "Celu"
+                | "ThresholdedRelu",
             ) => {
                 let mut out = vec![same_shape(&first)];
                 out.extend((1..outputs).map(|_| Info::default()));
@@ -801,6 +809,23 @@ impl Run<'_> {
                 })
             }
             ("", "Conv") => one(self.conv(node, inputs, &first)),
+            ("", "GatherElements") => one(same_shape(&self.input(inputs, 1))),
+            ("", "Pad" | "Resize" | "Upsample" | "AveragePool" | "MaxPool") => {
+                let shape = first.shape.as_ref().map(|s| {
+                    let mut fresh = self.fresh_shape(s.len());
+                    // Batch and channels pass through.
+                    for (i, d) in s.iter().take(2).enumerate() {
+                        if op != "Pad" {
+                            fresh[i] = d.clone();
+                        }
+                    }
+                    fresh
+                });
+                one(Info {
+                    shape,
+                    ..Default::default()
+                })
+            }
             (
                 "",
                 "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceL2" | "ReduceL1"
@@ -1339,6 +1364,50 @@ mod tests {
             if inputs_known && lost && shown < 30 {
                 println!("{} -> {:?}", n.label(), n.inputs());
                 shown += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod value_debug {
+    use super::*;
+
+    /// `INTS_DEBUG=model.onnx INTS_VALUE=name cargo test --lib ints_debug -- --nocapture`
+    /// walks back from a value printing what is known of each.
+    #[test]
+    fn ints_debug() {
+        let (Some(path), Some(value)) = (
+            std::env::var_os("INTS_DEBUG"),
+            std::env::var("INTS_VALUE").ok(),
+        ) else {
+            return;
+        };
+        let loaded = crate::onnx::load(std::path::Path::new(&path)).unwrap();
+        let model = crate::ir::Model::from_proto(loaded.proto).unwrap();
+        let graph = &model.graph;
+        let shapes = Shapes::infer(graph);
+        let mut stack = vec![(value, 0)];
+        while let Some((v, depth)) = stack.pop() {
+            let info = shapes.info(&v);
+            let op = graph
+                .producer_node(&v)
+                .map(|p| graph.node(p).label())
+                .unwrap_or_default();
+            println!(
+                "{}{v} [{op}] shape={:?} ints={:?}",
+                "  ".repeat(depth),
+                info.and_then(|i| i.shape.clone()).map(|s| s.len()),
+                info.and_then(|i| i.ints.clone())
+            );
+            if depth < 6
+                && let Some(p) = graph.producer_node(&v)
+            {
+                for i in graph.node(p).inputs() {
+                    if !i.is_empty() {
+                        stack.push((i.clone(), depth + 1));
+                    }
+                }
             }
         }
     }

@@ -160,8 +160,9 @@ pub struct Batch<'a> {
     pub start: usize,
     /// End of the range.
     pub end: usize,
-    /// The tapped outputs, one per tap, `[batch, …]`.
-    pub taps: Vec<&'a ArrayD<f32>>,
+    /// The tapped outputs, one per tap, `[batch, …]` (samples on axis 0,
+    /// whatever the tap's layout).
+    pub taps: Vec<std::borrow::Cow<'a, ArrayD<f32>>>,
     /// The inputs fed (for padding masks).
     pub feed: &'a Inputs,
 }
@@ -207,7 +208,7 @@ pub fn run_batches(
                     tap.value
                 )));
             };
-            tapped.push(values);
+            tapped.push(tap.layout.batch_first(values, range.take)?);
         }
         consume(Batch {
             start: range.start,
@@ -285,7 +286,7 @@ pub fn collect_all(
         let rows = batch.end - batch.start;
         for (slot, &t) in feature_taps.iter().enumerate() {
             let tap = &taps[t];
-            let pooled = stats::pool(batch.taps[t], mask_in(tap, batch.feed), pooling)?;
+            let pooled = stats::pool(&batch.taps[t], mask_in(tap, batch.feed), pooling)?;
             let matrix =
                 features[slot].get_or_insert_with(|| Array2::zeros((samples, pooled.ncols())));
             if matrix.ncols() != pooled.ncols() {
@@ -303,9 +304,9 @@ pub fn collect_all(
         for (p, &(a, b)) in pairs.iter().enumerate() {
             let (sum, count) = stats::token_cosines(
                 &taps[a],
-                batch.taps[a],
+                &batch.taps[a],
                 &taps[b],
-                batch.taps[b],
+                &batch.taps[b],
                 rows,
                 batch.feed,
             )?;
@@ -313,14 +314,14 @@ pub fn collect_all(
             sums[p].1 += count;
         }
         for (slot, &t) in energy_taps.iter().enumerate() {
-            energy[slot].add(batch.taps[t], mask_in(&taps[t], batch.feed), rows)?;
+            energy[slot].add(&batch.taps[t], mask_in(&taps[t], batch.feed), rows)?;
         }
         for (slot, &t) in gram_taps.iter().enumerate() {
             if stride == 0 {
-                stride = stats::gram_stride(samples, stats::tokens_per_sample(batch.taps[t]));
+                stride = stats::gram_stride(samples, stats::tokens_per_sample(&batch.taps[t]));
             }
             let mask = mask_in(&taps[t], batch.feed);
-            grams[slot].add(batch.taps[t], mask, batch.start, rows, stride)?;
+            grams[slot].add(&batch.taps[t], mask, batch.start, rows, stride)?;
         }
         Ok(())
     })?;
@@ -336,8 +337,12 @@ pub fn collect_all(
     })
 }
 
-/// The padding mask of `tap` among the inputs fed.
+/// The padding mask of `tap` among the inputs fed (none for a tap whose
+/// rows mix samples).
 fn mask_in<'a>(tap: &Tap, feed: &'a Inputs) -> Option<&'a Array> {
+    if tap.layout == stats::Layout::Rows {
+        return None;
+    }
     tap.mask.as_ref().and_then(|m| feed.get(m))
 }
 

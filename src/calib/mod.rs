@@ -21,4 +21,4 @@ pub mod stats;
 pub use data::{Array, DataError, Inputs};
 pub use runtime::{Provider, Runtime, RuntimeError, RuntimeOptions, locate_library};
 pub use sources::{CalibSource, PairSource};
-pub use stats::{Pooling, Tap};
+pub use stats::{Layout, Pooling, Tap};

@@ -47,6 +47,79 @@ pub struct Tap {
     pub value: String,
     /// A `[batch, tokens]` 0/1 input marking real tokens, if any.
     pub mask: Option<String>,
+    /// Where the samples sit in the tapped tensor.
+    pub layout: Layout,
+}
+
+/// Where the samples sit in a tapped tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Along this axis (0 for batch-first; 1 for the sequence-first
+    /// streams of `nn.MultiheadAttention` models). Other axes are tokens
+    /// and channels.
+    Batch(usize),
+    /// Merged with the tokens on axis 0 (`[tokens · batch, channels]`):
+    /// every row is a token of some sample. Good for sums over tokens
+    /// (energies, second moments), not for per-sample features.
+    Rows,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout::Batch(0)
+    }
+}
+
+impl Layout {
+    /// `values` with the samples on axis 0 (`[batch, …]`): borrowed when
+    /// they already are; `Rows` become `[batch, tokens, channels]` groups of
+    /// `batch` (which sample a row belongs to is not kept, only that every
+    /// row is a token).
+    pub fn batch_first<'a>(
+        self,
+        values: &'a ArrayD<f32>,
+        batch: usize,
+    ) -> Result<std::borrow::Cow<'a, ArrayD<f32>>, RuntimeError> {
+        use std::borrow::Cow;
+        match self {
+            Layout::Batch(0) => Ok(Cow::Borrowed(values)),
+            Layout::Batch(axis) => {
+                if axis >= values.ndim() {
+                    return Err(RuntimeError::Session(format!(
+                        "a tap has {} axes, its samples were expected on axis {axis}",
+                        values.ndim()
+                    )));
+                }
+                let mut perm: Vec<usize> = (0..values.ndim()).collect();
+                perm.remove(axis);
+                perm.insert(0, axis);
+                Ok(Cow::Owned(
+                    values
+                        .view()
+                        .permuted_axes(perm)
+                        .as_standard_layout()
+                        .into_owned(),
+                ))
+            }
+            Layout::Rows => {
+                let width = *values.shape().last().unwrap_or(&1);
+                let rows = values.len() / width.max(1);
+                if batch == 0 || !rows.is_multiple_of(batch) {
+                    return Err(RuntimeError::Session(format!(
+                        "a tap of {rows} rows does not divide into {batch} samples"
+                    )));
+                }
+                let shape = ndarray::IxDyn(&[batch, rows / batch, width]);
+                Ok(Cow::Owned(
+                    values
+                        .as_standard_layout()
+                        .into_owned()
+                        .into_shape_with_order(shape)
+                        .map_err(|e| RuntimeError::Session(e.to_string()))?,
+                ))
+            }
+        }
+    }
 }
 
 /// Whether `token` of `sample` is a real token (not padding) per `mask`.

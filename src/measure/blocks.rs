@@ -82,12 +82,13 @@ pub fn measure_blocks(
     runtime: &RuntimeOptions,
 ) -> Result<BlockMeasurements, MeasureError> {
     let samples = options.samples;
+    let view = crate::arch::View::new(&model.graph);
     let mut model = model.clone();
     let mut taps: Vec<Tap> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut add = |value: String, tower: TowerKind, taps: &mut Vec<Tap>| -> usize {
         *index.entry(value.clone()).or_insert_with(|| {
-            taps.push(tap(value, tower, mask));
+            taps.push(tap(&view, value, tower, mask));
             taps.len() - 1
         })
     };
@@ -184,6 +185,22 @@ pub fn measure_blocks(
     })
 }
 
+/// `value`, or when its rows mix the samples (a projection of
+/// `nn.MultiheadAttention` on `[tokens · batch, width]`), the reshape of it
+/// back to a layout with a batch axis: features for ID are per sample.
+fn per_sample(view: &crate::arch::View<'_>, value: &str) -> String {
+    if super::layout(view, value) == crate::calib::Layout::Rows
+        && let Some((reader, _)) = view.single_reader(value)
+        && view.graph.node(reader).op() == "Reshape"
+    {
+        let out = view.graph.node(reader).outputs()[0].clone();
+        if super::layout(view, &out) != crate::calib::Layout::Rows {
+            return out;
+        }
+    }
+    value.to_string()
+}
+
 /// One linear layer of a block with the ID of its output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinearId {
@@ -209,7 +226,8 @@ pub fn measure_linears(
     options: &MeasureOptions,
     runtime: &RuntimeOptions,
 ) -> Result<(Vec<LinearId>, Provider), MeasureError> {
-    // (tower, block, role, output value, weight initializer)
+    let view = crate::arch::View::new(&model.graph);
+    // (tower, block, role, output value, weight)
     let mut layers = Vec::new();
     for tower in &arch.towers {
         for block in &tower.blocks {
@@ -218,7 +236,7 @@ pub fn measure_linears(
                     tower.kind,
                     block.index,
                     l.role,
-                    l.output.to_string(),
+                    per_sample(&view, l.output),
                     l.weight.clone(),
                 ));
             }
@@ -226,7 +244,7 @@ pub fn measure_linears(
     }
     let taps: Vec<Tap> = layers
         .iter()
-        .map(|(tower, _, _, output, _)| tap(output.clone(), *tower, mask))
+        .map(|(tower, _, _, output, _)| tap(&view, output.clone(), *tower, mask))
         .collect();
     let labels: Vec<String> = layers
         .iter()

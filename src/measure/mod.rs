@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::arch;
 use crate::calib::collect;
-use crate::calib::{Inputs, Pooling, Provider, RuntimeError, RuntimeOptions, Tap};
+use crate::calib::{Inputs, Layout, Pooling, Provider, RuntimeError, RuntimeOptions, Tap};
 use crate::id::{self, IdError, IdEstimate, IdOptions};
 use crate::ir::{IrError, Model};
 
@@ -202,12 +202,51 @@ pub fn default_max_memory() -> u64 {
         .unwrap_or(4 << 30)
 }
 
-/// The tap of `value` in `tower`: text taps skip padding through `mask`.
-fn tap(value: String, tower: arch::TowerKind, mask: Option<&str>) -> Tap {
+/// The tap of `value` in `tower`: text taps skip padding through `mask`;
+/// the samples sit where the inferred shapes put them.
+fn tap(view: &arch::View<'_>, value: String, tower: arch::TowerKind, mask: Option<&str>) -> Tap {
+    let layout = layout(view, &value);
     Tap {
         value,
         mask: (tower == arch::TowerKind::Text)
             .then(|| mask.map(str::to_string))
             .flatten(),
+        layout,
+    }
+}
+
+/// Where the samples of `value` sit: the axis whose size is the batch size
+/// of the model's inputs (sequence-first models keep it on axis 1), or
+/// mixed into the rows of a `[tokens · batch, channels]` view.
+pub fn layout(view: &arch::View<'_>, value: &str) -> Layout {
+    let graph = view.graph;
+    let batch: Vec<arch::shapes::Expr> = graph
+        .inputs
+        .iter()
+        .filter(|i| graph.initializer(i.name()).is_none())
+        .filter_map(|i| view.shapes.shape(i.name())?.first().cloned())
+        .collect();
+    let Some(shape) = view.shapes.shape(value) else {
+        return Layout::default();
+    };
+    if shape.first().is_some_and(|d| batch.contains(d)) {
+        return Layout::Batch(0);
+    }
+    if let Some(axis) = shape
+        .iter()
+        .position(|d| batch.contains(d) && d.value().is_none())
+    {
+        return Layout::Batch(axis);
+    }
+    let merged = shape.iter().any(|d| {
+        batch
+            .iter()
+            .any(|b| !b.symbols.is_empty() && b.symbols.iter().all(|s| d.symbols.contains(s)))
+            && !batch.contains(d)
+    });
+    if merged {
+        Layout::Rows
+    } else {
+        Layout::default()
     }
 }

@@ -55,12 +55,13 @@ pub fn profile(
     // Tap each block's residual stream. A fused join that folded the sum
     // into the next norm (the last block before a final norm) is given its
     // optional sum output, so every block is measured before normalisation.
+    let view = crate::arch::View::new(&model.graph);
     let mut model = model.clone();
     let mut taps: Vec<(TowerKind, usize, Tap)> = Vec::new();
     for tower in &arch.towers {
         for block in &tower.blocks {
             let value = residual_value(&mut model, block, &block.mlp.join)?;
-            taps.push((tower.kind, block.index, tap(value, tower.kind, mask)));
+            taps.push((tower.kind, block.index, tap(&view, value, tower.kind, mask)));
         }
     }
     let all: Vec<Tap> = taps.iter().map(|t| t.2.clone()).collect();

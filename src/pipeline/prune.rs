@@ -106,6 +106,8 @@ pub struct Outcome {
     pub fidelity: Option<Fidelity>,
     /// Least-squares refits made, when the plan asks for repair.
     pub refits: Vec<repair::Refit>,
+    /// Parameters stored in the written model.
+    pub stored_params: u64,
 }
 
 impl PruneJob {
@@ -214,6 +216,7 @@ impl PruneJob {
             timings.push(("verify", 0.0));
         }
         clock = Instant::now();
+        let stored_params = crate::arch::stored_params(&candidate.model.graph);
         let pruned = candidate.model.to_proto();
 
         let external_data =
@@ -237,6 +240,7 @@ impl PruneJob {
             decided,
             fidelity,
             refits: candidate.refits,
+            stored_params,
         };
         if let Err(e) = self.write_companions(&source, arch.as_ref(), &outcome) {
             // OUT and its plan/report go together: without them, no OUT.
@@ -438,6 +442,7 @@ impl PruneJob {
             graph: &source.model.graph,
             arch,
             input_bytes: source.bytes(),
+            stored_after: outcome.stored_params,
             saved: &outcome.saved,
             plan: &outcome.plan,
             rewrites: &outcome.rewrites,

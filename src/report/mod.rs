@@ -255,7 +255,9 @@ pub struct Report {
     pub mode: Option<crate::decide::Mode>,
     /// Importance score used.
     pub score: Option<crate::decide::Score>,
-    /// Parameters before and after, in total, in blocks and per tower.
+    /// Parameters before and after: in total as stored in the files, and
+    /// in blocks and per tower as the network uses them (a tensor the
+    /// exporter shares between layers counts once per layer there).
     pub params: serde_json::Value,
     /// Approximate linear-layer FLOPs per token inside blocks
     /// (2 × block parameters), before and after.
@@ -301,6 +303,8 @@ pub struct RunFacts<'a> {
     pub arch: Option<&'a Architecture>,
     /// Bytes of the model read (and its external data).
     pub input_bytes: u64,
+    /// Parameters stored in the written model ([`crate::arch::stored_params`]).
+    pub stored_after: u64,
     /// What was written.
     pub saved: &'a crate::onnx::SaveSummary,
     /// The plan applied.
@@ -363,7 +367,7 @@ impl Report {
                 "blocks_after": blocks_after,
                 "blocks_kept": blocks_after as f64 / blocks_before.max(1) as f64,
                 "total_before": total_before,
-                "total_after": total_before.map(|t| t - (blocks_before - blocks_after)),
+                "total_after": facts.stored_after,
                 "towers_before": towers_before,
                 "towers_after": towers_after,
             }),

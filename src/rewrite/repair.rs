@@ -110,6 +110,7 @@ pub fn statistics(
     mask: Option<&str>,
     runtime: &RuntimeOptions,
 ) -> Result<Statistics, RuntimeError> {
+    let view = crate::arch::View::new(&original.graph);
     let mut taps: Vec<Tap> = Vec::new();
     for plan in plans {
         for t in targets(arch, plan) {
@@ -117,6 +118,7 @@ pub fn statistics(
                 continue;
             }
             taps.push(Tap {
+                layout: crate::measure::layout(&view, &t.linear.input),
                 value: t.linear.input.clone(),
                 mask: (t.tower == TowerKind::Text)
                     .then(|| mask.map(str::to_string))
