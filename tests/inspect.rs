@@ -233,4 +233,65 @@ fn a_model_without_transformer_blocks_is_an_error() {
     };
     let path = sandbox.write("mlp.onnx", model.encode_to_vec());
     run(["inspect".as_ref(), path.as_os_str()]).assert_error(1, "no transformer block found");
+    // --explain says where each pattern stopped, one line each.
+    let explained = run(["inspect".as_ref(), path.as_os_str(), "--explain".as_ref()]);
+    explained.assert_ok();
+    // The MLP itself matches; it is its missing residual join that stops it.
+    assert!(
+        explained.stdout.contains(
+            "MLP at (MatMul) -> h: stopped at value 'y', expected fc2's output joining a residual stream"
+        ),
+        "{}",
+        explained.stdout
+    );
+    assert!(
+        explained
+            .stdout
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("discovery: no transformer block found"),
+        "{}",
+        explained.stdout
+    );
+}
+
+/// `inspect --explain` on an export it understands: every attention anchor
+/// and MLP candidate has its line, what lies outside the block chain is
+/// named, and the verdict comes last. See: issue 14.
+#[test]
+fn explain_names_every_anchor_and_what_lies_outside_the_chain() {
+    let path = util::fixtures().join("defaults/siglip_ts_op17.onnx");
+    let result = run(["inspect".as_ref(), path.as_os_str(), "--explain".as_ref()]);
+    result.assert_ok();
+    let lines: Vec<&str> = result.stdout.lines().collect();
+    let matched = lines
+        .iter()
+        .filter(|l| l.starts_with("attention at ") && l.contains(": matched (4 heads × 8"))
+        .count();
+    // Two blocks per tower; the pooling head's attention has no residual.
+    assert_eq!(matched, 4, "{}", result.stdout);
+    let head = lines
+        .iter()
+        .find(|l| l.starts_with("attention at /vision_model/head/"))
+        .unwrap_or_else(|| panic!("{}", result.stdout));
+    assert!(head.contains("stopped at"), "{head}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("outside the block chain: MLP at /vision_model/head/")),
+        "{}",
+        result.stdout
+    );
+    assert!(lines.contains(&"vision tower: 2 blocks") && lines.contains(&"text tower: 2 blocks"));
+    // The table lists what was left alone.
+    let table = run(["inspect".as_ref(), path.as_os_str()]);
+    assert!(
+        table
+            .assert_ok()
+            .stdout
+            .contains("outside the block chain (left as it is): MLP at /vision_model/head/"),
+        "{}",
+        table.stdout
+    );
 }
