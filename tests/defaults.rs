@@ -326,3 +326,42 @@ fn the_main_job_runs_in_every_mode_on_every_default_export() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Masking a weight-only int8 weight keeps it int8 with its scales: a
+/// threshold that zeroes nothing gives back exactly the original
+/// function, and the file does not grow into float32.
+#[test]
+fn masking_an_int8_weight_keeps_it_int8_and_exact() {
+    let sandbox = Sandbox::new();
+    for file in [
+        "clip_ts_op17_castmul_int8.onnx",
+        "clip_ts_op17_qdq_int8_wonly.onnx",
+    ] {
+        let model = corpus().join(file);
+        let plan = sandbox.write(
+            "mask.json",
+            r#"{"format": "onnx-idprune-plan", "version": 1, "blocks": [
+                {"tower": "text", "index": 0, "zero_below": {"q": 0.0, "fc1": 0.0}}]}"#,
+        );
+        let out = sandbox.path(&format!("masked-{file}"));
+        run([
+            model.as_os_str(),
+            out.as_os_str(),
+            "--plan".as_ref(),
+            plan.as_os_str(),
+        ])
+        .assert_ok();
+        let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+        assert!(
+            size(&out) <= size(&model) + 4096,
+            "{file}: {} bytes from {}",
+            size(&out),
+            size(&model)
+        );
+        let feed = inputs(&model, &corpus().join("inputs/clip.npz"), 2);
+        let (a, b) = (outputs_of(&model, &feed), outputs_of(&out, &feed));
+        for ((name, x), (_, y)) in a.iter().zip(&b) {
+            assert_eq!(x, y, "{file}: {name} changed");
+        }
+    }
+}

@@ -43,7 +43,7 @@ use crate::arch::{Architecture, Block};
 use crate::ir::{DeadCode, EditCheck, Graph, IrError, Model, TensorError};
 use crate::plan::{BlockAction, Plan};
 
-pub(crate) use slicing::replace_values;
+pub(crate) use slicing::{NewValues, Scales, replace_values};
 
 /// Metadata key under which the applied plan is recorded.
 pub const PLAN_METADATA_KEY: &str = "onnx_idprune.plan";

@@ -227,10 +227,17 @@ fn refit(
     }
     let g_kk = gram.select(Axis(0), &k).select(Axis(1), &k);
     let rhs = gram.select(Axis(0), &k).dot(&full);
-    let ridge = 1e-6 * (0..k.len()).map(|i| g_kk[[i, i]]).sum::<f64>() / k.len().max(1) as f64;
-    let solution = solve_spd(g_kk, rhs, ridge.max(1e-12)).ok_or_else(|| {
-        unsupported("the activations' second moment is not positive definite".into())
-    })?;
+    // A small ridge for rank-deficient activations (dead neurons, tokens
+    // that repeat), larger when rounding in the accumulated moments still
+    // leaves a negative pivot; no solution at all keeps the plain slice.
+    let mean_diagonal = (0..k.len()).map(|i| g_kk[[i, i]]).sum::<f64>() / k.len().max(1) as f64;
+    let solution = [1e-6, 1e-4, 1e-2].iter().find_map(|relative| {
+        solve_spd(
+            g_kk.clone(),
+            rhs.clone(),
+            (relative * mean_diagonal).max(1e-12),
+        )
+    });
     // Relative output errors, tr(Δᵀ G Δ) / tr(W'ᵀ G W').
     let error = |x: &Array2<f64>| -> f64 {
         let mut delta = full.clone();
@@ -244,6 +251,14 @@ fn refit(
     let scale = trace_quadratic(gram, &full).max(f64::MIN_POSITIVE);
     let dropped = full.select(Axis(0), &k);
     let error_dropped = error(&dropped) / scale;
+    let Some(solution) = solution else {
+        return Ok(Refit {
+            layer: target.label.clone(),
+            rows: [target.kept.len(), rows],
+            error_dropped,
+            error_refit: error_dropped,
+        });
+    };
     let error_refit = error(&solution) / scale;
     // Never make things worse (numerical trouble): keep the plain slice.
     if !(error_refit.is_finite() && error_refit <= error_dropped) {
@@ -270,22 +285,24 @@ fn refit(
     } else {
         vec![kept as i64, cols as i64]
     };
-    super::replace_values(graph, linear.matmul, 1, "refit", dims, &values, &label)?;
+    let new = super::NewValues {
+        dims,
+        values: &values,
+        scales: super::Scales::Fit,
+    };
+    super::replace_values(graph, linear.matmul, 1, "refit", new, &label)?;
     if let Some(bias) = target.bias {
         let bias_values: Vec<f32> = (0..cols).map(|o| solution[[kept, o]] as f32).collect();
         let dims = crate::arch::view::operand_at(graph, bias.reader, bias.slot)
             .and_then(|b| b.read_dims(graph))
             .map(|d| d.iter().map(|&x| x as i64).collect())
             .unwrap_or_else(|| vec![cols as i64]);
-        super::replace_values(
-            graph,
-            bias.reader,
-            bias.slot,
-            "refit",
+        let new = super::NewValues {
             dims,
-            &bias_values,
-            &label,
-        )?;
+            values: &bias_values,
+            scales: super::Scales::Fit,
+        };
+        super::replace_values(graph, bias.reader, bias.slot, "refit", new, &label)?;
     }
     Ok(Refit {
         layer: target.label.clone(),

@@ -134,19 +134,46 @@ fn copy_node(
     Ok(output)
 }
 
+/// Values to put in place of an operand: `values` with `dims` as the reader
+/// sees them, and how a quantised weight keeps its scales.
+#[derive(Debug, Clone)]
+pub(crate) struct NewValues<'a> {
+    /// Dims as read.
+    pub dims: Vec<i64>,
+    /// Values, row-major.
+    pub values: &'a [f32],
+    /// Scales of a quantised weight.
+    pub scales: Scales,
+}
+
+/// How new values are stored in place of a quantised weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scales {
+    /// Keep the weight's scales (values that only lost entries: masking).
+    Keep,
+    /// New symmetric per-channel scales from the values' ranges (refits).
+    Fit,
+}
+
 /// Replaces the operand read at input `slot` of `reader` (as the graph is
-/// now) by a new tensor of `values` with `dims` as the reader sees it, in
-/// the element type the reader reads (float32, float16, bfloat16). A
-/// dequantising chain is replaced by the plain values.
+/// now) by a new tensor of `values` with `dims` as the reader sees it. A
+/// symmetric int8 weight (behind `DequantizeLinear` or `Cast` + `Mul`) stays
+/// int8 with its chain, with `scales` kept or fitted anew; anything else
+/// becomes a plain tensor of the element type the reader reads (float32,
+/// float16, bfloat16).
 pub(crate) fn replace_values(
     graph: &mut Graph,
     reader: NodeId,
     slot: usize,
     suffix: &str,
-    dims: Vec<i64>,
-    values: &[f32],
+    new: NewValues<'_>,
     label: &str,
 ) -> Result<(), RewriteError> {
+    let NewValues {
+        dims,
+        values,
+        scales,
+    } = new;
     let current = operand_at(graph, reader, slot).ok_or_else(|| RewriteError::Unsupported {
         label: label.into(),
         reason: format!(
@@ -159,6 +186,11 @@ pub(crate) fn replace_values(
                 .unwrap_or_default()
         ),
     })?;
+    if let Some(value) = requantize(graph, &current, &dims, values, scales, suffix, label)? {
+        return graph
+            .set_input(reader, slot, &value)
+            .map_err(RewriteError::graph(label));
+    }
     let data_type = current.read_type(graph);
     let name = graph.fresh_name(&format!("{}.{suffix}", current.storage));
     let tensor =
@@ -169,6 +201,147 @@ pub(crate) fn replace_values(
     graph
         .set_input(reader, slot, &name)
         .map_err(RewriteError::graph(label))
+}
+
+/// Stores `values` (`dims`, as read) like the symmetric int8 weight
+/// `current` is stored: a new int8 tensor, scales kept or fitted per
+/// channel, and a copy of the dequantising chain. Returns the value the
+/// reader should read, or `None` when `current` is not such a weight (a
+/// transposed or asymmetric one, say).
+fn requantize(
+    graph: &mut Graph,
+    current: &Operand,
+    dims: &[i64],
+    values: &[f32],
+    scales: Scales,
+    suffix: &str,
+    label: &str,
+) -> Result<Option<String>, RewriteError> {
+    let Some(storage) = current.tensor(graph) else {
+        return Ok(None);
+    };
+    if storage.data_type() != crate::onnx::dtype::code::INT8 || dims.len() != 2 {
+        return Ok(None);
+    }
+    // The chain: DequantizeLinear, or Cast then Mul(scale).
+    let (dequantize, scale_slot, channel_axis) = match current.chain.as_slice() {
+        [Step::Dequantize { node, axis }] => (*node, 1, *axis),
+        [Step::Pass(cast), Step::Scale { node, slot }] if graph.node(*cast).op() == "Cast" => {
+            let scale = graph.node(*node).inputs()[*slot].clone();
+            let Some(t) = stored_tensor(graph, &scale) else {
+                return Ok(None);
+            };
+            // Broadcast from the right against the 2-D weight.
+            let sd = t.dims();
+            let axis = (0..sd.len())
+                .find(|&i| sd[i] > 1)
+                .map(|i| i + 2 - sd.len().min(2));
+            (*node, *slot, axis.unwrap_or(usize::MAX))
+        }
+        _ => return Ok(None),
+    };
+    let node = graph.node(dequantize).clone();
+    let scale_name = node.inputs()[scale_slot].clone();
+    let Some(scale) = stored_tensor(graph, &scale_name) else {
+        return Ok(None);
+    };
+    if node.op() == "DequantizeLinear"
+        && let Some(z) = node.inputs().get(2).filter(|z| !z.is_empty())
+        && stored_tensor(graph, z)
+            .is_none_or(|t| t.to_i64().map_or(true, |v| v.iter().any(|&x| x != 0)))
+    {
+        return Ok(None);
+    }
+    let dims_usize: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+    let per_channel = scale.len() > 1 && channel_axis < 2;
+    let channels = if per_channel {
+        dims_usize[channel_axis]
+    } else {
+        1
+    };
+    let (per, inner) = crate::arch::view::channel_layout(&dims_usize, channel_axis.min(1));
+    let channel_of = |i: usize| if per_channel { (i / inner) % per } else { 0 };
+    let scale_values: Vec<f32> = match scales {
+        Scales::Keep => {
+            let old = scale.to_f32().map_err(RewriteError::tensor(label))?;
+            if old.len() != channels && !(old.len() == 1 && channels == 1) {
+                return Ok(None);
+            }
+            old
+        }
+        Scales::Fit => {
+            let mut max = vec![0f32; channels];
+            for (i, v) in values.iter().enumerate() {
+                let c = channel_of(i);
+                max[c] = max[c].max(v.abs());
+            }
+            max.into_iter()
+                .map(|m| if m > 0.0 { m / 127.0 } else { 1.0 })
+                .collect()
+        }
+    };
+    let quantized: Vec<u8> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            (v / scale_values[channel_of(i)])
+                .round()
+                .clamp(-127.0, 127.0) as i8 as u8
+        })
+        .collect();
+    let q_name = graph.fresh_name(&format!("{}.{suffix}", current.storage));
+    graph
+        .set_initializer(Tensor::from_raw(
+            &q_name,
+            crate::onnx::dtype::code::INT8,
+            dims.to_vec(),
+            bytes::Bytes::from(quantized),
+        ))
+        .map_err(RewriteError::graph(label))?;
+    let mut scale_dims = scale.dims().to_vec();
+    if per_channel && let Some(d) = scale_dims.iter_mut().find(|d| **d > 1) {
+        *d = channels as i64;
+    }
+    let s_name = graph.fresh_name(&format!("{scale_name}.{suffix}"));
+    let s_tensor = Tensor::from_f32(&s_name, scale.data_type(), scale_dims, &scale_values)
+        .map_err(RewriteError::tensor(label))?;
+    graph
+        .set_initializer(s_tensor)
+        .map_err(RewriteError::graph(label))?;
+    let value = match current.chain.as_slice() {
+        [Step::Dequantize { .. }] => {
+            let mut inputs = vec![q_name, s_name];
+            if let Some(z) = node.inputs().get(2).filter(|z| !z.is_empty()) {
+                let zeros = graph.fresh_name(&format!("{z}.{suffix}"));
+                let count = if per_channel { channels } else { 1 };
+                let shape = if per_channel {
+                    vec![count as i64]
+                } else {
+                    Vec::new()
+                };
+                graph
+                    .set_initializer(Tensor::from_raw(
+                        &zeros,
+                        crate::onnx::dtype::code::INT8,
+                        shape,
+                        bytes::Bytes::from(vec![0u8; count]),
+                    ))
+                    .map_err(RewriteError::graph(label))?;
+                inputs.push(zeros);
+            }
+            copy_node(graph, &node.proto, inputs, label)?
+        }
+        [Step::Pass(cast), Step::Scale { .. }] => {
+            let cast = graph.node(*cast).clone();
+            let cast_out = copy_node(graph, &cast.proto, vec![q_name], label)?;
+            let mut inputs = node.inputs().to_vec();
+            inputs[scale_slot] = s_name;
+            inputs[1 - scale_slot] = cast_out;
+            copy_node(graph, &node.proto, inputs, label)?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(value))
 }
 
 /// Sets `entry` of the target shape of the Reshape in `site` to `value`,

@@ -3,7 +3,7 @@
 //! weight (biases are untouched). It runs after slicing, on the weights as
 //! they are then, so it composes with head and neuron pruning.
 
-use super::slicing::replace_values;
+use super::slicing::{NewValues, Scales, replace_values};
 use super::{Edit, RewriteError, Target};
 use crate::arch::view::operand_at;
 use crate::ir::{Graph, NodeId};
@@ -60,6 +60,11 @@ fn zero_small_weights(
     }
     let total = values.len();
     let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
-    replace_values(graph, node, 1, "masked", dims, &values, label)?;
+    let new = NewValues {
+        dims,
+        values: &values,
+        scales: Scales::Keep,
+    };
+    replace_values(graph, node, 1, "masked", new, label)?;
     Ok((zeroed, total))
 }
