@@ -373,7 +373,7 @@ impl Run<'_> {
                 let to = attr_int("to").unwrap_or(0) as i32;
                 let mut info = first.clone();
                 if matches!(to, 1 | 10 | 11 | 16) {
-                    info.float = self.float_of(&inputs[0]);
+                    info.float = self.float_of(arg(inputs, 0));
                     info.ints = None;
                 } else if first.ints.is_none() {
                     info.ints = first
@@ -385,7 +385,7 @@ impl Run<'_> {
                 one(info)
             }
             ("", "Sqrt" | "Neg" | "Reciprocal" | "Exp" | "Abs" | "Floor" | "Ceil") => {
-                let f = self.float_of(&inputs[0]).map(|x| match op {
+                let f = self.float_of(arg(inputs, 0)).map(|x| match op {
                     "Sqrt" => x.sqrt(),
                     "Neg" => -x,
                     "Reciprocal" => 1.0 / x,
@@ -502,8 +502,8 @@ impl Run<'_> {
                 };
                 let float = match c.ints.as_deref() {
                     Some([c]) => match c.value() {
-                        Some(0) => self.float_of(&inputs[2]),
-                        Some(_) => self.float_of(&inputs[1]),
+                        Some(0) => self.float_of(arg(inputs, 2)),
+                        Some(_) => self.float_of(arg(inputs, 1)),
                         None => None,
                     },
                     _ => None,
@@ -560,9 +560,9 @@ impl Run<'_> {
             }
             ("", "Reshape") => {
                 let allow_zero = attr_int("allowzero").unwrap_or(0) != 0;
-                let target = self.ints_of(&inputs[1]);
+                let target = self.ints_of(arg(inputs, 1));
                 let target_len = self
-                    .shape_of(&inputs[1])
+                    .shape_of(arg(inputs, 1))
                     .and_then(|s| s.first().and_then(Expr::value))
                     .map(|v| v as usize);
                 let shape = match target {
@@ -723,10 +723,10 @@ impl Run<'_> {
                 })
             }
             ("", "Expand") => {
-                let shape = match self.ints_of(&inputs[1]) {
+                let shape = match self.ints_of(arg(inputs, 1)) {
                     Some(t) => broadcast(&[first.shape.clone(), Some(t)]),
                     None => self
-                        .shape_of(&inputs[1])
+                        .shape_of(arg(inputs, 1))
                         .and_then(|s| s.first().and_then(Expr::value))
                         .map(|r| {
                             let rank =
@@ -740,7 +740,7 @@ impl Run<'_> {
                 })
             }
             ("", "Tile") => {
-                let repeats = self.ints_of(&inputs[1]);
+                let repeats = self.ints_of(arg(inputs, 1));
                 let shape = match (&first.shape, repeats) {
                     (Some(s), Some(r)) if s.len() == r.len() => {
                         Some(s.iter().zip(&r).map(|(a, b)| a.mul(b)).collect())
@@ -776,9 +776,9 @@ impl Run<'_> {
             }
             ("", "Range") => {
                 let (start, limit, delta) = (
-                    self.ints_of(&inputs[0]),
-                    self.ints_of(&inputs[1]),
-                    self.ints_of(&inputs[2]),
+                    self.ints_of(arg(inputs, 0)),
+                    self.ints_of(arg(inputs, 1)),
+                    self.ints_of(arg(inputs, 2)),
                 );
                 let len = match (start.as_deref(), limit.as_deref(), delta.as_deref()) {
                     (Some([s]), Some([l]), Some([d])) => match (s.value(), l.value(), d.value()) {
@@ -966,7 +966,8 @@ impl Run<'_> {
             }),
             _ => None,
         };
-        let float = match (self.float_of(&inputs[0]), self.float_of(&inputs[1])) {
+        let operand = |i: usize| inputs.get(i).and_then(|v| self.float_of(v));
+        let float = match (operand(0), operand(1)) {
             (Some(x), Some(y)) if ints.is_none() => match op {
                 "Add" => Some(x + y),
                 "Sub" => Some(x - y),
@@ -1411,4 +1412,10 @@ mod value_debug {
             }
         }
     }
+}
+
+/// The name of input `i`, or "" (ONNX's absent optional input) when a
+/// malformed node has fewer inputs than its operator takes.
+fn arg(inputs: &[String], i: usize) -> &str {
+    inputs.get(i).map_or("", String::as_str)
 }
