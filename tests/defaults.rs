@@ -295,35 +295,57 @@ fn empty_plans_round_trip_every_default_export_byte_for_byte() {
 #[test]
 fn the_main_job_runs_in_every_mode_on_every_default_export() {
     let sandbox = Sandbox::new();
-    let mut failures = Vec::new();
-    for (file, want) in expected() {
-        let path = corpus().join(&file);
-        let npz_path = corpus().join(want["inputs"].as_str().unwrap());
-        for mode in ["blocks", "units", "all", "unstructured"] {
-            let out = sandbox.path(&format!("{mode}-{file}"));
-            let result = run([
-                path.as_os_str(),
-                out.as_os_str(),
-                "--calib".as_ref(),
-                npz_path.as_os_str(),
-                "--keep-params".as_ref(),
-                "0.75".as_ref(),
-                "--samples".as_ref(),
-                "12".as_ref(),
-                "--holdout".as_ref(),
-                "4".as_ref(),
-                "--mode".as_ref(),
-                mode.as_ref(),
-            ]);
-            // Exit 0 means the held-out verification ran the pruned model in
-            // ONNX Runtime and compared it with the original.
-            if result.code != 0 {
-                failures.push(format!("{file} --mode {mode}: {}", result.stderr.trim()));
-            } else if !result.stderr.contains("held-out cosine") {
-                failures.push(format!("{file} --mode {mode}: no held-out verification"));
-            }
+    let jobs: Vec<(String, std::path::PathBuf, &str)> = expected()
+        .into_iter()
+        .flat_map(|(file, want)| {
+            let npz = corpus().join(want["inputs"].as_str().unwrap());
+            ["blocks", "units", "all", "unstructured"].map(|mode| (file.clone(), npz.clone(), mode))
+        })
+        .collect();
+    // Each run is single-threaded for the most part (calibration batches
+    // are small): two at a time keep both cores busy.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((file, npz_path, mode)) = jobs.get(i) else {
+                        break;
+                    };
+                    let path = corpus().join(file);
+                    let out = sandbox.path(&format!("{mode}-{file}"));
+                    let result = run([
+                        path.as_os_str(),
+                        out.as_os_str(),
+                        "--calib".as_ref(),
+                        npz_path.as_os_str(),
+                        "--keep-params".as_ref(),
+                        "0.75".as_ref(),
+                        "--samples".as_ref(),
+                        "12".as_ref(),
+                        "--holdout".as_ref(),
+                        "4".as_ref(),
+                        "--mode".as_ref(),
+                        mode.as_ref(),
+                    ]);
+                    // Exit 0 means the held-out verification ran the pruned
+                    // model in ONNX Runtime and compared it with the original.
+                    let failure = if result.code != 0 {
+                        Some(format!("{file} --mode {mode}: {}", result.stderr.trim()))
+                    } else if !result.stderr.contains("held-out cosine") {
+                        Some(format!("{file} --mode {mode}: no held-out verification"))
+                    } else {
+                        None
+                    };
+                    failures.lock().unwrap().extend(failure);
+                }
+            });
         }
-    }
+    });
+    let mut failures = failures.into_inner().unwrap();
+    failures.sort();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

@@ -30,6 +30,8 @@ fn prunes_to_the_budget_with_a_report() {
         CLIP,
         "out.onnx",
         &[
+            "--mode",
+            "blocks",
             "--keep-params",
             "0.75",
             "--report",
@@ -104,13 +106,18 @@ fn deterministic_and_the_plan_re_applies_byte_for_byte() {
         outputs[0] == outputs[1],
         "same input and flags must give identical bytes"
     );
+    // The default repair refits on calibration data: the plan re-applies
+    // with the same file.
     let again = sandbox.path("again.onnx");
     let model = util::fixtures().join(CLIP);
+    let calib = util::fixtures().join("calib/clip_tiny_calib.npz");
     run([
         model.as_os_str(),
         again.as_os_str(),
         "--plan".as_ref(),
         sandbox.path("plan0.json").as_os_str(),
+        "--calib".as_ref(),
+        calib.as_os_str(),
     ])
     .assert_ok();
     assert!(std::fs::read(again).unwrap() == outputs[0].0);
@@ -384,15 +391,49 @@ fn all_mode_picks_the_best_split_on_decision_samples() {
     )
     .assert_ok();
     let json = report(&sandbox, "all.json");
-    let trials = json["split_trials"].as_array().unwrap();
-    assert_eq!(trials.len(), 5);
+    let trials = json["trials"].as_array().unwrap();
+    // Every sub-block share under the global threshold (both unit orders
+    // where units are taken), then the tower splits of the best.
+    assert!(trials.len() >= 5, "{} trials", trials.len());
+    let shares: Vec<f64> = trials
+        .iter()
+        .filter_map(|t| t["sub_block_share"].as_f64())
+        .collect();
+    for share in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        assert!(shares.contains(&share), "share {share} not tried");
+    }
     let chosen: Vec<&Value> = trials.iter().filter(|t| t["chosen"] == true).collect();
     assert_eq!(chosen.len(), 1);
-    let best = trials
-        .iter()
-        .map(|t| t["min_cosine"].as_f64().unwrap())
-        .fold(f64::MIN, f64::max);
-    assert_eq!(chosen[0]["min_cosine"].as_f64().unwrap(), best);
+    // Task agreement first, cosine among equals: nothing tried beats the
+    // chosen allocation on both. Except where the original's top-1 picks
+    // are concentrated on a few texts (this untrained fixture ranks the
+    // same text first for most images): there the cosine alone ranks.
+    let spread = chosen[0]["top1_spread"].as_f64().unwrap();
+    let informative = spread >= 0.5;
+    let key = |t: &Value| {
+        (
+            if informative {
+                t["top1_agreement"].as_f64().unwrap()
+            } else {
+                0.0
+            },
+            t["min_cosine"].as_f64().unwrap(),
+        )
+    };
+    let best = key(chosen[0]);
+    for t in trials {
+        let k = key(t);
+        assert!(
+            k.0 < best.0 || (k.0 == best.0 && k.1 <= best.1),
+            "{k:?} beats the chosen {best:?}"
+        );
+    }
+    let md = std::fs::read_to_string(sandbox.path("all.md")).unwrap();
+    assert_eq!(
+        md.contains("too few for the agreement to mean much"),
+        !informative,
+        "{md}"
+    );
     let kept = json["params"]["blocks_kept"].as_f64().unwrap();
     assert!(kept <= 0.7 && kept > 0.55, "kept {kept}");
 }

@@ -268,7 +268,11 @@ fn zero_shot_top1(model: &std::path::Path) -> f64 {
 }
 
 #[test]
-fn the_trained_clip_keeps_its_accuracy_and_the_text_tower_loses_more() {
+fn the_trained_clip_keeps_its_accuracy_at_half_its_block_parameters() {
+    // The default mode (closed-loop search over sub-blocks, heads and
+    // neurons, least-squares refit plus bias compensation) on the trained
+    // fixture the defaults were tuned on; the held-out trained fixtures
+    // are measured in benches/study.py, not asserted here.
     let sandbox = util::Sandbox::new();
     let model = util::fixtures().join("trained/clip_trained.onnx");
     let calib = util::fixtures().join("trained/calib.npz");
@@ -282,29 +286,35 @@ fn the_trained_clip_keeps_its_accuracy_and_the_text_tower_loses_more() {
         "--calib".as_ref(),
         calib.as_os_str(),
         "--keep-params".as_ref(),
-        "0.75".as_ref(),
-        "--samples".as_ref(),
-        "128".as_ref(),
+        "0.5".as_ref(),
         "--report".as_ref(),
         report.as_os_str(),
     ])
     .assert_ok();
     let top1 = zero_shot_top1(&out);
-    assert!(top1 >= 0.97, "top-1 after keeping 75%: {top1}");
+    assert!(
+        top1 >= 0.97 * base,
+        "top-1 after keeping half: {top1} (unpruned {base})"
+    );
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let p = &json["params"];
-    let kept =
-        |t: &str| p["towers_after"][t].as_f64().unwrap() / p["towers_before"][t].as_f64().unwrap();
-    assert!(p["blocks_kept"].as_f64().unwrap() <= 0.75);
-    assert!(
-        kept("text") < kept("vision"),
-        "text kept {} vision kept {}",
-        kept("text"),
-        kept("vision")
-    );
+    assert!(p["blocks_kept"].as_f64().unwrap() <= 0.5);
+    // Neither tower is spent below its floor, however the search split it.
+    for tower in ["vision", "text"] {
+        let kept = p["towers_after"][tower].as_f64().unwrap()
+            / p["towers_before"][tower].as_f64().unwrap();
+        assert!(
+            kept >= onnx_idprune::decide::budget::MIN_TOWER_KEEP,
+            "{tower} kept {kept}"
+        );
+    }
+    // More than one allocation was judged, and the chosen one is reported.
+    let trials = json["trials"].as_array().unwrap();
+    assert!(trials.len() > 5);
+    assert_eq!(trials.iter().filter(|t| t["chosen"] == true).count(), 1);
     // The file shrinks with the parameters.
     let before = std::fs::metadata(&model).unwrap().len() as f64;
     let after = std::fs::metadata(&out).unwrap().len() as f64;
-    assert!(after < 0.85 * before, "{after} vs {before}");
+    assert!(after < 0.7 * before, "{after} vs {before}");
 }

@@ -234,6 +234,9 @@ pub struct Collected {
     /// Per requested energy tap: the mean over samples and real tokens of
     /// each channel's square (activation-aware unit scores).
     pub energies: Vec<Vec<f64>>,
+    /// Per requested mean tap: the mean over samples and real tokens of
+    /// each channel (bias compensation of removed branches).
+    pub means: Vec<Vec<f64>>,
     /// Per requested Gram tap: the mean over real tokens of `[a; 1][a; 1]ᵀ`
     /// (`(width + 1)²`, the last row and column carry the mean of `a`),
     /// for least-squares repair.
@@ -253,6 +256,8 @@ pub struct Request<'a> {
     pub energies: &'a [usize],
     /// Taps whose token second moments are accumulated.
     pub grams: &'a [usize],
+    /// Taps whose per-channel means are accumulated.
+    pub means: &'a [usize],
     /// Pooling of the features.
     pub pooling: Pooling,
 }
@@ -271,8 +276,10 @@ pub fn collect_all(
         pairs,
         energies: energy_taps,
         grams: gram_taps,
+        means: mean_taps,
         pooling,
     } = request;
+    let mut means: Vec<stats::Mean> = vec![stats::Mean::default(); mean_taps.len()];
     let mut grams: Vec<SecondMoment> = vec![SecondMoment::default(); gram_taps.len()];
     // One token stride for every Gram tap of the pass, set from the first
     // one's token count.
@@ -316,6 +323,9 @@ pub fn collect_all(
         for (slot, &t) in energy_taps.iter().enumerate() {
             energy[slot].add(&batch.taps[t], mask_in(&taps[t], batch.feed), rows)?;
         }
+        for (slot, &t) in mean_taps.iter().enumerate() {
+            means[slot].add(&batch.taps[t], mask_in(&taps[t], batch.feed), rows)?;
+        }
         for (slot, &t) in gram_taps.iter().enumerate() {
             if stride == 0 {
                 stride = stats::gram_stride(samples, stats::tokens_per_sample(&batch.taps[t]));
@@ -332,6 +342,7 @@ pub fn collect_all(
             .collect(),
         cosines: sums.iter().map(|(s, n)| s / n.max(1.0)).collect(),
         energies: energy.into_iter().map(Energy::means).collect(),
+        means: means.into_iter().map(stats::Mean::means).collect(),
         grams: grams.into_iter().map(SecondMoment::mean).collect(),
         provider,
     })
@@ -362,6 +373,7 @@ pub fn collect(
         pairs: &[],
         energies: &[],
         grams: &[],
+        means: &[],
         pooling,
     };
     let c = collect_all(model, inputs, samples, taps, request, options)?;

@@ -225,6 +225,46 @@ impl Energy {
     }
 }
 
+/// Per-channel sums over the real tokens of a batch (for means).
+#[derive(Debug, Clone, Default)]
+pub struct Mean {
+    sums: Vec<f64>,
+    tokens: f64,
+}
+
+impl Mean {
+    /// Adds the real tokens of the first `rows` samples of `values`.
+    pub fn add(
+        &mut self,
+        values: &ArrayD<f32>,
+        mask: Option<&Array>,
+        rows: usize,
+    ) -> Result<(), RuntimeError> {
+        let (tokens, width) = token_layout(values);
+        let flat = contiguous(values)?;
+        self.sums.resize(width, 0.0);
+        for sample in 0..rows {
+            for token in 0..tokens {
+                if !real_token(mask, sample, token, tokens) {
+                    continue;
+                }
+                let offset = (sample * tokens + token) * width;
+                for (a, &v) in self.sums.iter_mut().zip(&flat[offset..offset + width]) {
+                    *a += v as f64;
+                }
+                self.tokens += 1.0;
+            }
+        }
+        Ok(())
+    }
+
+    /// The mean of each channel.
+    pub fn means(self) -> Vec<f64> {
+        let n = self.tokens.max(1.0);
+        self.sums.into_iter().map(|a| a / n).collect()
+    }
+}
+
 /// Most tokens a second-moment accumulation reads (longer runs take every
 /// k-th).
 pub const GRAM_TOKENS: usize = 16384;

@@ -119,22 +119,24 @@ pub struct PruneArgs {
     #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib_source")]
     pub keep_params: Option<f64>,
     /// Fraction of the vision tower's block parameters to keep (overrides
-    /// the global threshold for that tower).
-    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib_source")]
+    /// the global threshold for that tower), at least 0.1.
+    #[arg(long, value_name = "F", value_parser = parse_tower_fraction, conflicts_with = "plan", requires = "calib_source")]
     pub vision_keep: Option<f64>,
-    /// Fraction of the text tower's block parameters to keep.
-    #[arg(long, value_name = "F", value_parser = parse_fraction, conflicts_with = "plan", requires = "calib_source")]
+    /// Fraction of the text tower's block parameters to keep, at least 0.1.
+    #[arg(long, value_name = "F", value_parser = parse_tower_fraction, conflicts_with = "plan", requires = "calib_source")]
     pub text_keep: Option<f64>,
-    /// What may be removed: blocks (whole blocks and attention/MLP
-    /// sub-blocks), units (attention heads and MLP neurons), all (both), or
+    /// What may be removed: all (the default: sub-blocks and heads/neurons,
+    /// the split of the budget between them and between the towers chosen
+    /// on decision samples), blocks (whole blocks and attention/MLP
+    /// sub-blocks), units (attention heads and MLP neurons), or
     /// unstructured (zero single weights by |w| · ID; nothing is removed).
-    #[arg(long, value_enum, default_value = "blocks")]
+    #[arg(long, value_enum, default_value = "all")]
     pub mode: ModeArg,
-    /// After removing heads or neurons, refit the projection that reads
-    /// them by least squares on the decision samples (lsq, the default:
-    /// on the trained fixture at half the block parameters in units mode it
-    /// keeps zero-shot top-1 at 98.7% against 78.2% without), or not (none).
-    #[arg(long, value_enum, default_value = "lsq")]
+    /// How removals are repaired on the decision samples: lsq+bias (the
+    /// default: least-squares refit of every projection that reads a
+    /// slimmed width, and a removed sub-block's branch replaced by its mean
+    /// output), lsq, bias, or none. BENCHMARKS.md has the measurements.
+    #[arg(long, value_enum, default_value = "lsq+bias")]
     pub repair: RepairArg,
     /// --mode unstructured: fraction of block weights to zero, 0 < S < 1
     /// (default: 1 − --keep-params).
@@ -143,6 +145,11 @@ pub struct PruneArgs {
     /// Importance: id (block influence × intrinsic dimension, the paper's rule), bi, magnitude.
     #[arg(long, value_enum, default_value = "id")]
     pub score: ScoreArg,
+    /// Also remove each sub-block alone on the decision samples and put the
+    /// cost, and its rank correlation with the sub-block's ID, in the
+    /// report (one judged model per sub-block).
+    #[arg(long, conflicts_with = "plan", requires = "calib_source")]
+    pub sensitivity: bool,
     /// Calibration samples used for decisions (the first N of the file).
     #[arg(long, default_value_t = 512, value_parser = parse_count)]
     pub samples: usize,
@@ -207,10 +214,15 @@ pub struct RuntimeArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RepairArg {
-    /// Rows of the downstream projection are simply removed.
+    /// Rows of the downstream projection and removed branches are simply gone.
     None,
     /// Least-squares refit of the downstream projection and its bias.
     Lsq,
+    /// A removed sub-block's branch is replaced by its mean output.
+    Bias,
+    /// Both.
+    #[value(name = "lsq+bias")]
+    LsqBias,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -338,6 +350,20 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
         Ok(v)
     } else {
         Err(format!("{v} is not in (0, 1]"))
+    }
+}
+
+/// A per-tower kept fraction: no tower goes below the floor every
+/// allocation keeps.
+fn parse_tower_fraction(s: &str) -> Result<f64, String> {
+    let v = parse_fraction(s)?;
+    let floor = onnx_idprune::decide::budget::MIN_TOWER_KEEP;
+    if v >= floor {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{v} is below {floor}, the least of its block parameters a tower keeps"
+        ))
     }
 }
 

@@ -9,7 +9,7 @@ pub mod output;
 use std::path::{Path, PathBuf};
 
 use onnx_idprune::calib::{CalibSource, PairSource, RuntimeOptions};
-use onnx_idprune::decide::{Budget, DecideOptions, Mode};
+use onnx_idprune::decide::{Budget, DecideOptions, Mode, RepairMethod};
 use onnx_idprune::id::IdOptions;
 use onnx_idprune::measure::{MeasureOptions, default_max_memory};
 use onnx_idprune::pipeline::{CalibJob, DecideSettings, PlanSource, ProfileJob, PruneJob};
@@ -169,6 +169,11 @@ fn prune_job(args: PruneArgs) -> Result<PruneJob, UsageError> {
             "--mode unstructured uses one global quantile over both towers; --vision-keep/--text-keep do not apply",
         );
     }
+    if unstructured && args.sensitivity {
+        return usage(
+            "--sensitivity removes sub-blocks one at a time; --mode unstructured removes none",
+        );
+    }
     if unstructured && args.sparsity.is_some() && budget.keep.is_some() {
         return usage("give --sparsity or --keep-params, not both");
     }
@@ -207,8 +212,14 @@ fn prune_job(args: PruneArgs) -> Result<PruneJob, UsageError> {
                         mode,
                         budget,
                         sparsity: args.sparsity,
-                        repair: args.repair == RepairArg::Lsq,
+                        repair: match args.repair {
+                            RepairArg::None => RepairMethod::None,
+                            RepairArg::Lsq => RepairMethod::Lsq,
+                            RepairArg::Bias => RepairMethod::Bias,
+                            RepairArg::LsqBias => RepairMethod::LsqBias,
+                        },
                         score: args.score.into(),
+                        sensitivity: args.sensitivity,
                     },
                 },
             }

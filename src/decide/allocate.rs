@@ -11,7 +11,7 @@
 //! multiple of 8 neurons (at least 8).
 
 use super::budget::{Budget, Spending};
-use super::score::{Candidate, Part, Score, Unit};
+use super::score::{Candidate, Part, Score, Unit, UnitOrder};
 use crate::arch::{Architecture, TowerKind};
 use crate::plan::{BlockAction, Plan};
 
@@ -41,7 +41,7 @@ pub fn allocate(
             break;
         }
         let c = &candidates[i];
-        if !spending.open(c.tower) {
+        if !spending.open(c.tower) || !spending.fits(c.tower, c.params) {
             continue;
         }
         // Keep one sub-block of each kind per tower.
@@ -98,6 +98,7 @@ pub fn allocate_units(
     candidates: &mut [Candidate],
     budget: &Budget,
     spent: &[(TowerKind, u64)],
+    by: UnitOrder,
 ) -> Plan {
     let mut spending = Spending::new(arch, budget);
     for &(tower, params) in spent {
@@ -106,8 +107,8 @@ pub fn allocate_units(
     let mut order: Vec<usize> = (0..units.len()).collect();
     order.sort_by(|&a, &b| {
         let (x, y) = (&units[a], &units[b]);
-        x.score
-            .total_cmp(&y.score)
+        x.key(by)
+            .total_cmp(&y.key(by))
             .then((x.tower, x.block, x.part, x.index).cmp(&(y.tower, y.block, y.part, y.index)))
     });
     // Kept and total units per (tower, block, part).
@@ -123,7 +124,7 @@ pub fn allocate_units(
         if spending.closed() {
             break;
         }
-        if !spending.open(units[i].tower) {
+        if !spending.open(units[i].tower) || !spending.fits(units[i].tower, units[i].params) {
             continue;
         }
         let (kept, total) = counts[&key(&units[i])];
@@ -204,7 +205,7 @@ pub fn allocate_units(
 mod tests {
     use super::*;
     use crate::arch::Architecture;
-    use crate::decide::budget::removed_params;
+    use crate::decide::budget::{MIN_TOWER_KEEP, removed_params};
     use crate::decide::score::{sub_block_params, unit_candidates};
     use crate::ir::{Graph, Model};
 
@@ -390,7 +391,14 @@ mod tests {
                     ));
                 }
             }
-            let plan = allocate_units(&arch, &mut units, &mut c, &Budget::overall(keep), &[]);
+            let plan = allocate_units(
+                &arch,
+                &mut units,
+                &mut c,
+                &Budget::overall(keep),
+                &[],
+                UnitOrder::Score,
+            );
             let gone = removed(&arch, &graph, &plan, TowerKind::Vision)
                 + removed(&arch, &graph, &plan, TowerKind::Text);
             let needed = ((1.0 - keep) * arch.params_blocks() as f64).ceil() as u64;
@@ -416,5 +424,40 @@ mod tests {
             }
         }
         assert!(slimmed > 5, "only {slimmed} MLPs were slimmed");
+    }
+
+    #[test]
+    fn no_budget_takes_a_tower_below_its_floor() {
+        let (arch, _) = clip();
+        let text: u64 = arch
+            .tower(TowerKind::Text)
+            .unwrap()
+            .blocks
+            .iter()
+            .map(|b| b.params)
+            .sum();
+        // Budgets that would take nearly everything, shared or the tower's
+        // own: both stop at the floor.
+        let step = text / 100;
+        for budget in [
+            Budget::overall(0.01),
+            Budget {
+                keep: None,
+                vision: Some(0.5),
+                text: Some(0.01),
+            },
+        ] {
+            let mut spending = Spending::new(&arch, &budget);
+            let mut gone = 0;
+            while spending.open(TowerKind::Text) && spending.fits(TowerKind::Text, step) {
+                spending.spend(TowerKind::Text, step);
+                gone += step;
+            }
+            let kept = 1.0 - gone as f64 / text as f64;
+            assert!(kept >= MIN_TOWER_KEEP, "{budget:?}: kept {kept}");
+            assert!(kept < MIN_TOWER_KEEP + 0.02, "{budget:?}: kept {kept}");
+            // The vision tower may still spend.
+            assert!(spending.open(TowerKind::Vision) && spending.fits(TowerKind::Vision, step));
+        }
     }
 }

@@ -61,10 +61,17 @@ impl Budget {
     }
 }
 
+/// Fewest of its block parameters a tower keeps, whatever the budget (the
+/// command line refuses smaller per-tower fractions). One threshold over
+/// towers whose scores live on different scales can otherwise hollow one
+/// out: many individually cheap removals add up.
+pub const MIN_TOWER_KEEP: f64 = 0.1;
+
 /// Parameters removed so far against a [`Budget`].
 pub(super) struct Spending {
-    /// Per tower: its own limit (when overridden) and what it spent.
-    own: Vec<(TowerKind, Option<u64>, u64)>,
+    /// Per tower: its own limit (when overridden), what it spent, and the
+    /// most it may spend at all ([`MIN_TOWER_KEEP`]).
+    own: Vec<(TowerKind, Option<u64>, u64, u64)>,
     shared_limit: u64,
     shared_spent: u64,
 }
@@ -72,7 +79,7 @@ pub(super) struct Spending {
 impl Spending {
     pub(super) fn new(arch: &Architecture, budget: &Budget) -> Self {
         let removable = |params: u64, keep: f64| (params as f64 * (1.0 - keep)).ceil() as u64;
-        let own: Vec<(TowerKind, Option<u64>, u64)> = arch
+        let own: Vec<(TowerKind, Option<u64>, u64, u64)> = arch
             .towers
             .iter()
             .map(|t| {
@@ -81,6 +88,7 @@ impl Spending {
                     t.kind,
                     budget.tower(t.kind).map(|k| removable(params, k)),
                     0,
+                    (params as f64 * (1.0 - MIN_TOWER_KEEP)).floor() as u64,
                 )
             })
             .collect();
@@ -100,15 +108,29 @@ impl Spending {
     /// units).
     pub(super) fn open(&self, tower: TowerKind) -> bool {
         match self.own.iter().find(|o| o.0 == tower) {
-            Some((_, Some(limit), spent)) => spent < limit,
+            Some((_, Some(limit), spent, _)) => spent < limit,
             _ => self.shared_spent < self.shared_limit,
+        }
+    }
+
+    /// Whether removing `params` more from `tower` keeps it at or above
+    /// its floor ([`MIN_TOWER_KEEP`]).
+    pub(super) fn fits(&self, tower: TowerKind, params: u64) -> bool {
+        match self.own.iter().find(|o| o.0 == tower) {
+            Some((_, _, spent, cap)) => spent + params <= *cap,
+            None => true,
         }
     }
 
     pub(super) fn spend(&mut self, tower: TowerKind, params: u64) {
         match self.own.iter_mut().find(|o| o.0 == tower) {
-            Some((_, Some(_), spent)) => *spent += params,
-            _ => self.shared_spent += params,
+            Some((_, limit, spent, _)) => {
+                *spent += params;
+                if limit.is_none() {
+                    self.shared_spent += params;
+                }
+            }
+            None => self.shared_spent += params,
         }
     }
 

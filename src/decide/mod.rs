@@ -10,7 +10,9 @@
 //!   floors that keep every tower and layer working;
 //! - [`search`]: `all` mode, the budget split between sub-blocks and units
 //!   chosen by judging candidate plans (the judge is the pipeline's);
-//! - [`masking`]: `unstructured` mode, the paper's |w| · ID masking.
+//! - [`masking`]: `unstructured` mode, the paper's |w| · ID masking;
+//! - [`sensitivity`]: each sub-block removed alone, its cost ranked
+//!   against its ID (the seed's claim, checked per model).
 //!
 //! Deciding never runs a model itself: measurements come in, and plans that
 //! must be tried go out to a [`Judge`].
@@ -20,13 +22,15 @@ pub mod budget;
 pub mod masking;
 pub mod score;
 pub mod search;
+pub mod sensitivity;
 
 use serde::Serialize;
 
 pub use budget::Budget;
 pub use masking::Mask;
-pub use score::{Candidate, Part, Score, Unit};
-pub use search::{Judge, SplitTrial, Verdict};
+pub use score::{Candidate, Part, Score, Unit, UnitOrder};
+pub use search::{Judge, Trial, Verdict};
+pub use sensitivity::Sensitivity;
 
 use crate::arch::Architecture;
 use crate::ir::Graph;
@@ -83,11 +87,14 @@ pub struct DecideOptions {
     /// `unstructured` mode: the fraction of block weight-matrix elements to
     /// zero (else 1 − the overall kept fraction).
     pub sparsity: Option<f64>,
-    /// Refit the projections after slimmed sub-blocks by least squares on
-    /// the decision samples (recorded in the plan).
-    pub repair: bool,
+    /// How removals are repaired on the decision samples (recorded in the
+    /// plan).
+    pub repair: RepairMethod,
     /// Importance score of sub-blocks.
     pub score: Score,
+    /// Also remove each sub-block alone and correlate the cost with its ID
+    /// (structural modes; one judged plan per sub-block).
+    pub sensitivity: bool,
 }
 
 impl DecideOptions {
@@ -108,10 +115,12 @@ pub struct Decision {
     pub candidates: Vec<Candidate>,
     /// `unstructured` mode: the masking of every linear layer.
     pub masks: Vec<Mask>,
-    /// `all` mode: each share of the budget tried on sub-blocks (the rest
-    /// going to heads and neurons) and how closely the result followed the
-    /// original on decision samples.
-    pub split_trials: Vec<SplitTrial>,
+    /// Every allocation tried (tower splits; in `all` mode also shares of
+    /// the budget taken as sub-blocks) and how closely its model followed
+    /// the original on decision samples.
+    pub trials: Vec<Trial>,
+    /// Each sub-block removed alone (`sensitivity`).
+    pub sensitivity: Option<Sensitivity>,
 }
 
 /// Why no plan could be made.
@@ -134,39 +143,48 @@ pub fn structural<J: Judge>(
     options: &DecideOptions,
     judge: &mut J,
 ) -> Result<Decision, J::Error> {
-    let (mut candidates, mut units) =
+    let (mut candidates, units) =
         score::candidates(arch, graph, measured, options.mode.scores_units());
+    let sensitivity = if options.sensitivity {
+        Some(sensitivity::measure(&candidates, options.score, judge)?)
+    } else {
+        None
+    };
     let finish = |plan: Plan| with_repair(plan, options, samples);
-    let (plan, split_trials) = match options.mode {
-        Mode::Units => {
-            let plan =
-                allocate::allocate_units(arch, &mut units, &mut candidates, &options.budget, &[]);
-            (finish(plan), Vec::new())
-        }
-        Mode::All => {
-            let (plan, chosen, trials) = search::search_split(
-                arch,
-                graph,
-                &candidates,
-                &units,
-                options.score,
-                &options.budget,
-                finish,
-                judge,
-            )?;
-            candidates = chosen;
-            (plan, trials)
-        }
+    let ground = search::Ground {
+        arch,
+        graph,
+        candidates: &candidates,
+        units: &units,
+    };
+    let orders = [UnitOrder::Score, UnitOrder::PerParameter];
+    let allocations: Vec<(Option<f64>, search::Allocation)> = match options.mode {
+        Mode::Units => orders
+            .iter()
+            .map(|&o| (None, search::Allocation::Units(o)))
+            .collect(),
+        Mode::All => search::SUB_BLOCK_SHARES
+            .iter()
+            .rev()
+            .flat_map(|&s| {
+                orders
+                    .iter()
+                    .map(move |&o| (Some(s), search::Allocation::Both(options.score, s, o)))
+            })
+            .collect(),
         Mode::Blocks | Mode::Unstructured => {
-            let plan = allocate::allocate(arch, &mut candidates, options.score, &options.budget);
-            (finish(plan), Vec::new())
+            vec![(None, search::Allocation::SubBlocks(options.score))]
         }
     };
+    let (plan, chosen, trials) =
+        search::search(&ground, &allocations, &options.budget, finish, judge)?;
+    candidates = chosen;
     Ok(Decision {
         plan,
         candidates,
         masks: Vec::new(),
-        split_trials,
+        trials,
+        sensitivity,
     })
 }
 
@@ -184,14 +202,45 @@ pub fn unstructured(
     })
 }
 
-/// Records the least-squares repair in `plan` when asked for and there is
-/// something to refit.
-fn with_repair(mut plan: Plan, options: &DecideOptions, samples: usize) -> Plan {
-    if options.repair && plan.slims() {
-        plan.repair = Some(Repair {
-            method: "lsq".into(),
-            samples,
-        });
+/// How removals are repaired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RepairMethod {
+    /// Removed rows and branches are simply gone.
+    None,
+    /// Least-squares refit of the projection after a slimmed sub-block.
+    Lsq,
+    /// A removed sub-block's branch is replaced by its mean output.
+    Bias,
+    /// Both.
+    #[serde(rename = "lsq+bias")]
+    LsqBias,
+}
+
+impl RepairMethod {
+    fn refits(self) -> bool {
+        matches!(self, RepairMethod::Lsq | RepairMethod::LsqBias)
     }
+
+    fn compensates(self) -> bool {
+        matches!(self, RepairMethod::Bias | RepairMethod::LsqBias)
+    }
+}
+
+/// Records the repair in `plan` when asked for and there is something it
+/// applies to.
+fn with_repair(mut plan: Plan, options: &DecideOptions, samples: usize) -> Plan {
+    let refits = options.repair.refits() && plan.slims();
+    let compensates = options.repair.compensates() && plan.drops();
+    let method = match (refits, compensates) {
+        (true, true) => "lsq+bias",
+        (true, false) => "lsq",
+        (false, true) => "bias",
+        (false, false) => return plan,
+    };
+    plan.repair = Some(Repair {
+        method: method.into(),
+        samples,
+    });
     plan
 }

@@ -163,6 +163,27 @@ pub fn sub_block_magnitude(graph: &Graph, block: &Block, part: Part) -> f64 {
     sum / count.max(1.0)
 }
 
+/// How heads and neurons are ranked for removal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnitOrder {
+    /// By `score`: activation-aware size × ID (removes many small units).
+    Score,
+    /// By `ratio`: relative contribution per parameter (a knapsack order:
+    /// large units go when they carry little per parameter).
+    PerParameter,
+}
+
+impl Unit {
+    /// The key units are removed in ascending order of.
+    pub fn key(&self, order: UnitOrder) -> f64 {
+        match order {
+            UnitOrder::Score => self.score,
+            UnitOrder::PerParameter => self.ratio,
+        }
+    }
+}
+
 /// Every sub-block of `arch` with its measurements (`score` and `removed`
 /// are left for the allocation), and with `units`, every head and neuron
 /// scored.
@@ -196,7 +217,7 @@ pub fn candidates(
             });
         }
         if units {
-            scored.extend(unit_candidates(
+            let mut u = unit_candidates(
                 graph,
                 stats.tower,
                 block,
@@ -204,7 +225,18 @@ pub fn candidates(
                 &stats.activation_energy,
                 stats.attention.id,
                 stats.mlp.id,
-            ));
+            );
+            for unit in &mut u {
+                // The contribution's energy relative to the stream it
+                // joins, times the layer's ID, per parameter.
+                let (stream, id) = match unit.part {
+                    Part::Attention => (stats.stream_energy[0], stats.attention.id),
+                    Part::Mlp => (stats.stream_energy[1], stats.mlp.id),
+                };
+                let raw = if id > 0.0 { unit.score / id } else { 0.0 };
+                unit.ratio = raw * raw / stream.max(1e-30) * id / unit.params.max(1) as f64;
+            }
+            scored.extend(u);
         }
     }
     (candidates, scored)
@@ -226,6 +258,10 @@ pub struct Unit {
     pub params: u64,
     /// `‖activation‖ · ‖outgoing weights‖ · ID`.
     pub score: f64,
+    /// The squared contribution relative to the residual stream's energy
+    /// where the sub-block joins it, times ID, per parameter: comparable
+    /// across layers, towers and unit sizes.
+    pub ratio: f64,
     /// Whether it is removed.
     pub removed: bool,
 }
@@ -270,6 +306,7 @@ pub fn unit_candidates(
             index: h,
             params: d as u64 * (3 * (input + 1) + a.out.out_features as u64),
             score: energy.sqrt() * weight.sqrt() * attention_id,
+            ratio: 0.0,
             removed: false,
         });
     }
@@ -282,6 +319,7 @@ pub fn unit_candidates(
             index: j,
             params: m.fc1.in_features as u64 + 1 + m.fc2.out_features as u64,
             score: energy.sqrt() * fc2_rows.get(j).copied().unwrap_or(0.0) * mlp_id,
+            ratio: 0.0,
             removed: false,
         });
     }

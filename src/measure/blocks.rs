@@ -45,6 +45,10 @@ pub struct BlockStats {
     /// Mean square of each MLP neuron's activation (empty unless units
     /// were measured).
     pub activation_energy: Vec<f64>,
+    /// Mean squared norm per token of the residual stream entering the
+    /// attention and the MLP (0 unless units were measured): what a unit's
+    /// contribution is compared with.
+    pub stream_energy: [f64; 2],
 }
 
 /// The measurements of every block, in tower and block order.
@@ -127,10 +131,19 @@ pub fn measure_blocks(
         .iter()
         .flat_map(|s| [(s.x, s.h), (s.h, s.y)])
         .collect();
-    let energy_taps: Vec<usize> = streams
+    let mut energy_taps: Vec<usize> = streams
         .iter()
         .flat_map(|s| s.context.into_iter().chain(s.activation))
         .collect();
+    if units {
+        for s in &streams {
+            for t in [s.x, s.h] {
+                if !energy_taps.contains(&t) {
+                    energy_taps.push(t);
+                }
+            }
+        }
+    }
     let measured: Vec<usize> = {
         let mut m: Vec<usize> = streams.iter().flat_map(|s| [s.h, s.y]).collect();
         m.sort_unstable();
@@ -148,6 +161,7 @@ pub fn measure_blocks(
         pairs: &pairs,
         energies: &energy_taps,
         grams: &[],
+        means: &[],
         pooling: options.pooling,
     };
     let pass = collect::collect_all(&model, inputs, samples, &taps, request, runtime)?;
@@ -177,6 +191,14 @@ pub fn measure_blocks(
             },
             context_energy: energy_of(st.context),
             activation_energy: energy_of(st.activation),
+            stream_energy: if units {
+                [
+                    energy_of(Some(st.x)).iter().sum(),
+                    energy_of(Some(st.h)).iter().sum(),
+                ]
+            } else {
+                [0.0; 2]
+            },
         })
         .collect();
     Ok(BlockMeasurements {

@@ -173,7 +173,18 @@ pub fn apply_plan(
     let mut model = source.model.clone();
     let mut rewrites = Vec::new();
     if let (false, Some(arch)) = (plan.is_empty(), arch) {
-        rewrites = rewrite::apply(&mut model, arch, plan)?.rewrites;
+        let compensation = match statistics {
+            Some(s) => repair::compensation(&source.model.graph, arch, plan, s),
+            None => rewrite::Compensation::new(),
+        };
+        rewrites = rewrite::apply_with(
+            &mut model,
+            arch,
+            plan,
+            &compensation,
+            rewrite::Validation::default(),
+        )?
+        .rewrites;
     }
     timings.push(("rewrite", clock.elapsed().as_secs_f64()));
     clock = Instant::now();
@@ -256,7 +267,8 @@ impl decide::Judge for CandidateJudge<'_> {
     type Error = Error;
 
     fn judge(&mut self, plans: &[Plan]) -> Result<Vec<decide::Verdict>, Error> {
-        // Repair statistics once for every layer any plan refits.
+        // Repair statistics once for every layer any plan refits and every
+        // branch any plan compensates.
         let refitting: Vec<&Plan> = plans.iter().filter(|p| p.repair.is_some()).collect();
         let statistics = repair::statistics(
             &self.source.model,
@@ -280,6 +292,7 @@ impl decide::Judge for CandidateJudge<'_> {
                 Ok(decide::Verdict {
                     min_cosine: fidelity.min_cosine,
                     top1_agreement: fidelity.top1_agreement,
+                    top1_spread: fidelity.top1_spread,
                 })
             })
             .collect()

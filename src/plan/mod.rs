@@ -34,6 +34,11 @@ pub struct Plan {
     pub repair: Option<Repair>,
 }
 
+/// The repair methods a plan may record: `lsq` refits the projections
+/// after slimmed sub-blocks; `bias` replaces each removed sub-block's
+/// branch by its mean output; `lsq+bias` does both.
+pub const REPAIR_METHODS: &[&str] = &["lsq", "bias", "lsq+bias"];
+
 /// Least-squares repair: after `keep_heads` the attention output
 /// projection, after `keep_mlp` the MLP's second linear layer, is refit so
 /// that the sub-block's output on the first `samples` calibration samples
@@ -41,10 +46,22 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Repair {
-    /// Always `lsq`.
+    /// One of [`REPAIR_METHODS`].
     pub method: String,
     /// Calibration samples (the first N of the file) the fit reads.
     pub samples: usize,
+}
+
+impl Repair {
+    /// Whether the projections after slimmed sub-blocks are refit.
+    pub fn refits(&self) -> bool {
+        self.method.contains("lsq")
+    }
+
+    /// Whether removed sub-blocks are replaced by their mean output.
+    pub fn compensates(&self) -> bool {
+        self.method.contains("bias")
+    }
 }
 
 /// What to do with one block. Exactly one action per entry.
@@ -201,10 +218,11 @@ impl Plan {
                 path: PathBuf::new(),
                 reason,
             };
-            if repair.method != "lsq" {
+            if !REPAIR_METHODS.contains(&repair.method.as_str()) {
                 return Err(syntax(format!(
-                    "repair method '{}' is unknown (expected 'lsq')",
-                    repair.method
+                    "repair method '{}' is unknown (expected {})",
+                    repair.method,
+                    REPAIR_METHODS.join(", ")
                 )));
             }
             if repair.samples == 0 {
@@ -295,6 +313,14 @@ impl Plan {
     /// Whether the plan changes nothing.
     pub fn is_empty(&self) -> bool {
         self.blocks.is_empty()
+    }
+
+    /// Whether any entry removes a sub-block or a block (what bias
+    /// compensation replaces by a mean).
+    pub fn drops(&self) -> bool {
+        self.blocks
+            .iter()
+            .any(|b| b.drop || b.drop_attention || b.drop_mlp)
     }
 
     /// Whether any entry slims a sub-block (what repair refits).

@@ -116,8 +116,39 @@ pub fn profile_svg_marked(
     profile: &crate::measure::Profile,
     marks: &[(&str, usize, &str)],
 ) -> String {
-    const W: f64 = 720.0;
-    const H: f64 = 360.0;
+    svg_document(&[id_panel(profile, marks, &[])])
+}
+
+/// Width and height of one plot panel.
+const PANEL: (f64, f64) = (720.0, 360.0);
+
+/// Panels stacked top to bottom in one SVG document.
+fn svg_document(panels: &[String]) -> String {
+    let (w, h) = PANEL;
+    let total = h * panels.len().max(1) as f64;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{total}" viewBox="0 0 {w} {total}" font-family="sans-serif" font-size="12">
+<rect width="{w}" height="{total}" fill="white"/>
+"#
+    );
+    for (i, panel) in panels.iter().enumerate() {
+        let _ = writeln!(svg, r#"<g transform="translate(0 {})">"#, h * i as f64);
+        svg.push_str(panel);
+        svg.push_str("</g>\n");
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// The ID-per-block plot; `notes` are extra legend lines (the towers'
+/// kept shares in a run report).
+fn id_panel(
+    profile: &crate::measure::Profile,
+    marks: &[(&str, usize, &str)],
+    notes: &[String],
+) -> String {
+    const W: f64 = PANEL.0;
+    const H: f64 = PANEL.1;
     const L: f64 = 60.0;
     const R: f64 = 20.0;
     const T: f64 = 30.0;
@@ -139,9 +170,7 @@ pub fn profile_svg_marked(
     let x = |i: usize| L + (W - L - R) * i as f64 / (blocks - 1) as f64;
     let y = |v: f64| H - B - (H - T - B) * v / top;
     let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">
-<rect width="{W}" height="{H}" fill="white"/>
-<text x="{}" y="18" text-anchor="middle" font-size="14">Intrinsic dimension per block</text>
+        r#"<text x="{}" y="18" text-anchor="middle" font-size="14">Intrinsic dimension per block</text>
 <line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="black"/>
 <line x1="{L}" y1="{T}" x2="{L}" y2="{}" stroke="black"/>
 <text x="{}" y="{}" text-anchor="middle">block</text>
@@ -236,7 +265,133 @@ pub fn profile_svg_marked(
             T + 16.0
         );
     }
-    svg.push_str("</svg>\n");
+    for (i, note) in notes.iter().enumerate() {
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}">{}</text>"#,
+            L + 10.0,
+            T + 16.0 * (i as f64 + 2.0),
+            xml_text(note)
+        );
+    }
+    svg
+}
+
+/// `text` safe inside an SVG text element.
+fn xml_text(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Output change of removing each sub-block alone against its ID, one
+/// colour per tower, with the rank correlations in the legend.
+fn sensitivity_panel(s: &crate::decide::Sensitivity) -> String {
+    const W: f64 = PANEL.0;
+    const H: f64 = PANEL.1;
+    const L: f64 = 60.0;
+    const R: f64 = 20.0;
+    const T: f64 = 30.0;
+    const B: f64 = 50.0;
+    let id_top = s.sub_blocks.iter().map(|c| c.id).fold(1.0f64, f64::max) * 1.1;
+    // Output changes span decades: a log axis from the smallest non-zero.
+    let floor = s
+        .sub_blocks
+        .iter()
+        .map(|c| c.output_change)
+        .filter(|&v| v > 0.0)
+        .fold(1.0f64, f64::min)
+        .max(1e-9);
+    let ceil = s
+        .sub_blocks
+        .iter()
+        .map(|c| c.output_change)
+        .fold(floor * 10.0, f64::max);
+    let (lo, hi) = (
+        floor.log10().floor(),
+        ceil.log10().ceil().max(floor.log10().floor() + 1.0),
+    );
+    let x = |v: f64| L + (W - L - R) * v / id_top;
+    let y = |v: f64| {
+        let l = v.max(floor).log10();
+        H - B - (H - T - B) * (l - lo) / (hi - lo)
+    };
+    let mut svg = format!(
+        r#"<text x="{}" y="18" text-anchor="middle" font-size="14">Cost of removing one sub-block alone against its ID</text>
+<line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="black"/>
+<line x1="{L}" y1="{T}" x2="{L}" y2="{}" stroke="black"/>
+<text x="{}" y="{}" text-anchor="middle">ID of the sub-block's output</text>
+<text x="15" y="{}" transform="rotate(-90 15 {})" text-anchor="middle">1 − output cosine (log)</text>
+"#,
+        W / 2.0,
+        H - B,
+        W - R,
+        H - B,
+        H - B,
+        (L + W - R) / 2.0,
+        H - 12.0,
+        (T + H - B) / 2.0,
+        (T + H - B) / 2.0
+    );
+    for k in 0..=4 {
+        let v = id_top * k as f64 / 4.0;
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{v:.1}</text>"#,
+            x(v),
+            H - B + 16.0
+        );
+    }
+    for e in lo as i32..=hi as i32 {
+        let v = 10f64.powi(e);
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{:.1}" text-anchor="end">1e{e}</text>"#,
+            L - 6.0,
+            y(v) + 4.0
+        );
+    }
+    let rho = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:+.2}"));
+    for (t, tower) in s.towers.iter().enumerate() {
+        let colour = if tower.tower == crate::arch::TowerKind::Vision {
+            "#1f77b4"
+        } else {
+            "#ff7f0e"
+        };
+        for c in s.sub_blocks.iter().filter(|c| c.tower == tower.tower) {
+            let (cx, cy) = (x(c.id), y(c.output_change));
+            if c.part == crate::decide::Part::Attention {
+                let _ = writeln!(
+                    svg,
+                    r#"<circle cx="{cx:.1}" cy="{cy:.1}" r="4" fill="{colour}"/>"#
+                );
+            } else {
+                let _ = writeln!(
+                    svg,
+                    r#"<rect x="{:.1}" y="{:.1}" width="8" height="8" fill="{colour}"/>"#,
+                    cx - 4.0,
+                    cy - 4.0
+                );
+            }
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}" fill="{colour}">{}: mean ID {:.2}, Spearman ID {} · influence {} · score {}</text>"#,
+            L + 10.0,
+            T + 16.0 * (t as f64 + 1.0),
+            tower.tower.name(),
+            tower.mean_id,
+            rho(tower.spearman_id),
+            rho(tower.spearman_influence),
+            rho(tower.spearman_score)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}">● attention  ■ MLP</text>"#,
+        L + 10.0,
+        T + 16.0 * (s.towers.len() as f64 + 1.0)
+    );
     svg
 }
 
@@ -273,8 +428,13 @@ pub struct Report {
     /// `unstructured` mode: per linear layer, its ID, threshold and the
     /// weights zeroed.
     pub masks: Vec<crate::decide::Mask>,
-    /// `all` mode: the budget splits tried on decision samples.
-    pub split_trials: Vec<crate::decide::SplitTrial>,
+    /// The allocations tried on decision samples (tower splits; in `all`
+    /// mode also shares of the budget taken as sub-blocks).
+    pub trials: Vec<crate::decide::Trial>,
+    /// `--sensitivity`: each sub-block removed alone, and how its ID ranks
+    /// that cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sensitivity: Option<crate::decide::Sensitivity>,
     /// Least-squares refits (`--repair lsq`): per projection, the relative
     /// output error with rows dropped and after the refit.
     pub refits: Vec<crate::rewrite::repair::Refit>,
@@ -380,7 +540,8 @@ impl Report {
             rewrites: facts.rewrites.to_vec(),
             candidates: decision.map(|d| d.candidates.clone()).unwrap_or_default(),
             masks: decision.map(|d| d.masks.clone()).unwrap_or_default(),
-            split_trials: decision.map(|d| d.split_trials.clone()).unwrap_or_default(),
+            trials: decision.map(|d| d.trials.clone()).unwrap_or_default(),
+            sensitivity: decision.and_then(|d| d.sensitivity.clone()),
             refits: facts.refits.to_vec(),
             fidelity: facts.fidelity.cloned(),
             samples: serde_json::json!({
@@ -472,6 +633,42 @@ impl Report {
                 );
             }
         }
+        if !self.trials.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n## Allocations tried on decision samples\n\n| allocation | min cosine | top-1 agreement | chosen |\n|---|---:|---:|---|"
+            );
+            for t in &self.trials {
+                let label = match &t.same_plan_as {
+                    Some(first) => format!("{} (same plan as {first})", t.label),
+                    None => t.label.clone(),
+                };
+                let _ = writeln!(
+                    out,
+                    "| {label} | {:.4} | {} | {} |",
+                    t.min_cosine,
+                    t.top1_agreement
+                        .map_or(String::new(), |a| format!("{:.1}%", 100.0 * a)),
+                    if t.chosen { "yes" } else { "" }
+                );
+            }
+            if let Some(spread) = self
+                .trials
+                .iter()
+                .filter_map(|t| t.top1_spread)
+                .find(|&s| s < crate::decide::search::MIN_TOP1_SPREAD)
+            {
+                let _ = writeln!(
+                    out,
+                    "\nThe original's top-1 picks were spread over {:.0}% as many texts as \
+                     images, too few for the agreement to mean much: the cosine ranked.",
+                    100.0 * spread
+                );
+            }
+        }
+        if let Some(s) = &self.sensitivity {
+            out.push_str(&sensitivity_markdown(s));
+        }
         let _ = writeln!(out, "\n## Rewrites\n");
         for r in &self.rewrites {
             let _ = writeln!(out, "- {r}");
@@ -523,6 +720,72 @@ impl Report {
             pooling: crate::calib::Pooling::Flatten,
             provider: self.provider.unwrap_or(crate::calib::Provider::Cpu),
         };
-        profile_svg_marked(&profile, &marks)
+        let mut notes = Vec::new();
+        if let (Some(before), Some(after)) = (
+            self.params["towers_before"].as_object(),
+            self.params["towers_after"].as_object(),
+        ) {
+            for (name, b) in before {
+                if let (Some(b), Some(a)) = (b.as_f64(), after.get(name).and_then(|a| a.as_f64())) {
+                    notes.push(format!(
+                        "{name} keeps {:.1}% of its block parameters",
+                        100.0 * a / b.max(1.0)
+                    ));
+                }
+            }
+        }
+        let mut panels = vec![id_panel(&profile, &marks, &notes)];
+        if let Some(s) = &self.sensitivity {
+            panels.push(sensitivity_panel(s));
+        }
+        svg_document(&panels)
     }
+}
+
+/// The Markdown section of a sensitivity measurement.
+pub fn sensitivity_markdown(s: &crate::decide::Sensitivity) -> String {
+    let rho = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:+.3}"));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n## Sensitivity: each sub-block removed alone\n\n| tower | mean ID | sub-blocks | mean output change | Spearman ID | Spearman influence | Spearman {} |\n|---|---:|---:|---:|---:|---:|---:|",
+        serde_json::to_value(s.score)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    );
+    for t in &s.towers {
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} | {} | {:.5} | {} | {} | {} |",
+            t.tower.name(),
+            t.mean_id,
+            t.sub_blocks,
+            t.mean_output_change,
+            rho(t.spearman_id),
+            rho(t.spearman_influence),
+            rho(t.spearman_score)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nBoth towers: Spearman ID {} · score {}. Output change = 1 − the smallest per-output mean cosine to the original; a positive correlation means a higher ID marks a costlier removal (the paper's premise).\n\n| tower | block | part | ID | influence | output change | top-1 agreement |\n|---|---:|---|---:|---:|---:|---:|",
+        rho(s.spearman_id),
+        rho(s.spearman_score)
+    );
+    for c in &s.sub_blocks {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:?} | {:.2} | {:.4} | {:.5} | {} |",
+            c.tower.name(),
+            c.block,
+            c.part,
+            c.id,
+            c.influence,
+            c.output_change,
+            c.top1_agreement
+                .map_or(String::new(), |a| format!("{:.1}%", 100.0 * a))
+        );
+    }
+    out
 }

@@ -12,7 +12,31 @@ pub(super) fn run(edit: &mut Edit<'_>, targets: &[Target<'_>]) -> Result<(), Rew
     for target in targets.iter().filter(|t| t.action.drop) {
         let block = target.block;
         let label = format!("drop_block {}", target.action.label());
-        bypass_join(edit, &block.mlp.join, block.input(), block, false, &label)?;
+        // A pre-norm block's branches are replaced by their means; a
+        // post-norm block takes its norms with it.
+        let parts: Vec<&Vec<f32>> = [&block.attention.join, &block.mlp.join]
+            .iter()
+            .filter_map(|j| edit.compensation.get(&j.node))
+            .collect();
+        let shift: Option<Vec<f32>> = (!block.norm_after_join && !parts.is_empty()).then(|| {
+            let width = parts[0].len();
+            let mut sum = vec![0f32; width];
+            for p in parts.iter().filter(|p| p.len() == width) {
+                for (s, v) in sum.iter_mut().zip(p.iter()) {
+                    *s += v;
+                }
+            }
+            sum
+        });
+        bypass_join(
+            edit,
+            &block.mlp.join,
+            block.input(),
+            block,
+            false,
+            shift.as_deref(),
+            &label,
+        )?;
         edit.rewrites.push(label);
     }
     Ok(())

@@ -21,7 +21,16 @@ pub(super) fn run(edit: &mut Edit<'_>, targets: &[Target<'_>]) -> Result<(), Rew
         for (wanted, name, join) in subs {
             if wanted {
                 let label = format!("{name} {}", action.label());
-                bypass_join(edit, join, &join.stream_in, block, true, &label)?;
+                let shift = edit.compensation.get(&join.node).cloned();
+                bypass_join(
+                    edit,
+                    join,
+                    &join.stream_in,
+                    block,
+                    true,
+                    shift.as_deref(),
+                    &label,
+                )?;
                 edit.rewrites.push(label);
             }
         }

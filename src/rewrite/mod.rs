@@ -40,7 +40,7 @@ mod zero_weights;
 use std::collections::{HashMap, HashSet};
 
 use crate::arch::{Architecture, Block};
-use crate::ir::{DeadCode, EditCheck, Graph, IrError, Model, TensorError};
+use crate::ir::{DeadCode, EditCheck, Graph, IrError, Model, NodeId, TensorError};
 use crate::plan::{BlockAction, Plan};
 
 pub(crate) use slicing::{NewValues, Scales, replace_values};
@@ -139,6 +139,10 @@ impl Default for Validation {
     }
 }
 
+/// What bias compensation adds in place of removed residual branches: a
+/// per-channel vector per join node (the branch's mean output).
+pub type Compensation = HashMap<NodeId, Vec<f32>>;
+
 /// One plan entry with the block it edits.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Target<'a> {
@@ -160,6 +164,8 @@ pub(crate) struct Edit<'g> {
     pub stale: HashSet<String>,
     /// What `cleanup` removed.
     pub dead: DeadCode,
+    /// Means added in place of removed branches, by join node.
+    pub compensation: Compensation,
     /// Values whose readers were all moved to another value: old → new.
     reroutes: HashMap<String, String>,
     /// The reroutes of the running pass, for its validation.
@@ -260,14 +266,22 @@ pub struct Applied {
 /// the unedited model), validating as [`Validation::default`] says. On
 /// error the model may be partly edited; callers discard it.
 pub fn apply(model: &mut Model, arch: &Architecture, plan: &Plan) -> Result<Applied, RewriteError> {
-    apply_with(model, arch, plan, Validation::default())
+    apply_with(
+        model,
+        arch,
+        plan,
+        &Compensation::new(),
+        Validation::default(),
+    )
 }
 
-/// [`apply`] with an explicit validation setting.
+/// [`apply`] with bias compensation for removed branches
+/// ([`repair::compensation`]) and an explicit validation setting.
 pub fn apply_with(
     model: &mut Model,
     arch: &Architecture,
     plan: &Plan,
+    compensation: &Compensation,
     validation: Validation,
 ) -> Result<Applied, RewriteError> {
     // Check every entry (numbered as the user wrote them) before editing.
@@ -297,6 +311,7 @@ pub fn apply_with(
         rewrites: Vec::new(),
         stale,
         dead: DeadCode::default(),
+        compensation: compensation.clone(),
         reroutes: HashMap::new(),
         pass_reroutes: Vec::new(),
     };
@@ -463,6 +478,7 @@ mod tests {
             rewrites: Vec::new(),
             stale: HashSet::new(),
             dead: DeadCode::default(),
+            compensation: Compensation::new(),
             reroutes: HashMap::new(),
             pass_reroutes: Vec::new(),
         };

@@ -88,11 +88,91 @@ fn targets<'a>(arch: &'a Architecture, plan: &Plan) -> Vec<Target<'a>> {
     out
 }
 
+/// The residual branch of a sub-block as its join reads it: what a
+/// removed sub-block no longer adds, and what bias compensation adds back
+/// as its mean.
+fn branch(join: &crate::arch::Join, graph_inputs: &[String]) -> Option<String> {
+    graph_inputs
+        .iter()
+        .take(2)
+        .find(|v| **v != join.stream_in)
+        .cloned()
+}
+
+/// The branches a plan removes: (join node, branch value, tower), each
+/// removed sub-block once; a pre-norm block drop removes both of its
+/// branches (a post-norm one removes its norms too, so nothing is
+/// compensated there).
+fn removed_branches(
+    original: &Graph,
+    arch: &Architecture,
+    plan: &Plan,
+) -> Vec<(crate::ir::NodeId, String, TowerKind)> {
+    let mut out = Vec::new();
+    for action in &plan.blocks {
+        let Some(block) = arch
+            .tower(action.tower)
+            .and_then(|t| t.blocks.get(action.index))
+        else {
+            continue;
+        };
+        let mut joins = Vec::new();
+        if action.drop_attention || (action.drop && !block.norm_after_join) {
+            joins.push(&block.attention.join);
+        }
+        if action.drop_mlp || (action.drop && !block.norm_after_join) {
+            joins.push(&block.mlp.join);
+        }
+        for join in joins {
+            if let Some(value) = branch(join, original.node(join.node).inputs()) {
+                out.push((join.node, value, action.tower));
+            }
+        }
+    }
+    out
+}
+
+/// What bias compensation adds in place of each removed branch: its mean
+/// output (plus the bias a fused join adds to it), keyed by the join node.
+pub fn compensation(
+    original: &Graph,
+    arch: &Architecture,
+    plan: &Plan,
+    statistics: &Statistics,
+) -> super::Compensation {
+    let mut out = super::Compensation::default();
+    if !plan.repair.as_ref().is_some_and(|r| r.compensates()) {
+        return out;
+    }
+    let biases: std::collections::HashMap<crate::ir::NodeId, Vec<f32>> = arch
+        .towers
+        .iter()
+        .flat_map(|t| &t.blocks)
+        .flat_map(|b| [&b.attention.join, &b.mlp.join])
+        .filter_map(|j| Some((j.node, j.bias.as_ref()?.values(original)?.0)))
+        .collect();
+    for (join, value, _) in removed_branches(original, arch, plan) {
+        let Some(mean) = statistics.means.get(&value) else {
+            continue;
+        };
+        let mut shift: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+        if let Some(bias) = biases.get(&join).filter(|b| b.len() == shift.len()) {
+            for (s, b) in shift.iter_mut().zip(bias) {
+                *s += b;
+            }
+        }
+        out.insert(join, shift);
+    }
+    out
+}
+
 /// Second moments of the activations entering the projections that
-/// plans may refit, keyed by the activation's value name.
+/// plans may refit, keyed by the activation's value name, and the mean
+/// outputs of the branches they remove.
 #[derive(Debug, Clone, Default)]
 pub struct Statistics {
     grams: std::collections::HashMap<String, Array2<f64>>,
+    means: std::collections::HashMap<String, Vec<f64>>,
     /// The provider that ran.
     pub provider: Option<Provider>,
 }
@@ -112,38 +192,58 @@ pub fn statistics(
 ) -> Result<Statistics, RuntimeError> {
     let view = crate::arch::View::new(&original.graph);
     let mut taps: Vec<Tap> = Vec::new();
+    let mut grams = Vec::new();
+    let mut means = Vec::new();
+    let add = |value: &str, tower: TowerKind, taps: &mut Vec<Tap>| -> usize {
+        if let Some(i) = taps.iter().position(|x| x.value == value) {
+            return i;
+        }
+        taps.push(Tap {
+            layout: crate::measure::layout(&view, value),
+            value: value.to_string(),
+            mask: (tower == TowerKind::Text)
+                .then(|| mask.map(str::to_string))
+                .flatten(),
+        });
+        taps.len() - 1
+    };
     for plan in plans {
-        for t in targets(arch, plan) {
-            if taps.iter().any(|x| x.value == t.linear.input) {
-                continue;
+        let Some(repair) = &plan.repair else {
+            continue;
+        };
+        if repair.refits() {
+            for t in targets(arch, plan) {
+                let i = add(&t.linear.input, t.tower, &mut taps);
+                if !grams.contains(&i) {
+                    grams.push(i);
+                }
             }
-            taps.push(Tap {
-                layout: crate::measure::layout(&view, &t.linear.input),
-                value: t.linear.input.clone(),
-                mask: (t.tower == TowerKind::Text)
-                    .then(|| mask.map(str::to_string))
-                    .flatten(),
-            });
+        }
+        if repair.compensates() {
+            for (_, value, tower) in removed_branches(&original.graph, arch, plan) {
+                let i = add(&value, tower, &mut taps);
+                if !means.contains(&i) {
+                    means.push(i);
+                }
+            }
         }
     }
     if taps.is_empty() {
         return Ok(Statistics::default());
     }
-    let all: Vec<usize> = (0..taps.len()).collect();
     let request = collect::Request {
         features: &[],
         pairs: &[],
         energies: &[],
-        grams: &all,
+        grams: &grams,
+        means: &means,
         pooling: Pooling::Flatten,
     };
     let collected = collect::collect_all(original, inputs, samples, &taps, request, runtime)?;
+    let name = |i: &usize| taps[*i].value.clone();
     Ok(Statistics {
-        grams: taps
-            .into_iter()
-            .map(|t| t.value)
-            .zip(collected.grams)
-            .collect(),
+        grams: grams.iter().map(name).zip(collected.grams).collect(),
+        means: means.iter().map(name).zip(collected.means).collect(),
         provider: Some(collected.provider),
     })
 }
@@ -158,6 +258,9 @@ pub fn apply(
     statistics: &Statistics,
 ) -> Result<Vec<Refit>, RewriteError> {
     let mut refits = Vec::new();
+    if !plan.repair.as_ref().is_some_and(|r| r.refits()) {
+        return Ok(refits);
+    }
     for target in targets(arch, plan) {
         let gram = statistics.grams.get(&target.linear.input).ok_or_else(|| {
             RewriteError::Unsupported {
@@ -290,10 +393,17 @@ fn refit(
         values: &values,
         scales: super::Scales::Fit,
     };
+    // The projection itself is kept (only its input rows were sliced).
     super::replace_values(graph, linear.matmul, 1, "refit", new, &label)?;
     if let Some(bias) = target.bias {
         let bias_values: Vec<f32> = (0..cols).map(|o| solution[[kept, o]] as f32).collect();
-        let dims = crate::arch::view::operand_at(graph, bias.reader, bias.slot)
+        let (reader, slot) = locate(original, graph, bias.reader, bias.slot).ok_or_else(|| {
+            unsupported(format!(
+                "the rewritten graph no longer reads the bias '{}'",
+                bias.storage
+            ))
+        })?;
+        let dims = crate::arch::view::operand_at(graph, reader, slot)
             .and_then(|b| b.read_dims(graph))
             .map(|d| d.iter().map(|&x| x as i64).collect())
             .unwrap_or_else(|| vec![cols as i64]);
@@ -302,13 +412,38 @@ fn refit(
             values: &bias_values,
             scales: super::Scales::Fit,
         };
-        super::replace_values(graph, bias.reader, bias.slot, "refit", new, &label)?;
+        super::replace_values(graph, reader, slot, "refit", new, &label)?;
     }
     Ok(Refit {
         layer: target.label.clone(),
         rows: [kept, rows],
         error_dropped,
         error_refit,
+    })
+}
+
+/// Where the rewritten `graph` reads the (unsliced) constant that input
+/// `slot` of node `reader` read in `original`. Node ids are the
+/// original's, but the passes before repair may have replaced the reader
+/// (a fused join whose norm nobody reads becomes plain `Add`s, the bias
+/// moving to one of them), and a removed node's id can be handed to a new
+/// node: the value name is what identifies the operand.
+fn locate(
+    original: &Graph,
+    graph: &Graph,
+    reader: crate::ir::NodeId,
+    slot: usize,
+) -> Option<(crate::ir::NodeId, usize)> {
+    let value = original.get_node(reader)?.inputs().get(slot)?;
+    let still_reads = graph
+        .get_node(reader)
+        .is_some_and(|n| n.inputs().get(slot) == Some(value));
+    if still_reads {
+        return Some((reader, slot));
+    }
+    graph.uses(value).into_iter().find_map(|u| match u.slot {
+        crate::ir::Slot::Input(slot) => Some((u.node, slot)),
+        crate::ir::Slot::Implicit => None,
     })
 }
 

@@ -17,20 +17,58 @@ use super::{Edit, RewriteError};
 use crate::arch::{Block, Join};
 use crate::onnx::proto::{AttributeProto, NodeProto};
 
-/// Makes the residual branch joined at `join` contribute nothing, the
-/// stream continuing from `stream` (a name from the discovered
-/// architecture, resolved through earlier edits). `keep_norm`: a post-norm
-/// join keeps its norm (sub-block removal) or loses it with the block
-/// (block removal).
+/// `Add(stream, shift)`: the mean a removed branch used to add (bias
+/// compensation), in the stream's element type.
+fn add_constant(
+    edit: &mut Edit<'_>,
+    stream: &str,
+    shift: &[f32],
+    label: &str,
+) -> Result<String, RewriteError> {
+    let data_type = edit
+        .graph
+        .value_type(stream)
+        .map(|t| t.elem_type)
+        .filter(|t| matches!(t, 1 | 10 | 16))
+        .unwrap_or(1);
+    let name = edit.graph.fresh_name(&format!("{stream}.mean_branch"));
+    let tensor = crate::ir::Tensor::from_f32(&name, data_type, vec![shift.len() as i64], shift)
+        .map_err(RewriteError::tensor(label))?;
+    edit.graph
+        .set_initializer(tensor)
+        .map_err(RewriteError::graph(label))?;
+    let output = edit.graph.fresh_name(&format!("{stream}.compensated"));
+    let node_name = edit.graph.fresh_node_name(&format!("{stream}/mean_branch"));
+    edit.graph
+        .add_node(NodeProto {
+            op_type: Some("Add".into()),
+            name: Some(node_name),
+            input: vec![stream.to_string(), name],
+            output: vec![output.clone()],
+            ..Default::default()
+        })
+        .map_err(RewriteError::graph(label))?;
+    Ok(output)
+}
+
+/// Makes the residual branch joined at `join` contribute nothing (or, with
+/// `shift`, only its mean), the stream continuing from `stream` (a name
+/// from the discovered architecture, resolved through earlier edits).
+/// `keep_norm`: a post-norm join keeps its norm (sub-block removal) or
+/// loses it with the block (block removal).
 pub(super) fn bypass_join(
     edit: &mut Edit<'_>,
     join: &Join,
     stream: &str,
     block: &Block,
     keep_norm: bool,
+    shift: Option<&[f32]>,
     label: &str,
 ) -> Result<(), RewriteError> {
-    let stream = edit.current(stream);
+    let mut stream = edit.current(stream);
+    if let Some(shift) = shift {
+        stream = add_constant(edit, &stream, shift, label)?;
+    }
     let node = edit.graph.node(join.node);
     if node.op() == "Add" {
         let sum = join.sum.clone().expect("Add joins have a sum");

@@ -31,6 +31,12 @@ pub struct Fidelity {
     /// CLIP-style models (`logits_per_image`): how often each image's
     /// top-1 text within its batch is the same for both models.
     pub top1_agreement: Option<f64>,
+    /// How many different texts the original's top-1 picks are, per image
+    /// compared (1: every image its own text). Where it is low the
+    /// original ranks one text first for most images (an untrained or
+    /// degenerate model), one flip changes the top-1 of a whole batch, and
+    /// the agreement says little.
+    pub top1_spread: Option<f64>,
 }
 
 /// Runs `samples` rows of `inputs` through both models (`batch` rows at a
@@ -52,7 +58,7 @@ pub fn compare(
     let mut b = Runtime::from_bytes(pruned, &options)?;
     let batching = Batching::new(samples, fixed_batch)?;
     let mut sums: Vec<(String, f64)> = Vec::new();
-    let (mut agree, mut compared) = (0usize, 0usize);
+    let (mut agree, mut compared, mut distinct) = (0usize, 0usize, 0usize);
     for range in batching.ranges() {
         let (start, end, take) = (range.start, range.end, range.take);
         let feed = batching.feed(inputs, range);
@@ -93,11 +99,14 @@ pub fn compare(
                 None => sums.push((name.clone(), sum)),
             }
             if batched && name == "logits_per_image" && x.ndim() == 2 {
+                let mut picks = std::collections::BTreeSet::new();
                 for r in 0..end - start {
                     let (u, v) = (row(xs, width, r), row(ys, width, r));
                     agree += usize::from(argmax(u) == argmax(v));
+                    picks.insert(argmax(u));
                     compared += 1;
                 }
+                distinct += picks.len();
             }
         }
     }
@@ -121,6 +130,7 @@ pub fn compare(
             0.0
         },
         top1_agreement: (compared > 0).then(|| agree as f64 / compared as f64),
+        top1_spread: (compared > 0).then(|| distinct as f64 / compared as f64),
     })
 }
 
