@@ -966,15 +966,19 @@ fn arity_problem(node: &Node) -> Option<String> {
         (
             "" | "ai.onnx",
             "MatMul" | "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Gather" | "Reshape"
-            | "LayerNormalization" | "Expand" | "Equal" | "Less" | "Greater",
+            | "LayerNormalization" | "Expand" | "Equal" | "Less" | "Greater" | "LessOrEqual"
+            | "GreaterOrEqual" | "And" | "Or" | "Xor" | "Mod" | "PRelu" | "BitShift" | "Tile"
+            | "QuantizeLinear" | "DequantizeLinear",
         ) => 2,
+        ("" | "ai.onnx", "Range") => 3,
         ("" | "ai.onnx", "Gemm") => 2,
         ("" | "ai.onnx", "Where") => 3,
         (
             "" | "ai.onnx",
             "Softmax" | "Transpose" | "Cast" | "Identity" | "Squeeze" | "Unsqueeze" | "Erf"
             | "Sigmoid" | "Tanh" | "Sqrt" | "Relu" | "Gelu" | "Concat" | "Split" | "Slice"
-            | "Dropout" | "Shape" | "Size" | "Neg" | "Exp" | "ReduceMean",
+            | "Dropout" | "Shape" | "Size" | "Neg" | "Exp" | "ReduceMean" | "Abs" | "Reciprocal"
+            | "Floor" | "Ceil" | "Not" | "ConstantOfShape" | "Max" | "Min" | "Sum" | "Mean",
         ) => 1,
         ("com.microsoft", "SkipLayerNormalization") => 3,
         ("com.microsoft", "Attention" | "BiasGelu") => 2,
@@ -1133,6 +1137,29 @@ mod tests {
         assert_eq!(proto.node[0].input, vec!["x"]);
         assert!(proto.initializer.is_empty());
         g.check().unwrap();
+    }
+
+    #[test]
+    fn operators_with_too_few_inputs_are_refused() {
+        // Variadic Max needs one, Mod and DequantizeLinear two, Range three.
+        for (op, inputs) in [
+            ("Max", &[][..]),
+            ("Mod", &["a"][..]),
+            ("DequantizeLinear", &["a"][..]),
+            ("Range", &["a", "a"][..]),
+        ] {
+            let mut proto = sample();
+            proto.node.push(node(op, "short", inputs, &["extra"]));
+            let msg = Graph::from_proto(proto).unwrap_err().to_string();
+            assert!(
+                msg.contains(&format!("inputs {op} requires")),
+                "{op}: {msg}"
+            );
+        }
+        // One input is a whole Max.
+        let mut proto = sample();
+        proto.node.push(node("Max", "max", &["a"], &["extra"]));
+        assert!(Graph::from_proto(proto).is_ok());
     }
 
     #[test]
