@@ -39,6 +39,49 @@ pub struct Fidelity {
     pub top1_spread: Option<f64>,
 }
 
+/// The original model's outputs on the compared samples, batch by batch:
+/// computed once, and every candidate judged against them (the closed-loop
+/// search compares a dozen plans with the same original).
+#[derive(Debug)]
+pub struct Reference {
+    samples: usize,
+    fixed_batch: Option<usize>,
+    batches: Vec<Vec<(String, Array)>>,
+}
+
+impl Reference {
+    /// Runs `samples` rows of `inputs` through `original` (`batch` rows at a
+    /// time, padded to `fixed_batch` when the model has a static batch
+    /// size), ONNX Runtime optimisations on.
+    pub fn run(
+        original: &[u8],
+        inputs: &Inputs,
+        samples: usize,
+        fixed_batch: Option<usize>,
+        options: &RuntimeOptions,
+    ) -> Result<Reference, RuntimeError> {
+        let mut a = Runtime::from_bytes(original, &deployed(options))?;
+        let batching = Batching::new(samples, fixed_batch)?;
+        let batches = batching
+            .ranges()
+            .map(|range| a.run(&batching.feed(inputs, range)))
+            .collect::<Result<_, _>>()?;
+        Ok(Reference {
+            samples,
+            fixed_batch,
+            batches,
+        })
+    }
+}
+
+/// As deployed: graph optimisations on.
+fn deployed(options: &RuntimeOptions) -> RuntimeOptions {
+    RuntimeOptions {
+        optimize: true,
+        ..options.clone()
+    }
+}
+
 /// Runs `samples` rows of `inputs` through both models (`batch` rows at a
 /// time, padded to `fixed` when the model has a static batch size) and
 /// compares their outputs.
@@ -50,19 +93,27 @@ pub fn compare(
     fixed_batch: Option<usize>,
     options: &RuntimeOptions,
 ) -> Result<Fidelity, RuntimeError> {
-    let options = RuntimeOptions {
-        optimize: true,
-        ..options.clone()
-    };
-    let mut a = Runtime::from_bytes(original, &options)?;
-    let mut b = Runtime::from_bytes(pruned, &options)?;
-    let batching = Batching::new(samples, fixed_batch)?;
+    let reference = Reference::run(original, inputs, samples, fixed_batch, options)?;
+    compare_to(&reference, pruned, inputs, options)
+}
+
+/// Runs the samples `reference` was made from through `pruned` and compares
+/// its outputs with the original's.
+pub fn compare_to(
+    reference: &Reference,
+    pruned: &[u8],
+    inputs: &Inputs,
+    options: &RuntimeOptions,
+) -> Result<Fidelity, RuntimeError> {
+    let samples = reference.samples;
+    let mut b = Runtime::from_bytes(pruned, &deployed(options))?;
+    let batching = Batching::new(samples, reference.fixed_batch)?;
     let mut sums: Vec<(String, f64)> = Vec::new();
     let (mut agree, mut compared, mut distinct) = (0usize, 0usize, 0usize);
-    for range in batching.ranges() {
+    for (range, ra) in batching.ranges().zip(&reference.batches) {
         let (start, end, take) = (range.start, range.end, range.take);
         let feed = batching.feed(inputs, range);
-        let (ra, rb) = (a.run(&feed)?, b.run(&feed)?);
+        let rb = b.run(&feed)?;
         for ((name, x), (_, y)) in ra.iter().zip(&rb) {
             let (Array::F32(x), Array::F32(y)) = (x, y) else {
                 continue;
