@@ -14,6 +14,7 @@ process, page cache warm):
                  (X: a 12-d Gaussian pushed through a fixed nonlinear map into
                  --id-dim dimensions, float32, --id-n rows; both estimates shown)
   block pruning  onnx-idprune IN OUT --calib C --samples N --keep-params 0.75
+                 --mode blocks (sub-blocks only, like the anchor)
                  vs  onnxsim.apply_transformer_block_pruning with its default
                  8 random calibration batches, sparsity 0.25 of sub-blocks
   inference      onnx-idprune's calibration stage (from its report)  vs
@@ -149,7 +150,7 @@ def main():
 
         def prune():
             wall, _ = run([a.binary, a.model, out, "--calib", a.calib, "--samples", str(a.samples),
-                           "--keep-params", "0.75", "--report", report])
+                           "--keep-params", "0.75", "--mode", "blocks", "--report", report])
             return (wall,)
 
         ours, _ = median(prune, a.runs)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The quality study: zero-shot top-1 of the trained fixture pruned by each
+# The quality study: zero-shot top-1 of the trained fixtures pruned by each
 # method at several kept fractions (benches/study.py). Installs what it
 # needs (.ort/, .venv-bench/); extra arguments go to the script.
 set -euo pipefail
