@@ -217,6 +217,14 @@ fn usage_mistakes_are_explained() {
         ],
     )
     .assert_error(1, "do not apply");
+    for flag in ["--repair", "--sensitivity"] {
+        let mut extra = vec!["--mode", "unstructured", "--keep-params", "0.7", flag];
+        if flag == "--repair" {
+            extra.push("bias");
+        }
+        prune(&sandbox, CLIP, "out.onnx", &extra).assert_error(1, "--mode unstructured");
+    }
+    assert!(!sandbox.path("out.onnx").exists());
     let out_of_range = prune(
         &sandbox,
         CLIP,

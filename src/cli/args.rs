@@ -136,8 +136,10 @@ pub struct PruneArgs {
     /// default: least-squares refit of every projection that reads a
     /// slimmed width, and a removed sub-block's branch replaced by its mean
     /// output), lsq, bias, or none. BENCHMARKS.md has the measurements.
-    #[arg(long, value_enum, default_value = "lsq+bias")]
-    pub repair: RepairArg,
+    // No clap default: asking for it with --mode unstructured, which
+    // removes nothing to repair, is refused; unset means lsq+bias.
+    #[arg(long, value_enum, value_name = "REPAIR", conflicts_with = "plan")]
+    pub repair: Option<RepairArg>,
     /// --mode unstructured: fraction of block weights to zero, 0 < S < 1
     /// (default: 1 − --keep-params).
     #[arg(long, value_name = "S", value_parser = parse_open_fraction, conflicts_with = "plan", requires = "calib_source")]

@@ -169,6 +169,11 @@ fn prune_job(args: PruneArgs) -> Result<PruneJob, UsageError> {
             "--mode unstructured uses one global quantile over both towers; --vision-keep/--text-keep do not apply",
         );
     }
+    if unstructured && args.repair.is_some() {
+        return usage(
+            "--repair refits and compensates what structured modes remove; --mode unstructured removes nothing",
+        );
+    }
     if unstructured && args.sensitivity {
         return usage(
             "--sensitivity removes sub-blocks one at a time; --mode unstructured removes none",
@@ -212,7 +217,7 @@ fn prune_job(args: PruneArgs) -> Result<PruneJob, UsageError> {
                         mode,
                         budget,
                         sparsity: args.sparsity,
-                        repair: match args.repair {
+                        repair: match args.repair.unwrap_or(RepairArg::LsqBias) {
                             RepairArg::None => RepairMethod::None,
                             RepairArg::Lsq => RepairMethod::Lsq,
                             RepairArg::Bias => RepairMethod::Bias,

@@ -111,6 +111,10 @@ impl Samples {
     }
 }
 
+/// Why a plan with a repair record cannot be applied without data.
+pub(crate) const REPAIR_NEEDS_CALIB: &str = "the plan's repair (refits, mean-output compensation) \
+     is computed from calibration data; give the same --calib file";
+
 /// Runs models against the original on a fixed set of samples. The
 /// original runs once, on the first check; every later check runs only the
 /// candidate.
@@ -203,11 +207,7 @@ pub fn apply_plan(
     clock = Instant::now();
     let mut refits = Vec::new();
     if let (Some(_), Some(arch)) = (&plan.repair, arch) {
-        let statistics = statistics.ok_or_else(|| {
-            Error::Unsupported(
-                "the plan refits weights on calibration data (\"repair\"); give the same --calib file".into(),
-            )
-        })?;
+        let statistics = statistics.ok_or_else(|| Error::Unsupported(REPAIR_NEEDS_CALIB.into()))?;
         refits = repair::apply(&source.model, &mut model, arch, plan, statistics)?;
         timings.push(("repair", clock.elapsed().as_secs_f64()));
     }

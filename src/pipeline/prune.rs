@@ -388,9 +388,7 @@ impl PruneJob {
             PlanSource::Given {
                 repair_data: None, ..
             } => {
-                return Err(Error::Unsupported(
-                    "the plan refits weights on calibration data (\"repair\"); give the same --calib file".into(),
-                ));
+                return Err(Error::Unsupported(super::REPAIR_NEEDS_CALIB.into()));
             }
         };
         let Samples {
