@@ -169,6 +169,42 @@ fn pruned_default_exports_pass_onnx_checker_with_full_shape_inference() {
     }
 }
 
+/// Bias compensation adds a constant in the stream's element type also
+/// where an earlier compensation made the stream (neighbouring removals:
+/// that value has no declared type), so a float16 model still loads.
+#[test]
+fn compensated_neighbouring_removals_keep_the_stream_type() {
+    let sandbox = util::Sandbox::new();
+    let corpus = util::fixtures().join("defaults");
+    let calib = corpus.join("inputs/clip.npz");
+    let plan = sandbox.write(
+        "neighbours.json",
+        r#"{"format": "onnx-idprune-plan", "version": 1, "blocks": [
+            {"tower": "text", "index": 0, "drop_mlp": true},
+            {"tower": "text", "index": 1, "drop_attention": true},
+            {"tower": "vision", "index": 0, "drop_mlp": true},
+            {"tower": "vision", "index": 1, "drop": true}],
+           "repair": {"method": "bias", "samples": 12}}"#,
+    );
+    let mut pairs = Vec::new();
+    for file in ["clip_ts_op17_fp16.onnx", "clip_ts_op17.onnx"] {
+        let input = corpus.join(file);
+        let out = sandbox.path(&format!("compensated-{file}"));
+        run([
+            input.as_os_str(),
+            out.as_os_str(),
+            "--plan".as_ref(),
+            plan.as_os_str(),
+            "--calib".as_ref(),
+            calib.as_os_str(),
+        ])
+        .assert_ok();
+        pairs.push(input);
+        pairs.push(out);
+    }
+    check_models_with(&calib, "--no-compare", &pairs);
+}
+
 #[test]
 fn decided_models_of_every_mode_pass_onnx_checker_and_onnxruntime() {
     let sandbox = util::Sandbox::new();

@@ -17,6 +17,28 @@ use super::{Edit, RewriteError};
 use crate::arch::{Block, Join};
 use crate::onnx::proto::{AttributeProto, NodeProto};
 
+/// The element type of the residual stream `value`: declared, or read
+/// through the residual `Add`s that made it (an earlier compensation's
+/// `Add` has no declared output but a typed constant input), so that a
+/// float16 stream gets a float16 constant however many removals precede.
+fn stream_type(graph: &crate::ir::Graph, value: &str) -> Option<i32> {
+    let mut value = value.to_string();
+    for _ in 0..256 {
+        if let Some(t) = graph.value_type(&value) {
+            return Some(t.elem_type);
+        }
+        let node = graph.node(graph.producer_node(&value)?);
+        if node.op() != "Add" || !node.domain().is_empty() {
+            return None;
+        }
+        if let Some(t) = node.inputs().iter().find_map(|i| graph.value_type(i)) {
+            return Some(t.elem_type);
+        }
+        value = node.inputs().first()?.clone();
+    }
+    None
+}
+
 /// `Add(stream, shift)`: the mean a removed branch used to add (bias
 /// compensation), in the stream's element type.
 fn add_constant(
@@ -25,10 +47,7 @@ fn add_constant(
     shift: &[f32],
     label: &str,
 ) -> Result<String, RewriteError> {
-    let data_type = edit
-        .graph
-        .value_type(stream)
-        .map(|t| t.elem_type)
+    let data_type = stream_type(edit.graph, stream)
         .filter(|t| matches!(t, 1 | 10 | 16))
         .unwrap_or(1);
     let name = edit.graph.fresh_name(&format!("{stream}.mean_branch"));
