@@ -30,6 +30,10 @@ pub struct Verdict {
     /// Distinct top-1 picks of the original per sample compared (see
     /// [`crate::verify::Fidelity::top1_spread`]).
     pub top1_spread: Option<f64>,
+    /// Whether the plan could be applied at all (a rewrite the model's
+    /// form does not support loses to every plan that applies, instead of
+    /// ending the search).
+    pub applied: bool,
 }
 
 /// Below this spread of the original's top-1 picks the agreement is not
@@ -53,6 +57,9 @@ impl Verdict {
     /// little about how the other tower's changes move the ranking); the
     /// cosine decides ties and models without it.
     pub fn beats(&self, other: &Verdict) -> bool {
+        if self.applied != other.applied {
+            return self.applied;
+        }
         match (self.informative_top1(), other.informative_top1()) {
             (Some(a), Some(b)) if a != b => a > b,
             _ => self.min_cosine > other.min_cosine,
@@ -89,6 +96,9 @@ pub struct Trial {
     /// [`MIN_TOP1_SPREAD`] the agreement was not used to rank.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top1_spread: Option<f64>,
+    /// False when the plan could not be applied to this model (its
+    /// cosine and agreement are then meaningless).
+    pub applied: bool,
     /// The earlier allocation that made the same plan (not judged again).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub same_plan_as: Option<String>,
@@ -102,6 +112,7 @@ impl Trial {
             min_cosine: self.min_cosine,
             top1_agreement: self.top1_agreement,
             top1_spread: self.top1_spread,
+            applied: self.applied,
         }
     }
 }
@@ -327,6 +338,7 @@ fn judge_all<J: Judge>(
             min_cosine: verdict.min_cosine,
             top1_agreement: verdict.top1_agreement,
             top1_spread: verdict.top1_spread,
+            applied: verdict.applied,
             same_plan_as,
             chosen: false,
         });
@@ -371,6 +383,7 @@ mod tests {
             min_cosine,
             top1_agreement: Some(top1),
             top1_spread: Some(spread),
+            applied: true,
         }
     }
 
@@ -394,8 +407,15 @@ mod tests {
             min_cosine: c,
             top1_agreement: None,
             top1_spread: None,
+            applied: true,
         };
         assert!(plain(0.9).beats(&plain(0.8)));
         assert!(!plain(0.8).beats(&plain(0.8)));
+        // A plan that could not be applied loses whatever its numbers.
+        let failed = Verdict {
+            applied: false,
+            ..verdict(1.0, 1.0, 1.0)
+        };
+        assert!(plain(0.1).beats(&failed) && !failed.beats(&plain(0.1)));
     }
 }

@@ -116,7 +116,13 @@ pub fn measure<J: Judge>(
             id: c.id,
             influence: c.influence,
             score: score.of(c),
-            output_change: 1.0 - v.min_cosine,
+            // NaN (null in the JSON) where the removal cannot be applied to
+            // this model; left out of the means and correlations.
+            output_change: if v.applied {
+                1.0 - v.min_cosine
+            } else {
+                f64::NAN
+            },
             top1_agreement: v.top1_agreement,
         })
         .collect();
@@ -139,7 +145,7 @@ pub fn measure<J: Judge>(
             spearman_id: correlate(&mine, |c| c.id),
             spearman_influence: correlate(&mine, |c| c.influence),
             spearman_score: correlate(&mine, |c| c.score),
-            mean_output_change: mine.iter().map(|c| c.output_change).sum::<f64>() / n,
+            mean_output_change: mean_finite(mine.iter().map(|c| c.output_change)),
         });
     }
     let all: Vec<&SubBlockCost> = sub_blocks.iter().collect();
@@ -152,13 +158,36 @@ pub fn measure<J: Judge>(
     })
 }
 
+/// The mean of the finite values (NaN when there are none).
+fn mean_finite(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, count) = values
+        .filter(|v| v.is_finite())
+        .fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if count == 0 {
+        f64::NAN
+    } else {
+        sum / count as f64
+    }
+}
+
 /// Spearman's rank correlation (ties get their mean rank); none for fewer
 /// than three pairs or a constant side.
 pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
-    if x.len() != y.len() || x.len() < 3 {
+    if x.len() != y.len() {
         return None;
     }
-    let (rx, ry) = (ranks(x), ranks(y));
+    // Pairs with a non-finite side (an ID estimate that failed, a NaN
+    // output) have no place in a ranking: left out.
+    let (x, y): (Vec<f64>, Vec<f64>) = x
+        .iter()
+        .zip(y)
+        .filter(|(a, b)| a.is_finite() && b.is_finite())
+        .map(|(a, b)| (*a, *b))
+        .unzip();
+    if x.len() < 3 {
+        return None;
+    }
+    let (rx, ry) = (ranks(&x), ranks(&y));
     let n = x.len() as f64;
     let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
     let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
@@ -205,6 +234,15 @@ mod tests {
             spearman(&[1.0, 2.0, 3.0, 4.0], &[4.0, 3.0, 2.0, 1.0]),
             Some(-1.0)
         );
+        // Non-finite pairs are left out.
+        assert_eq!(
+            spearman(
+                &[1.0, f64::NAN, 2.0, 3.0, 4.0],
+                &[1.0, 5.0, 2.0, 3.0, f64::INFINITY]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(spearman(&[1.0, 2.0, f64::NAN], &[1.0, 2.0, 3.0]), None);
         // d = (0, -1, 1, 0, 0): 1 − 6·2 / (5·24) = 0.9.
         let r = spearman(&[1.0, 2.0, 3.0, 4.0, 5.0], &[1.0, 3.0, 2.0, 4.0, 5.0]).unwrap();
         assert!((r - 0.9).abs() < 1e-12, "{r}");

@@ -295,18 +295,34 @@ impl decide::Judge for CandidateJudge<'_> {
         plans
             .iter()
             .map(|plan| {
-                let (_, fidelity) = apply_and_verify(
+                let applied = apply_and_verify(
                     self.source,
                     Some(self.arch),
                     plan,
                     Some(&statistics),
                     &self.verifier,
-                )?;
-                Ok(decide::Verdict {
-                    min_cosine: fidelity.min_cosine,
-                    top1_agreement: fidelity.top1_agreement,
-                    top1_spread: fidelity.top1_spread,
-                })
+                );
+                match applied {
+                    Ok((_, fidelity)) => Ok(decide::Verdict {
+                        min_cosine: fidelity.min_cosine,
+                        top1_agreement: fidelity.top1_agreement,
+                        top1_spread: fidelity.top1_spread,
+                        applied: true,
+                    }),
+                    // This model's form does not support one of the plan's
+                    // rewrites (a fused norm below opset 17, say): the
+                    // candidate loses; if every one does, applying the
+                    // chosen plan reports the reason.
+                    Err(Error::Rewrite(crate::rewrite::RewriteError::Unsupported { .. })) => {
+                        Ok(decide::Verdict {
+                            min_cosine: f64::NAN,
+                            top1_agreement: None,
+                            top1_spread: None,
+                            applied: false,
+                        })
+                    }
+                    Err(e) => Err(e),
+                }
             })
             .collect()
     }

@@ -358,7 +358,12 @@ fn sensitivity_panel(s: &crate::decide::Sensitivity) -> String {
         } else {
             "#ff7f0e"
         };
-        for c in s.sub_blocks.iter().filter(|c| c.tower == tower.tower) {
+        // A removal that could not be applied has no cost to plot.
+        for c in s
+            .sub_blocks
+            .iter()
+            .filter(|c| c.tower == tower.tower && c.output_change.is_finite() && c.id.is_finite())
+        {
             let (cx, cy) = (x(c.id), y(c.output_change));
             if c.part == crate::decide::Part::Attention {
                 let _ = writeln!(

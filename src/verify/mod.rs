@@ -168,9 +168,11 @@ pub fn compare_to(
             cosine: s / samples.max(1) as f64,
         })
         .collect();
+    // A NaN output (an overflowed float16 stream, say) follows nothing:
+    // it counts as the worst cosine, not as missing (f64::min would skip it).
     let min_cosine = outputs
         .iter()
-        .map(|o| o.cosine)
+        .map(|o| if o.cosine.is_nan() { -1.0 } else { o.cosine })
         .fold(f64::INFINITY, f64::min);
     Ok(Fidelity {
         samples,
