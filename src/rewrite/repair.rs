@@ -441,10 +441,16 @@ fn locate(
     if still_reads {
         return Some((reader, slot));
     }
-    graph.uses(value).into_iter().find_map(|u| match u.slot {
-        crate::ir::Slot::Input(slot) => Some((u.node, slot)),
-        crate::ir::Slot::Implicit => None,
-    })
+    // Only an unambiguous new reader: a bias shared with other layers
+    // (deduplicated initializers) could otherwise be refitted for the
+    // wrong one.
+    match graph.uses(value).as_slice() {
+        [only] => match only.slot {
+            crate::ir::Slot::Input(slot) => Some((only.node, slot)),
+            crate::ir::Slot::Implicit => None,
+        },
+        _ => None,
+    }
 }
 
 /// tr(Δᵀ G Δ).
