@@ -185,12 +185,49 @@ pub fn token_cosines(
     Ok((sum, count))
 }
 
-/// Per-channel sums of squares over the real tokens of a batch.
+/// Per-channel sums of `term(value)` over the real tokens of batches: what
+/// [`Energy`] (squares) and [`Mean`] (values) share.
 #[derive(Debug, Clone, Default)]
-pub struct Energy {
+struct ChannelSums {
     sums: Vec<f64>,
     tokens: f64,
 }
+
+impl ChannelSums {
+    fn add(
+        &mut self,
+        values: &ArrayD<f32>,
+        mask: Option<&Array>,
+        rows: usize,
+        term: fn(f64) -> f64,
+    ) -> Result<(), RuntimeError> {
+        let (tokens, width) = token_layout(values);
+        let flat = contiguous(values)?;
+        self.sums.resize(width, 0.0);
+        for sample in 0..rows {
+            for token in 0..tokens {
+                if !real_token(mask, sample, token, tokens) {
+                    continue;
+                }
+                let offset = (sample * tokens + token) * width;
+                for (a, &v) in self.sums.iter_mut().zip(&flat[offset..offset + width]) {
+                    *a += term(v as f64);
+                }
+                self.tokens += 1.0;
+            }
+        }
+        Ok(())
+    }
+
+    fn means(self) -> Vec<f64> {
+        let n = self.tokens.max(1.0);
+        self.sums.into_iter().map(|a| a / n).collect()
+    }
+}
+
+/// Per-channel sums of squares over the real tokens of a batch.
+#[derive(Debug, Clone, Default)]
+pub struct Energy(ChannelSums);
 
 impl Energy {
     /// Adds the real tokens of the first `rows` samples of `values`.
@@ -200,37 +237,18 @@ impl Energy {
         mask: Option<&Array>,
         rows: usize,
     ) -> Result<(), RuntimeError> {
-        let (tokens, width) = token_layout(values);
-        let flat = contiguous(values)?;
-        self.sums.resize(width, 0.0);
-        for sample in 0..rows {
-            for token in 0..tokens {
-                if !real_token(mask, sample, token, tokens) {
-                    continue;
-                }
-                let offset = (sample * tokens + token) * width;
-                for (a, &v) in self.sums.iter_mut().zip(&flat[offset..offset + width]) {
-                    *a += v as f64 * v as f64;
-                }
-                self.tokens += 1.0;
-            }
-        }
-        Ok(())
+        self.0.add(values, mask, rows, |v| v * v)
     }
 
     /// The mean square of each channel.
     pub fn means(self) -> Vec<f64> {
-        let n = self.tokens.max(1.0);
-        self.sums.into_iter().map(|a| a / n).collect()
+        self.0.means()
     }
 }
 
 /// Per-channel sums over the real tokens of a batch (for means).
 #[derive(Debug, Clone, Default)]
-pub struct Mean {
-    sums: Vec<f64>,
-    tokens: f64,
-}
+pub struct Mean(ChannelSums);
 
 impl Mean {
     /// Adds the real tokens of the first `rows` samples of `values`.
@@ -240,28 +258,12 @@ impl Mean {
         mask: Option<&Array>,
         rows: usize,
     ) -> Result<(), RuntimeError> {
-        let (tokens, width) = token_layout(values);
-        let flat = contiguous(values)?;
-        self.sums.resize(width, 0.0);
-        for sample in 0..rows {
-            for token in 0..tokens {
-                if !real_token(mask, sample, token, tokens) {
-                    continue;
-                }
-                let offset = (sample * tokens + token) * width;
-                for (a, &v) in self.sums.iter_mut().zip(&flat[offset..offset + width]) {
-                    *a += v as f64;
-                }
-                self.tokens += 1.0;
-            }
-        }
-        Ok(())
+        self.0.add(values, mask, rows, |v| v)
     }
 
     /// The mean of each channel.
     pub fn means(self) -> Vec<f64> {
-        let n = self.tokens.max(1.0);
-        self.sums.into_iter().map(|a| a / n).collect()
+        self.0.means()
     }
 }
 

@@ -122,6 +122,37 @@ pub fn profile_svg_marked(
 /// Width and height of one plot panel.
 const PANEL: (f64, f64) = (720.0, 360.0);
 
+/// The plot area every SVG panel shares: size, margins and frame.
+mod panel {
+    pub const W: f64 = super::PANEL.0;
+    pub const H: f64 = super::PANEL.1;
+    pub const L: f64 = 60.0;
+    pub const R: f64 = 20.0;
+    pub const T: f64 = 30.0;
+    pub const B: f64 = 50.0;
+
+    /// Title, the two axes and their labels.
+    pub fn frame(title: &str, x_label: &str, y_label: &str) -> String {
+        format!(
+            r#"<text x="{}" y="18" text-anchor="middle" font-size="14">{title}</text>
+<line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="black"/>
+<line x1="{L}" y1="{T}" x2="{L}" y2="{}" stroke="black"/>
+<text x="{}" y="{}" text-anchor="middle">{x_label}</text>
+<text x="15" y="{}" transform="rotate(-90 15 {})" text-anchor="middle">{y_label}</text>
+"#,
+            W / 2.0,
+            H - B,
+            W - R,
+            H - B,
+            H - B,
+            (L + W - R) / 2.0,
+            H - 12.0,
+            (T + H - B) / 2.0,
+            (T + H - B) / 2.0
+        )
+    }
+}
+
 /// Panels stacked top to bottom in one SVG document.
 fn svg_document(panels: &[String]) -> String {
     let (w, h) = PANEL;
@@ -147,12 +178,7 @@ fn id_panel(
     marks: &[(&str, usize, &str)],
     notes: &[String],
 ) -> String {
-    const W: f64 = PANEL.0;
-    const H: f64 = PANEL.1;
-    const L: f64 = 60.0;
-    const R: f64 = 20.0;
-    const T: f64 = 30.0;
-    const B: f64 = 50.0;
+    use panel::{B, H, L, R, T, W};
     let blocks = profile
         .towers
         .iter()
@@ -169,23 +195,7 @@ fn id_panel(
         * 1.1;
     let x = |i: usize| L + (W - L - R) * i as f64 / (blocks - 1) as f64;
     let y = |v: f64| H - B - (H - T - B) * v / top;
-    let mut svg = format!(
-        r#"<text x="{}" y="18" text-anchor="middle" font-size="14">Intrinsic dimension per block</text>
-<line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="black"/>
-<line x1="{L}" y1="{T}" x2="{L}" y2="{}" stroke="black"/>
-<text x="{}" y="{}" text-anchor="middle">block</text>
-<text x="15" y="{}" transform="rotate(-90 15 {})" text-anchor="middle">ID</text>
-"#,
-        W / 2.0,
-        H - B,
-        W - R,
-        H - B,
-        H - B,
-        (L + W - R) / 2.0,
-        H - 12.0,
-        (T + H - B) / 2.0,
-        (T + H - B) / 2.0
-    );
+    let mut svg = panel::frame("Intrinsic dimension per block", "block", "ID");
     for i in 0..blocks {
         let _ = writeln!(
             svg,
@@ -287,12 +297,7 @@ fn xml_text(text: &str) -> String {
 /// Output change of removing each sub-block alone against its ID, one
 /// colour per tower, with the rank correlations in the legend.
 fn sensitivity_panel(s: &crate::decide::Sensitivity) -> String {
-    const W: f64 = PANEL.0;
-    const H: f64 = PANEL.1;
-    const L: f64 = 60.0;
-    const R: f64 = 20.0;
-    const T: f64 = 30.0;
-    const B: f64 = 50.0;
+    use panel::{B, H, L, R, T, W};
     let id_top = s.sub_blocks.iter().map(|c| c.id).fold(1.0f64, f64::max) * 1.1;
     // Output changes span decades: a log axis from the smallest non-zero.
     let floor = s
@@ -316,22 +321,10 @@ fn sensitivity_panel(s: &crate::decide::Sensitivity) -> String {
         let l = v.max(floor).log10();
         H - B - (H - T - B) * (l - lo) / (hi - lo)
     };
-    let mut svg = format!(
-        r#"<text x="{}" y="18" text-anchor="middle" font-size="14">Cost of removing one sub-block alone against its ID</text>
-<line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="black"/>
-<line x1="{L}" y1="{T}" x2="{L}" y2="{}" stroke="black"/>
-<text x="{}" y="{}" text-anchor="middle">ID of the sub-block's output</text>
-<text x="15" y="{}" transform="rotate(-90 15 {})" text-anchor="middle">1 − output cosine (log)</text>
-"#,
-        W / 2.0,
-        H - B,
-        W - R,
-        H - B,
-        H - B,
-        (L + W - R) / 2.0,
-        H - 12.0,
-        (T + H - B) / 2.0,
-        (T + H - B) / 2.0
+    let mut svg = panel::frame(
+        "Cost of removing one sub-block alone against its ID",
+        "ID of the sub-block's output",
+        "1 − output cosine (log)",
     );
     for k in 0..=4 {
         let v = id_top * k as f64 / 4.0;
