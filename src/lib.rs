@@ -29,6 +29,8 @@
 
 pub mod arch;
 pub mod calib;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod decide;
 mod error;
 pub mod id;
@@ -37,6 +39,7 @@ pub mod measure;
 pub mod onnx;
 pub mod pipeline;
 pub mod plan;
+pub mod progress;
 pub mod report;
 pub mod rewrite;
 pub mod verify;

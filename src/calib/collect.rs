@@ -12,7 +12,6 @@
 //! Each tap goes through a `Cast` to float32, so float16 and bfloat16
 //! models are measured in f32 like any other.
 
-use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array2, ArrayD};
 
 use super::data::{Array, Inputs};
@@ -191,10 +190,10 @@ pub fn run_batches(
     };
     let mut runtime = Runtime::from_bytes(&bytes, &options)?;
     let batching = Batching::for_model(model, samples)?;
-    let progress = ProgressBar::new(samples as u64).with_message("calibration");
-    progress.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} samples ({eta})")
-            .expect("valid template"),
+    let progress = crate::progress::bar(
+        samples as u64,
+        "calibration",
+        "{msg} {bar:30} {pos}/{len} samples ({eta})",
     );
     let names: Vec<String> = taps.iter().map(|t| tap_output(&t.value)).collect();
     for range in batching.ranges() {

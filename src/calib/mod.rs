@@ -19,6 +19,8 @@ pub mod sources;
 pub mod stats;
 
 pub use data::{Array, DataError, Inputs};
-pub use runtime::{Provider, Runtime, RuntimeError, RuntimeOptions, locate_library};
+pub use runtime::{
+    Provider, Runtime, RuntimeError, RuntimeOptions, locate_library, set_host_library,
+};
 pub use sources::{CalibSource, PairSource};
 pub use stats::{Layout, Pooling, Tap};

@@ -2,8 +2,10 @@
 //!
 //! The library is loaded at run time (`ort`'s `load-dynamic`), so the binary
 //! builds and runs without it until a stage needs inference. It is looked for
-//! in this order: an explicit path (`--ort-lib`), `ORT_DYLIB_PATH`, then the
-//! project-local copy that `scripts/install-ort.sh` puts in `.ort/lib`.
+//! in this order: an explicit path (`--ort-lib`), `ORT_DYLIB_PATH`, the
+//! library the host environment names ([`set_host_library`]: the Python
+//! package names the `onnxruntime` wheel's), then the project-local copy
+//! that `scripts/install-ort.sh` puts in `.ort/lib`.
 //!
 //! Providers are strict: asking for CUDA or TensorRT on a build of ONNX
 //! Runtime without them is an error unless fallback to CPU was allowed, and
@@ -126,10 +128,19 @@ pub enum RuntimeError {
     Unsupported(String),
 }
 
+static HOST_LIBRARY: std::sync::RwLock<Option<PathBuf>> = std::sync::RwLock::new(None);
+
+/// Names the ONNX Runtime library the host environment provides (the
+/// Python package passes the `onnxruntime` wheel's), looked at after
+/// `--ort-lib` and `ORT_DYLIB_PATH` and before the project-local copy.
+pub fn set_host_library(path: Option<PathBuf>) {
+    *HOST_LIBRARY.write().unwrap_or_else(|e| e.into_inner()) = path;
+}
+
 static LOADED: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
 
 /// The library path to use: explicit, then `ORT_DYLIB_PATH`, then the
-/// project-local install.
+/// host environment's, then the project-local install.
 pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
     let mut tried = Vec::new();
     let mut candidates: Vec<PathBuf> = Vec::new();
@@ -139,6 +150,8 @@ pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> 
         if let Some(env) = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()) {
             candidates.push(PathBuf::from(env));
         }
+        let host = HOST_LIBRARY.read().unwrap_or_else(|e| e.into_inner());
+        candidates.extend(host.iter().cloned());
         candidates.extend(project_local_candidates());
     }
     for candidate in candidates {

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use onnx_idprune::calib::{Pooling, Provider};
-use onnx_idprune::decide::{Mode, Score};
-use onnx_idprune::id::{Estimator, Variant};
-use onnx_idprune::onnx::ExternalData;
+use crate::calib::{Pooling, Provider};
+use crate::decide::{Mode, Score};
+use crate::id::{Estimator, Variant};
+use crate::onnx::ExternalData;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -209,7 +209,8 @@ pub struct RuntimeArgs {
     /// Run on CPU when the requested provider cannot be registered.
     #[arg(long)]
     pub allow_fallback: bool,
-    /// The ONNX Runtime shared library (else ORT_DYLIB_PATH, else the project-local copy).
+    /// The ONNX Runtime shared library (else ORT_DYLIB_PATH, else the onnxruntime
+    /// wheel's when run from the Python package, else the project-local copy).
     #[arg(long, value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
 }
@@ -359,7 +360,7 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
 /// allocation keeps.
 fn parse_tower_fraction(s: &str) -> Result<f64, String> {
     let v = parse_fraction(s)?;
-    let floor = onnx_idprune::decide::budget::MIN_TOWER_KEEP;
+    let floor = crate::decide::budget::MIN_TOWER_KEEP;
     if v >= floor {
         Ok(v)
     } else {

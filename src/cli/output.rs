@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use onnx_idprune::arch::Architecture;
-use onnx_idprune::id::IdEstimate;
-use onnx_idprune::measure::Profile;
-use onnx_idprune::pipeline::{CalibSummary, Outcome};
-use onnx_idprune::report;
+use crate::arch::Architecture;
+use crate::id::IdEstimate;
+use crate::measure::Profile;
+use crate::pipeline::{CalibSummary, Outcome};
+use crate::report;
 
 /// The main job's summary line.
 pub fn pruned(output: &Path, outcome: &Outcome) -> String {

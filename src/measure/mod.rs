@@ -15,8 +15,6 @@
 pub mod blocks;
 pub mod profile;
 
-use indicatif::{ProgressBar, ProgressStyle};
-
 use crate::arch;
 use crate::calib::collect;
 use crate::calib::{Inputs, Layout, Pooling, Provider, RuntimeError, RuntimeOptions, Tap};
@@ -131,9 +129,10 @@ pub fn estimate_matrices(
     labels: &[String],
     options: &IdOptions,
 ) -> Result<Vec<IdEstimate>, MeasureError> {
-    let progress = ProgressBar::new(matrices.len() as u64).with_message("intrinsic dimension");
-    progress.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} layers").expect("valid template"),
+    let progress = crate::progress::bar(
+        matrices.len() as u64,
+        "intrinsic dimension",
+        "{msg} {bar:30} {pos}/{len} layers",
     );
     let mut out = Vec::with_capacity(matrices.len());
     for (matrix, label) in matrices.iter().zip(labels) {

@@ -108,6 +108,9 @@ pub struct Outcome {
     pub refits: Vec<repair::Refit>,
     /// Parameters stored in the written model.
     pub stored_params: u64,
+    /// The run's report (what `--report` writes as JSON, Markdown and
+    /// SVG), made whether or not it is written.
+    pub report: Report,
 }
 
 impl PruneJob {
@@ -232,17 +235,33 @@ impl PruneJob {
         };
         let saved = onnx::save(&pruned, &self.output, &options)?;
         timings.push(("save", clock.elapsed().as_secs_f64()));
+        let plan = plan.normalized();
+        let report = self.report(
+            &source,
+            arch.as_ref(),
+            &Facts {
+                saved: &saved,
+                plan: &plan,
+                rewrites: &candidate.rewrites,
+                timings: &timings,
+                decided: decided.as_ref(),
+                fidelity: fidelity.as_ref(),
+                refits: &candidate.refits,
+                stored_params,
+            },
+        );
         let outcome = Outcome {
             saved,
-            plan: plan.normalized(),
+            plan,
             rewrites: candidate.rewrites,
             timings,
             decided,
             fidelity,
             refits: candidate.refits,
             stored_params,
+            report,
         };
-        if let Err(e) = self.write_companions(&source, arch.as_ref(), &outcome) {
+        if let Err(e) = self.write_companions(&outcome) {
             // OUT and its plan/report go together: without them, no OUT.
             let _ = std::fs::remove_file(&self.output);
             if let Some(data) = &outcome.saved.external_file {
@@ -416,47 +435,58 @@ impl PruneJob {
         )?)
     }
 
-    fn write_companions(
-        &self,
-        source: &Source,
-        arch: Option<&Architecture>,
-        outcome: &Outcome,
-    ) -> Result<(), Error> {
-        if let Some(plan_out) = &self.plan_out {
-            onnx::write_atomic(plan_out, outcome.plan.to_json().as_bytes())?;
-        }
-        let Some(path) = &self.report else {
-            return Ok(());
-        };
-        let decided = outcome.decided.as_ref();
+    fn report(&self, source: &Source, arch: Option<&Architecture>, facts: &Facts<'_>) -> Report {
         let settings = match &self.plan {
             PlanSource::Decide { settings, .. } => Some(&settings.decide),
             PlanSource::Given { .. } => None,
         };
-        let report = Report::new(&RunFacts {
+        Report::new(&RunFacts {
             input: &self.input,
             output: &self.output,
             settings,
             graph: &source.model.graph,
             arch,
             input_bytes: source.bytes(),
-            stored_after: outcome.stored_params,
-            saved: &outcome.saved,
-            plan: &outcome.plan,
-            rewrites: &outcome.rewrites,
-            decision: decided.map(|d| &d.decision),
-            samples: decided.map(|d| (d.samples, d.holdout_samples)),
-            provider: decided.map(|d| d.provider),
-            refits: &outcome.refits,
-            fidelity: outcome.fidelity.as_ref(),
-            timings: &outcome.timings,
-        });
+            stored_after: facts.stored_params,
+            saved: facts.saved,
+            plan: facts.plan,
+            rewrites: facts.rewrites,
+            decision: facts.decided.map(|d| &d.decision),
+            samples: facts.decided.map(|d| (d.samples, d.holdout_samples)),
+            provider: facts.decided.map(|d| d.provider),
+            refits: facts.refits,
+            fidelity: facts.fidelity,
+            timings: facts.timings,
+        })
+    }
+
+    fn write_companions(&self, outcome: &Outcome) -> Result<(), Error> {
+        if let Some(plan_out) = &self.plan_out {
+            onnx::write_atomic(plan_out, outcome.plan.to_json().as_bytes())?;
+        }
+        let Some(path) = &self.report else {
+            return Ok(());
+        };
+        let report = &outcome.report;
         let [json, markdown, svg] = report::files(path);
         onnx::write_atomic(&json, report.to_json().as_bytes())?;
         onnx::write_atomic(&markdown, report.to_markdown().as_bytes())?;
         onnx::write_atomic(&svg, report.to_svg().as_bytes())?;
         Ok(())
     }
+}
+
+/// What the run did, as the report reads it (the parts of [`Outcome`]
+/// made before the report).
+struct Facts<'a> {
+    saved: &'a SaveSummary,
+    plan: &'a Plan,
+    rewrites: &'a [String],
+    timings: &'a [(&'static str, f64)],
+    decided: Option<&'a Decided>,
+    fidelity: Option<&'a Fidelity>,
+    refits: &'a [repair::Refit],
+    stored_params: u64,
 }
 
 /// The ONNX Runtime library a run with `options` would load, when found.
