@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need (ONNX Runtime into .ort/,
-# the reference Python packages into .venv/), then runs every test.
+# the reference Python packages into .venv/), then runs every test: the
+# crate's, its doc tests, and the Python wheel's in a fresh virtual
+# environment, compared with the command the crate's tests built.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -8,3 +10,4 @@ scripts/install-ort.sh
 scripts/install-python-env.sh
 cargo test --locked --all-targets "$@"
 cargo test --locked --doc
+ONNX_IDPRUNE_CLI="$root/target/debug/onnx-idprune" scripts/test-wheel.sh

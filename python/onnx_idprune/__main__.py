@@ -1,0 +1,15 @@
+"""The wheel's ``onnx-idprune`` command: the same command line as the cargo
+build's binary (ONNX Runtime from the ``onnxruntime`` wheel unless
+``--ort-lib`` or ``ORT_DYLIB_PATH`` says otherwise)."""
+
+import sys
+
+from . import _native
+
+
+def main() -> None:
+    sys.exit(_native.main(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
