@@ -26,6 +26,7 @@ pub mod knn;
 use std::collections::HashMap;
 
 use ndarray::{Array2, ArrayView2, Axis};
+use rayon::prelude::*;
 use serde::Serialize;
 
 /// Which estimator.
@@ -153,9 +154,12 @@ const MAX_SAMPLES: usize = 20_000;
 /// Estimates the intrinsic dimension of `data` (rows = samples).
 pub fn estimate(data: ArrayView2<'_, f32>, options: &IdOptions) -> Result<IdEstimate, IdError> {
     let (n, dim) = data.dim();
+    // In parallel: on a freshly mapped file this pass is also the one that
+    // reads it from disk.
     if let Some(row) = data
-        .outer_iter()
-        .position(|r| r.iter().any(|v| !v.is_finite()))
+        .axis_iter(Axis(0))
+        .into_par_iter()
+        .position_first(|r| r.iter().any(|v| !v.is_finite()))
     {
         return Err(IdError::NonFinite { row });
     }
@@ -229,7 +233,8 @@ pub fn dedupe(data: ArrayView2<'_, f32>) -> (Option<Array2<f32>>, usize) {
     let bits = |v: f32| if v == 0.0 { 0 } else { v.to_bits() };
     // Hash rows without copying them; compare rows only on equal hashes.
     let hashes: Vec<u64> = data
-        .outer_iter()
+        .axis_iter(Axis(0))
+        .into_par_iter()
         .map(|row| {
             row.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &v| {
                 (h ^ bits(v) as u64).wrapping_mul(0x0000_0100_0000_01b3)
@@ -442,6 +447,32 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn the_estimate_does_not_depend_on_the_datas_scale() {
+        // Above about 1e19 the f32 Gram products overflow, below about
+        // 1e-19 they vanish; scaling by a power of two is exact, so the
+        // estimate must be the same to the bit.
+        let data = subspace(800, 6, 50, 5);
+        assert!(
+            !knn::uses_tree(800, 50),
+            "the GEMM path is the one under test"
+        );
+        for options in [
+            IdOptions::default(),
+            IdOptions {
+                estimator: Estimator::Mle,
+                ..Default::default()
+            },
+        ] {
+            let reference = estimate(data.view(), &options).unwrap();
+            for power in [100, 60, -60, -100] {
+                let scaled = data.mapv(|v| v * 2f32.powi(power));
+                let got = estimate(scaled.view(), &options).unwrap();
+                assert_eq!(got.id, reference.id, "{options:?} at 2^{power}");
+            }
+        }
     }
 
     #[test]
