@@ -10,4 +10,8 @@ scripts/install-ort.sh
 scripts/install-python-env.sh
 cargo test --locked --all-targets "$@"
 cargo test --locked --doc
-ONNX_IDPRUNE_CLI="$root/target/debug/onnx-idprune" scripts/test-wheel.sh
+# The command the tests just built, wherever the target folder is.
+cli="$(cargo build --locked --bin onnx-idprune --message-format=json-render-diagnostics |
+  python3 -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin)
+    if m.get("reason") == "compiler-artifact" and m.get("executable")][-1])')"
+ONNX_IDPRUNE_CLI="$cli" scripts/test-wheel.sh

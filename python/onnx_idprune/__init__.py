@@ -13,7 +13,8 @@ command's one-line message and exit code.
 ONNX Runtime comes from the ``onnxruntime`` wheel this package depends on;
 ``ort_lib=`` (``--ort-lib``) or ``ORT_DYLIB_PATH`` choose another library.
 Progress bars are off unless a call passes ``progress=True`` (and stderr is
-a terminal). A job runs to its end once started: Ctrl-C is seen when the call
+a terminal; the setting is the process's, so with calls in several threads
+the last one's wins). A job runs to its end once started: Ctrl-C is seen when the call
 returns, and the output is then complete or absent, never partial.
 """
 
@@ -25,6 +26,8 @@ import tempfile
 from importlib import util as _importlib_util
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
+
+import numpy as np
 
 from . import _native
 
@@ -42,6 +45,10 @@ class Error(Exception):
         super().__init__(message)
         self.message = message
         self.code = code
+
+    def __reduce__(self):
+        # Both fields survive pickling (process pools send errors back).
+        return (Error, (self.message, self.code))
 
 
 def _onnxruntime_library() -> Optional[str]:
@@ -74,47 +81,93 @@ def _call(function, *args):
         raise Error(message, code) from None
 
 
+def _word(value: Any) -> str:
+    """A value as one command-line word: paths (str, bytes, PathLike) as the
+    file system spells them, anything else by ``str``."""
+    if isinstance(value, (str, bytes, os.PathLike)):
+        return os.fsdecode(os.fspath(value))
+    return str(value)
+
+
 def _flags(options: Mapping[str, Any]) -> list[str]:
     """Keyword arguments as command-line flags: ``keep_params=0.5`` is
-    ``--keep-params 0.5``, ``True`` a bare flag, ``None``/``False`` absent."""
+    ``--keep-params=0.5`` (one word, so a value starting with ``-`` stays a
+    value), ``True`` a bare flag, ``None``/``False`` absent."""
     out: list[str] = []
     for name, value in options.items():
         if value is None or value is False:
             continue
         flag = "--" + name.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        else:
-            out += [flag, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
+        out.append(flag if value is True else f"{flag}={_word(value)}")
     return out
 
 
 class _ModelPath:
     """A model argument as a path: paths pass through; an ``onnx.ModelProto``
     (with its weights in memory, under 2 GiB) is written to a private
-    temporary folder for the call and removed after it."""
+    temporary folder for the call and removed after it. Messages and
+    reports name it ``<ModelProto>``, not the temporary file."""
+
+    NAME = "<ModelProto>"
 
     def __init__(self, model: Any):
         self._model = model
         self._folder: Optional[tempfile.TemporaryDirectory] = None
+        self.path: Optional[str] = None
 
-    def __enter__(self) -> str:
-        if isinstance(self._model, (str, os.PathLike)):
-            return os.fspath(self._model)
-        serialize = getattr(self._model, "SerializeToString", None)
-        if serialize is None:
+    def __enter__(self) -> "_ModelPath":
+        if isinstance(self._model, (str, bytes, os.PathLike)):
+            self.path = _word(self._model)
+            return self
+        try:
+            import onnx
+        except ImportError:
+            onnx = None
+        if onnx is None or not isinstance(self._model, onnx.ModelProto):
             raise Error(
                 f"a model is a path or an onnx.ModelProto, not {type(self._model).__name__}", 1
             )
+        external = [
+            t.name
+            for t in self._model.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL
+        ]
+        if external:
+            raise Error(
+                f"the ModelProto keeps {len(external)} tensors in external files (first: "
+                f"'{external[0]}'); pass the model's path, or load it with its external data", 1
+            )
+        try:
+            data = self._model.SerializeToString()
+        except Exception as e:  # protobuf refuses messages over 2 GiB
+            raise Error(
+                f"the ModelProto cannot be serialized ({e}); save it with external data and "
+                "pass the path", 1
+            ) from None
         self._folder = tempfile.TemporaryDirectory(prefix="onnx-idprune-")
-        path = os.path.join(self._folder.name, "model.onnx")
-        with open(path, "wb") as f:
-            f.write(serialize())
-        return path
+        self.path = os.path.join(self._folder.name, "model.onnx")
+        with open(self.path, "wb") as f:
+            f.write(data)
+        return self
 
     def __exit__(self, *exc) -> None:
         if self._folder is not None:
             self._folder.cleanup()
+
+    def call(self, function, *args):
+        """``function(*args)`` with the temporary file's name replaced by
+        ``<ModelProto>`` in a failure's message."""
+        try:
+            return _call(function, *args)
+        except Error as e:
+            if self._folder is None:
+                raise
+            raise Error(e.message.replace(self.path, self.NAME), e.code) from None
+
+    @property
+    def name(self) -> Optional[str]:
+        """How the report names the model, when not by its path."""
+        return self.NAME if self._folder is not None else None
 
 
 def _plan_json(plan: Any) -> Optional[str]:
@@ -169,9 +222,11 @@ def prune(
     if plan is not None and plan_json is None:
         options["plan"] = plan
     with _ModelPath(input) as model:
-        args = [model, os.fspath(output)] + _flags(options)
-        text = _call(_native.prune, args, plan_json, progress)
-    return json.loads(text)
+        # Positionals after "--": a path starting with "-", or named like a
+        # subcommand, stays a path.
+        args = _flags(options) + ["--", model.path, _word(output)]
+        text = model.call(_native.prune, args, plan_json, progress, model.name)
+        return json.loads(text)
 
 
 def apply_plan(
@@ -205,17 +260,18 @@ def apply_plan(
     if plan_json is None:
         options["plan"] = plan
     with _ModelPath(input) as model:
-        args = [model, os.fspath(output)] + _flags(options)
-        text = _call(_native.prune, args, plan_json, progress)
-    return json.loads(text)
+        # Positionals after "--": a path starting with "-", or named like a
+        # subcommand, stays a path.
+        args = _flags(options) + ["--", model.path, _word(output)]
+        text = model.call(_native.prune, args, plan_json, progress, model.name)
+        return json.loads(text)
 
 
 def inspect(model: Any) -> dict:
     """The towers and transformer blocks of ``model`` (a path or an
     ``onnx.ModelProto``): what ``onnx-idprune inspect IN --json`` prints."""
-    with _ModelPath(model) as path:
-        text = _call(_native.inspect, ["inspect", path, "--json"])
-    return json.loads(text)
+    with _ModelPath(model) as source:
+        return json.loads(source.call(_native.inspect, ["inspect", "--json", "--", source.path]))
 
 
 def intrinsic_dimension(
@@ -231,7 +287,11 @@ def intrinsic_dimension(
     the same matrix. ``estimator`` is ``twonn`` (default) or ``mle``;
     ``variant`` is ``facco`` (default) or ``paper``; ``k`` the neighbours of
     ``mle``."""
-    args = ["id", "--data", "(array)", "--json"] + _flags(
+    args = ["id", "--data=(array)", "--json"] + _flags(
         {"estimator": estimator, "variant": variant, "k": k}
     )
+    # The .npy reader takes either byte order; the native side takes the
+    # machine's.
+    if isinstance(data, np.ndarray) and data.dtype.kind == "f" and not data.dtype.isnative:
+        data = data.astype(data.dtype.newbyteorder("="))
     return json.loads(_call(_native.intrinsic_dimension, data, args))

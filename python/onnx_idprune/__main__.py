@@ -8,7 +8,8 @@ from . import _native
 
 
 def main() -> None:
-    sys.exit(_native.main(sys.argv))
+    # The command's own name in its messages, also under `python -m`.
+    sys.exit(_native.main(["onnx-idprune", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

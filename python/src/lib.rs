@@ -8,6 +8,7 @@
 //! code)`, which the Python side turns into `onnx_idprune.Error`. The GIL
 //! is released while a job runs.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use numpy::{PyReadonlyArray2, PyUntypedArrayMethods};
@@ -33,15 +34,15 @@ fn library_failure(e: impl Into<anyhow::Error>) -> PyErr {
 }
 
 /// Parses `args` (without the program name) as the command line would.
-fn parse(args: Vec<String>, plan: Option<Plan>) -> PyResult<Request> {
-    let argv = std::iter::once("onnx-idprune".to_string()).chain(args);
+fn parse(args: Vec<OsString>, plan: Option<Plan>) -> PyResult<Request> {
+    let argv = std::iter::once(OsString::from("onnx-idprune")).chain(args);
     cli::parse(argv, plan).map_err(raise)
 }
 
 /// Runs the command line with `argv` (program name first) and returns its
 /// exit code: the wheel's `onnx-idprune` command.
 #[pyfunction]
-fn main(py: Python<'_>, argv: Vec<String>) -> u8 {
+fn main(py: Python<'_>, argv: Vec<OsString>) -> u8 {
     onnx_idprune::progress::set_enabled(true);
     py.detach(|| cli::main(argv))
 }
@@ -55,14 +56,16 @@ fn set_host_library(path: Option<PathBuf>) {
 }
 
 /// The main job (`onnx-idprune IN OUT …`): returns the report as JSON.
-/// `plan_json` is a plan given in memory instead of `--plan FILE`.
+/// `plan_json` is a plan given in memory instead of `--plan FILE`;
+/// `input_name` how the report names the input, when not by its path.
 #[pyfunction]
-#[pyo3(signature = (args, plan_json=None, progress=false))]
+#[pyo3(signature = (args, plan_json=None, progress=false, input_name=None))]
 fn prune(
     py: Python<'_>,
-    args: Vec<String>,
+    args: Vec<OsString>,
     plan_json: Option<String>,
     progress: bool,
+    input_name: Option<String>,
 ) -> PyResult<String> {
     let plan = plan_json
         .map(|text| Plan::parse(&text))
@@ -75,12 +78,13 @@ fn prune(
             other => other,
         })
         .map_err(library_failure)?;
-    let Request::Prune(job) = parse(args, plan)? else {
+    let Request::Prune(mut job) = parse(args, plan)? else {
         return Err(raise(Failure {
             message: "prune takes the main job's arguments, not a subcommand".into(),
             code: 2,
         }));
     };
+    job.input_name = input_name;
     onnx_idprune::progress::set_enabled(progress);
     let outcome = py.detach(|| job.run()).map_err(library_failure)?;
     Ok(outcome.report.to_json())
@@ -88,7 +92,7 @@ fn prune(
 
 /// `onnx-idprune inspect IN --json`: the towers and blocks as JSON.
 #[pyfunction]
-fn inspect(py: Python<'_>, args: Vec<String>) -> PyResult<String> {
+fn inspect(py: Python<'_>, args: Vec<OsString>) -> PyResult<String> {
     let Request::Inspect { input, json: true } = parse(args, None)? else {
         return Err(raise(Failure {
             message: "inspect takes `inspect IN --json`".into(),
@@ -107,7 +111,7 @@ fn inspect(py: Python<'_>, args: Vec<String>) -> PyResult<String> {
 fn intrinsic_dimension<'py>(
     py: Python<'py>,
     data: &Bound<'py, PyAny>,
-    args: Vec<String>,
+    args: Vec<OsString>,
 ) -> PyResult<String> {
     let Request::IdOfData { options, .. } = parse(args, None)? else {
         return Err(raise(Failure {

@@ -77,12 +77,49 @@ def snapshot(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_onnx_runtime_comes_from_the_onnxruntime_wheel():
+def test_onnx_runtime_comes_from_the_onnxruntime_wheel(tmp_path):
     import onnxruntime
 
+    package = Path(onnxruntime.__file__).parent
     library = Path(onnx_idprune._onnxruntime_library())
-    assert library.is_file()
-    assert Path(onnxruntime.__file__).parent in library.parents
+    assert library.is_file() and package in library.parents
+    # After a run, the ONNX Runtime mapped into this process is the wheel's
+    # (not a copy in the source tree the package was built from).
+    onnx_idprune.prune(CLIP, tmp_path / "o.onnx", calib=CALIB, keep_params=0.7, mode="blocks")
+    mapped = {Path(line.split()[-1]).resolve()
+              for line in Path("/proc/self/maps").read_text().splitlines()
+              if "libonnxruntime.so" in line.split()[-1]}
+    assert mapped == {library.resolve()}, mapped
+
+
+LOADING = """
+import shutil, sys, onnx_idprune
+clip, calib, tmp = sys.argv[1:4]
+def run(out, **kw):
+    try:
+        onnx_idprune.prune(clip, f"{tmp}/{out}.onnx", calib=calib, keep_params=0.7,
+                           mode="blocks", **kw)
+        print("ok")
+    except onnx_idprune.Error as e:
+        print(e.code, e.message)
+open(f"{tmp}/junk.so", "w").write("not a library")
+run("a", ort_lib=f"{tmp}/junk.so")
+run("b")
+copy = shutil.copy(onnx_idprune._onnxruntime_library(), f"{tmp}/libonnxruntime.so")
+run("c", ort_lib=copy)
+run("d", ort_lib=onnx_idprune._onnxruntime_library())
+"""
+
+
+def test_a_failed_load_is_not_kept_and_a_second_library_is_refused(tmp_path):
+    done = subprocess.run([sys.executable, "-c", LOADING, CLIP, CALIB, tmp_path],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    junk, default, other, same = done.stdout.strip().splitlines()
+    assert junk.startswith("1 cannot load ONNX Runtime from ") and "junk.so" in junk
+    assert default == "ok"
+    assert other.startswith("1 cannot load ONNX Runtime from ") and "already loaded" in other
+    assert same == "ok"
 
 
 def test_prune_gives_the_commands_model_and_report(tmp_path):
@@ -116,11 +153,51 @@ def test_prune_takes_a_model_proto(tmp_path):
     cli(CLIP, tmp_path / "cli.onnx", "--calib", CALIB, "--keep-params", "0.6", "--mode", "units")
     model = onnx.load(str(CLIP))
     report = onnx_idprune.prune(model, tmp_path / "py.onnx", calib=CALIB, keep_params=0.6,
-                                mode="units")
+                                mode="units", report=tmp_path / "r.json")
     assert (tmp_path / "py.onnx").read_bytes() == (tmp_path / "cli.onnx").read_bytes()
     assert report["plan"]["blocks"]
-    # The temporary copy of the model is gone.
-    assert not Path(report["input"]).exists()
+    # The report names the model as given, not the temporary copy.
+    assert report["input"] == "<ModelProto>"
+    assert json.loads((tmp_path / "r.json").read_text())["input"] == "<ModelProto>"
+
+
+def test_a_model_proto_that_cannot_be_written_is_one_error(tmp_path):
+    model = onnx.load(str(CLIP))
+    model.graph.initializer[0].data_location = onnx.TensorProto.EXTERNAL
+    with pytest.raises(onnx_idprune.Error) as raised:
+        onnx_idprune.inspect(model)
+    assert raised.value.code == 1 and "external" in raised.value.message
+    # A message about the model names it as given.
+    with pytest.raises(onnx_idprune.Error) as raised:
+        onnx_idprune.inspect(onnx.ModelProto())
+    assert raised.value.message.startswith("<ModelProto>"), raised.value.message
+    with pytest.raises(onnx_idprune.Error) as raised:
+        onnx_idprune.inspect(model.graph)
+    assert "ModelProto" in raised.value.message
+
+
+def test_paths_are_paths_whatever_they_look_like(tmp_path, monkeypatch):
+    # Relative paths that look like flags or subcommands, and bytes paths.
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(CLIP, tmp_path / "-model.onnx")
+    shutil.copy(CLIP, tmp_path / "help")
+    expected = onnx_idprune.inspect(CLIP)
+    assert onnx_idprune.inspect("-model.onnx") == expected
+    assert onnx_idprune.inspect(b"help") == expected
+    onnx_idprune.prune("help", "-out.onnx", calib=os.fsencode(CALIB), keep_params=0.7,
+                       mode="blocks", plan_out=b"--plan.json")
+    assert (tmp_path / "-out.onnx").exists() and (tmp_path / "--plan.json").exists()
+    # A value starting with "-" is a value the parser judges.
+    with pytest.raises(onnx_idprune.Error) as raised:
+        onnx_idprune.intrinsic_dimension(np.zeros((10, 3), np.float32), estimator="mle", k=-1)
+    assert raised.value.code == 2 and "invalid value '-1'" in raised.value.message
+
+
+def test_errors_survive_pickling():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(onnx_idprune.Error("bad input", 1)))
+    assert (error.message, error.code, str(error)) == ("bad input", 1, "bad input")
 
 
 def test_prune_fails_like_the_command(tmp_path):
@@ -231,6 +308,8 @@ def test_intrinsic_dimension_gives_the_commands_estimate(tmp_path, options):
     np.save(tmp_path / "x64.npy", data.astype(np.float64) + 1e-12)
     expected64 = json.loads(cli("id", "--data", tmp_path / "x64.npy", "--json", *flags).stdout)
     assert onnx_idprune.intrinsic_dimension(data.astype(np.float64) + 1e-12, **options) == expected64
+    # Either byte order, as the .npy reader takes.
+    assert onnx_idprune.intrinsic_dimension(data.astype(">f4"), **options) == expected
 
 
 def test_intrinsic_dimension_refuses_what_is_not_a_matrix(tmp_path):
@@ -268,6 +347,40 @@ def test_the_command_is_installed_and_runs_without_orts_path(tmp_path):
     assert onnx.load(str(tmp_path / "o.onnx")).graph.node
 
 
-def test_progress_is_off_unless_asked(tmp_path, capfd):
-    onnx_idprune.prune(CLIP, tmp_path / "o.onnx", calib=CALIB, keep_params=0.7, mode="blocks")
-    assert capfd.readouterr().err == ""
+PROGRESS = """
+import sys, onnx_idprune
+onnx_idprune.prune(sys.argv[1], sys.argv[3], calib=sys.argv[2], keep_params=0.7, mode="blocks",
+                   progress=sys.argv[4] == "on")
+"""
+
+
+def on_a_terminal(command: list) -> bytes:
+    """What `command` writes to its stderr when that is a terminal."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    done = subprocess.Popen([str(c) for c in command], stderr=secondary,
+                            stdout=subprocess.DEVNULL)
+    os.close(secondary)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closes with the process
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert done.wait() == 0, out
+    os.close(primary)
+    return out
+
+
+def test_progress_is_drawn_on_a_terminal_only_when_asked(tmp_path):
+    bar = "calibration".encode()
+    run = [sys.executable, "-c", PROGRESS, CLIP, CALIB]
+    assert bar in on_a_terminal(run + [tmp_path / "on.onnx", "on"])
+    assert bar not in on_a_terminal(run + [tmp_path / "off.onnx", "off"])
+    command = shutil.which("onnx-idprune", path=str(Path(sys.executable).parent))
+    assert bar in on_a_terminal([command, CLIP, tmp_path / "cmd.onnx", "--calib", CALIB,
+                                 "--keep-params", "0.7", "--mode", "blocks"])

@@ -95,12 +95,14 @@ impl Default for RuntimeOptions {
 pub enum RuntimeError {
     /// No library was found.
     #[error(
-        "ONNX Runtime library not found (looked at: {}); install it with `scripts/install-ort.sh`, or pass --ort-lib PATH or set ORT_DYLIB_PATH",
+        "ONNX Runtime library not found (looked at: {}); {hint}",
         tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     )]
     NotFound {
         /// Places looked at.
         tried: Vec<PathBuf>,
+        /// What to do about it.
+        hint: &'static str,
     },
     /// The library exists but cannot be used.
     #[error("cannot load ONNX Runtime from {}: {reason}", path.display())]
@@ -128,31 +130,45 @@ pub enum RuntimeError {
     Unsupported(String),
 }
 
-static HOST_LIBRARY: std::sync::RwLock<Option<PathBuf>> = std::sync::RwLock::new(None);
+/// The host environment's library, once a host has spoken
+/// ([`set_host_library`]); `None` inside: the host has none to offer.
+static HOST_LIBRARY: std::sync::RwLock<Option<Option<PathBuf>>> = std::sync::RwLock::new(None);
 
 /// Names the ONNX Runtime library the host environment provides (the
-/// Python package passes the `onnxruntime` wheel's), looked at after
-/// `--ort-lib` and `ORT_DYLIB_PATH` and before the project-local copy.
+/// Python package passes the `onnxruntime` wheel's, or `None` when that
+/// wheel is missing). It is looked at after `--ort-lib` and
+/// `ORT_DYLIB_PATH`; and once a host has spoken, the project-local copy
+/// of the source tree this was built in is not looked at: a wheel must not
+/// pick up the build machine's files.
 pub fn set_host_library(path: Option<PathBuf>) {
-    *HOST_LIBRARY.write().unwrap_or_else(|e| e.into_inner()) = path;
+    *HOST_LIBRARY.write().unwrap_or_else(|e| e.into_inner()) = Some(path);
 }
 
-static LOADED: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
+/// The first library loaded successfully, and its environment (a failed
+/// load is not kept: the next call may name a working library).
+static LOADED: OnceLock<(PathBuf, ort::environment::Environment)> = OnceLock::new();
+/// One load attempt at a time.
+static LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The library path to use: explicit, then `ORT_DYLIB_PATH`, then the
-/// host environment's, then the project-local install.
+/// host environment's, or else the project-local install.
 pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
     let mut tried = Vec::new();
     let mut candidates: Vec<PathBuf> = Vec::new();
+    let host = HOST_LIBRARY
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     if let Some(path) = explicit {
         candidates.push(path.to_path_buf());
     } else {
         if let Some(env) = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()) {
             candidates.push(PathBuf::from(env));
         }
-        let host = HOST_LIBRARY.read().unwrap_or_else(|e| e.into_inner());
-        candidates.extend(host.iter().cloned());
-        candidates.extend(project_local_candidates());
+        match &host {
+            Some(offered) => candidates.extend(offered.iter().cloned()),
+            None => candidates.extend(project_local_candidates()),
+        }
     }
     for candidate in candidates {
         if candidate.is_file() {
@@ -160,7 +176,14 @@ pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> 
         }
         tried.push(candidate);
     }
-    Err(RuntimeError::NotFound { tried })
+    Err(RuntimeError::NotFound {
+        tried,
+        hint: if host.is_some() {
+            "install the onnxruntime wheel (pip install onnxruntime), pass ort_lib=PATH (--ort-lib), or set ORT_DYLIB_PATH"
+        } else {
+            "install it with `scripts/install-ort.sh`, or pass --ort-lib PATH or set ORT_DYLIB_PATH"
+        },
+    })
 }
 
 /// `.ort/lib/libonnxruntime.so` next to the project: found from the
@@ -183,13 +206,31 @@ fn project_local_candidates() -> Vec<PathBuf> {
 }
 
 /// Loads the library once per process and returns its path and the
-/// environment. Later calls return the first result (ONNX Runtime cannot be
-/// swapped within a process).
+/// environment. ONNX Runtime cannot be swapped within a process: once one
+/// library is loaded, asking for another is an error (the same file under
+/// another name is fine). A failed load is not remembered.
 pub fn load_library(
     explicit: Option<&Path>,
 ) -> Result<(PathBuf, &'static ort::environment::Environment), RuntimeError> {
     let path = locate_library(explicit)?;
-    let loaded = LOADED.get_or_init(|| {
+    let _one_at_a_time = LOADING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((first, environment)) = LOADED.get() {
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+        if !same(first, &path) {
+            return Err(RuntimeError::Load {
+                path,
+                reason: format!(
+                    "ONNX Runtime is already loaded from {} in this process, and a process cannot switch to another",
+                    first.display()
+                ),
+            });
+        }
+        return Ok((first.clone(), environment));
+    }
+    let environment = (|| {
         let builder = ort::init_from(&path).map_err(|e| e.to_string())?;
         let environment = builder
             .with_name("onnx-idprune")
@@ -202,15 +243,14 @@ pub fn load_library(
         if std::env::var_os("ORT_LOG").is_none() {
             environment.set_log_level(ort::logging::LogLevel::Fatal);
         }
-        Ok((path.clone(), environment))
-    });
-    match loaded {
-        Ok((first, environment)) => Ok((first.clone(), environment)),
-        Err(reason) => Err(RuntimeError::Load {
-            path,
-            reason: reason.clone(),
-        }),
-    }
+        Ok::<_, String>(environment)
+    })()
+    .map_err(|reason| RuntimeError::Load {
+        path: path.clone(),
+        reason,
+    })?;
+    let (first, environment) = LOADED.get_or_init(|| (path, environment));
+    Ok((first.clone(), environment))
 }
 
 /// A session with the provider that actually runs it.

@@ -436,6 +436,7 @@ fn prune_job(args: PruneArgs, given_plan: Option<Plan>) -> Result<PruneJob, Usag
         external_data: args.external_data.map(Into::into),
         min_fidelity: args.min_fidelity,
         report: args.report,
+        input_name: None,
     })
 }
 

@@ -72,6 +72,9 @@ pub struct PruneJob {
     /// Write a JSON report here, and a Markdown summary and an SVG plot
     /// next to it ([`report::files`]: the extension replaced by `md`, `svg`).
     pub report: Option<PathBuf>,
+    /// How the report names the input, when not by its path (the Python
+    /// package's in-memory models).
+    pub input_name: Option<String>,
 }
 
 /// What the decision stage measured and chose.
@@ -125,6 +128,7 @@ impl PruneJob {
             external_data: None,
             min_fidelity: None,
             report: None,
+            input_name: None,
         }
     }
 
@@ -442,6 +446,7 @@ impl PruneJob {
         };
         Report::new(&RunFacts {
             input: &self.input,
+            input_name: self.input_name.as_deref(),
             output: &self.output,
             settings,
             graph: &source.model.graph,

@@ -451,6 +451,8 @@ pub struct Report {
 pub struct RunFacts<'a> {
     /// The model read.
     pub input: &'a Path,
+    /// How the report names it, when not by its path.
+    pub input_name: Option<&'a str>,
     /// The model written.
     pub output: &'a Path,
     /// The decision settings, when the plan was made from calibration data.
@@ -511,7 +513,9 @@ impl Report {
         let decision = facts.decision;
         let settings = facts.settings;
         Report {
-            input: facts.input.display().to_string(),
+            input: facts
+                .input_name
+                .map_or_else(|| facts.input.display().to_string(), str::to_string),
             output: facts.output.display().to_string(),
             keep_params: settings.and_then(|o| o.budget.keep),
             tower_keep: serde_json::json!({
