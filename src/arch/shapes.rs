@@ -314,9 +314,14 @@ impl Run<'_> {
                                 t => Some(t),
                             })
                             .collect();
-                        let total: Option<i64> = input.iter().map(Expr::value).product();
-                        match (resolved, total) {
-                            (Some(r), Some(total)) if r.iter().product::<i64>() != total => {
+                        // Claimed sizes can be anything: a product that
+                        // overflows is no evidence either way.
+                        let total = checked_product(input.iter().map(Expr::value));
+                        let count = resolved
+                            .as_ref()
+                            .and_then(|r| checked_product(r.iter().map(|&d| Some(d))));
+                        match (resolved, total, count) {
+                            (Some(r), Some(total), Some(count)) if count != total => {
                                 Some(format!("reshapes {total} elements into {r:?}"))
                             }
                             _ => None,
@@ -761,7 +766,7 @@ impl Run<'_> {
                     .map(|t| tensor_info(&Tensor::new(t.clone())));
                 let count = shape
                     .as_ref()
-                    .and_then(|s| s.iter().map(Expr::value).product::<Option<i64>>());
+                    .and_then(|s| checked_product(s.iter().map(Expr::value)));
                 let ints = match (fill.as_ref().and_then(|f| f.ints.clone()), count) {
                     (Some(v), Some(n)) if v.len() == 1 && (n as usize) <= MAX_INTS => {
                         Some(vec![v[0].clone(); n as usize])
@@ -1333,6 +1338,16 @@ fn slice_range(n: i64, start: i64, end: i64, step: i64) -> Vec<usize> {
         }
     }
     out
+}
+
+/// The product of known dimensions: `None` when one is unknown or the
+/// product overflows.
+fn checked_product(dims: impl Iterator<Item = Option<i64>>) -> Option<i64> {
+    let mut product = 1i64;
+    for dim in dims {
+        product = product.checked_mul(dim?)?;
+    }
+    Some(product)
 }
 
 #[cfg(test)]

@@ -2,10 +2,10 @@
 //!
 //! Squared distances come from the Gram matrix, `|x|² + |y|² - 2 x·y`,
 //! computed block by block with an f32 GEMM (the `gemm` crate, whose
-//! AVX-512 kernels run at about twice the speed of ndarray's on this
-//! machine; rayon over row blocks). That
-//! form loses precision when two points are close compared to their norms,
-//! so it only nominates candidates: each point's few nearest candidates are
+//! AVX-512 kernels ran at about twice the speed of ndarray's on the project
+//! machine; rayon over row blocks). That form loses precision when two
+//! points are close compared to their norms, so it only nominates
+//! candidates: each point's few nearest candidates are
 //! re-measured exactly in f64 from the raw rows, and those distances are the
 //! ones returned.
 //!
