@@ -178,6 +178,20 @@ def _plan_json(plan: Any) -> Optional[str]:
     return None
 
 
+def _main_job(input: Any, output: PathLike, plan: Any, options: dict, progress: bool) -> dict:
+    """The main job with ``options`` as flags: a plan dict travels in
+    memory, a plan path as ``--plan``. Returns the report."""
+    plan_json = _plan_json(plan)
+    if plan is not None and plan_json is None:
+        options["plan"] = plan
+    with _ModelPath(input) as model:
+        # Positionals after "--": a path starting with "-", or named like a
+        # subcommand, stays a path.
+        args = _flags(options) + ["--", model.path, _word(output)]
+        text = model.call(_native.prune, args, plan_json, progress, model.name)
+        return json.loads(text)
+
+
 def prune(
     input: Any,
     output: PathLike,
@@ -218,15 +232,7 @@ def prune(
     options = dict(locals())
     for positional in ("input", "output", "plan", "progress"):
         options.pop(positional)
-    plan_json = _plan_json(plan)
-    if plan is not None and plan_json is None:
-        options["plan"] = plan
-    with _ModelPath(input) as model:
-        # Positionals after "--": a path starting with "-", or named like a
-        # subcommand, stays a path.
-        args = _flags(options) + ["--", model.path, _word(output)]
-        text = model.call(_native.prune, args, plan_json, progress, model.name)
-        return json.loads(text)
+    return _main_job(input, output, plan, options, progress)
 
 
 def apply_plan(
@@ -256,15 +262,7 @@ def apply_plan(
     options = dict(locals())
     for positional in ("input", "output", "plan", "progress"):
         options.pop(positional)
-    plan_json = _plan_json(plan)
-    if plan_json is None:
-        options["plan"] = plan
-    with _ModelPath(input) as model:
-        # Positionals after "--": a path starting with "-", or named like a
-        # subcommand, stays a path.
-        args = _flags(options) + ["--", model.path, _word(output)]
-        text = model.call(_native.prune, args, plan_json, progress, model.name)
-        return json.loads(text)
+    return _main_job(input, output, plan, options, progress)
 
 
 def inspect(model: Any) -> dict:
