@@ -632,3 +632,36 @@ fn least_squares_repair_brings_the_slimmed_model_closer() {
     .assert_error(1, "give the same --calib file");
     assert_no_output(&sandbox, &sandbox.path("x.onnx"), &before);
 }
+
+#[test]
+fn the_judged_statistics_repair_the_chosen_plan_as_a_fresh_pass_does() {
+    // The default mode judges candidate plans with repair and keeps the
+    // activation statistics it gathered for the final repair (refits and
+    // mean-output compensation) instead of reading the model again. The
+    // recorded plan, re-applied from the same file in a fresh run, must give
+    // the same bytes.
+    let sandbox = Sandbox::new();
+    let plan = sandbox.path("plan.json");
+    prune(
+        &sandbox,
+        CLIP,
+        "out.onnx",
+        &["--keep-params", "0.6", "--plan-out", plan.to_str().unwrap()],
+    )
+    .assert_ok();
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    assert!(
+        recorded["repair"].is_object(),
+        "the default plan records its repair: {recorded}"
+    );
+    let again = sandbox.path("again.onnx");
+    let calib = util::fixtures().join("calib/clip_tiny_calib.npz");
+    util::run_plan(
+        &util::fixtures().join(CLIP),
+        &again,
+        &plan,
+        &["--calib", calib.to_str().unwrap()],
+    )
+    .assert_ok();
+    assert!(std::fs::read(&again).unwrap() == std::fs::read(sandbox.path("out.onnx")).unwrap());
+}

@@ -280,9 +280,11 @@ pub fn collect_all(
     } = request;
     let mut means: Vec<stats::Mean> = vec![stats::Mean::default(); mean_taps.len()];
     let mut grams: Vec<SecondMoment> = vec![SecondMoment::default(); gram_taps.len()];
-    // One token stride for every Gram tap of the pass, set from the first
-    // one's token count.
-    let mut stride = 0usize;
+    // Each Gram tap's token stride, set from its own token count on the
+    // first batch: a tap's statistic depends on that tap and the samples
+    // only, never on which other taps share the pass (so statistics
+    // gathered in different passes can be pooled).
+    let mut strides = vec![0usize; gram_taps.len()];
     let mut energy: Vec<Energy> = vec![Energy::default(); energy_taps.len()];
     // Feature matrices are allocated once their width is known (first
     // batch) and filled in place: no second copy.
@@ -326,11 +328,12 @@ pub fn collect_all(
             means[slot].add(&batch.taps[t], mask_in(&taps[t], batch.feed), rows)?;
         }
         for (slot, &t) in gram_taps.iter().enumerate() {
-            if stride == 0 {
-                stride = stats::gram_stride(samples, stats::tokens_per_sample(&batch.taps[t]));
+            if strides[slot] == 0 {
+                strides[slot] =
+                    stats::gram_stride(samples, stats::tokens_per_sample(&batch.taps[t]));
             }
             let mask = mask_in(&taps[t], batch.feed);
-            grams[slot].add(&batch.taps[t], mask, batch.start, rows, stride)?;
+            grams[slot].add(&batch.taps[t], mask, batch.start, rows, strides[slot])?;
         }
         Ok(())
     })?;

@@ -251,6 +251,9 @@ struct CandidateJudge<'a> {
     mask: Option<&'a str>,
     runtime: &'a RuntimeOptions,
     verifier: Verifier,
+    /// Repair statistics of every plan judged so far (each tap read once
+    /// per job, however many calls ask for it).
+    statistics: repair::Statistics,
 }
 
 impl<'a> CandidateJudge<'a> {
@@ -272,7 +275,13 @@ impl<'a> CandidateJudge<'a> {
             mask,
             runtime,
             verifier: Verifier::new(source, judge_inputs, judged, runtime),
+            statistics: repair::Statistics::default(),
         }
+    }
+
+    /// The repair statistics gathered while judging.
+    fn into_statistics(self) -> repair::Statistics {
+        self.statistics
     }
 }
 
@@ -281,9 +290,9 @@ impl decide::Judge for CandidateJudge<'_> {
 
     fn judge(&mut self, plans: &[Plan]) -> Result<Vec<decide::Verdict>, Error> {
         // Repair statistics once for every layer any plan refits and every
-        // branch any plan compensates.
+        // branch any plan compensates that no earlier call needed.
         let refitting: Vec<&Plan> = plans.iter().filter(|p| p.repair.is_some()).collect();
-        let statistics = repair::statistics(
+        self.statistics.gather(
             &self.source.model,
             self.arch,
             &refitting,
@@ -292,6 +301,7 @@ impl decide::Judge for CandidateJudge<'_> {
             self.mask,
             self.runtime,
         )?;
+        let statistics = &self.statistics;
         plans
             .iter()
             .map(|plan| {
@@ -299,7 +309,7 @@ impl decide::Judge for CandidateJudge<'_> {
                     self.source,
                     Some(self.arch),
                     plan,
-                    Some(&statistics),
+                    Some(statistics),
                     &self.verifier,
                 );
                 match applied {

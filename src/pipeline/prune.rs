@@ -90,6 +90,10 @@ pub struct Decided {
     pub holdout_samples: usize,
     /// The provider that ran calibration.
     pub provider: Provider,
+    /// Repair statistics gathered while candidate plans were judged (over
+    /// the decision samples); the chosen plan's repair takes them over (the
+    /// [`Outcome`]'s copy is then empty).
+    pub statistics: repair::Statistics,
 }
 
 /// What a run did.
@@ -159,7 +163,7 @@ impl PruneJob {
         self.files(&source).check()?;
         lap("load", &mut timings);
 
-        let (arch, plan, decided) = match &self.plan {
+        let (arch, plan, mut decided) = match &self.plan {
             PlanSource::Given { plan, .. } => {
                 let arch = if plan.is_empty() {
                     None
@@ -179,7 +183,11 @@ impl PruneJob {
         lap("calibrate+decide", &mut timings);
 
         let statistics = match (&plan.repair, &arch) {
-            (Some(spec), Some(arch)) => Some(self.repair_statistics(&source, arch, &plan, spec)?),
+            (Some(spec), Some(arch)) => {
+                // Moved out, not copied: the Grams can be large.
+                let gathered = decided.as_mut().map(|d| std::mem::take(&mut d.statistics));
+                Some(self.repair_statistics(&source, arch, &plan, spec, gathered)?)
+            }
             _ => None,
         };
         let statistics_time = clock.elapsed().as_secs_f64();
@@ -341,7 +349,7 @@ impl PruneJob {
             ..settings.measure.clone()
         };
         let measuring = Error::measuring(&source.file.path);
-        let (decision, provider) = if settings.decide.mode == Mode::Unstructured {
+        let (decision, provider, statistics) = if settings.decide.mode == Mode::Unstructured {
             let (layers, provider) = measure::blocks::measure_linears(
                 &source.model,
                 arch,
@@ -352,7 +360,7 @@ impl PruneJob {
             )
             .map_err(&measuring)?;
             let decision = decide::unstructured(graph, &layers, &settings.decide)?;
-            (decision, provider)
+            (decision, provider, repair::Statistics::default())
         } else {
             let measured = measure::blocks::measure_blocks(
                 &source.model,
@@ -380,7 +388,7 @@ impl PruneJob {
                 &settings.decide,
                 &mut judge,
             )?;
-            (decision, measured.provider)
+            (decision, measured.provider, judge.into_statistics())
         };
         Ok(Decided {
             decision,
@@ -388,20 +396,27 @@ impl PruneJob {
             holdout: split.holdout,
             holdout_samples: split.holdout_samples,
             provider,
+            statistics,
         })
     }
 
     /// The activation statistics a plan's least-squares repair refits from:
     /// the first `spec.samples` samples of the calibration data (the
     /// decision samples of a decided run; the same `--calib` file when a
-    /// saved plan is re-applied).
+    /// saved plan is re-applied). What `gathered` (statistics over the same
+    /// data's first samples) already holds is not measured again.
     fn repair_statistics(
         &self,
         source: &Source,
         arch: &Architecture,
         plan: &Plan,
         spec: &crate::plan::Repair,
+        gathered: Option<repair::Statistics>,
     ) -> Result<repair::Statistics, Error> {
+        let mut statistics = gathered.unwrap_or_default();
+        if !statistics.lacks(&source.model, arch, &[plan], spec.samples) {
+            return Ok(statistics);
+        }
         let calib = match &self.plan {
             PlanSource::Decide { calib, .. } => calib,
             PlanSource::Given {
@@ -428,7 +443,7 @@ impl PruneJob {
                 ),
             }));
         }
-        Ok(repair::statistics(
+        statistics.gather(
             &source.model,
             arch,
             &[plan],
@@ -436,7 +451,8 @@ impl PruneJob {
             spec.samples,
             mask.as_deref(),
             &self.runtime,
-        )?)
+        )?;
+        Ok(statistics)
     }
 
     fn report(&self, source: &Source, arch: Option<&Architecture>, facts: &Facts<'_>) -> Report {

@@ -169,10 +169,17 @@ pub fn compensation(
 /// Second moments of the activations entering the projections that
 /// plans may refit, keyed by the activation's value name, and the mean
 /// outputs of the branches they remove.
+///
+/// Each statistic depends only on its tap and the samples read, so one set
+/// grows across passes ([`Statistics::gather`]): the searches' judge and
+/// the main job's final repair read the original model once per tap
+/// instead of once per call.
 #[derive(Debug, Clone, Default)]
 pub struct Statistics {
     grams: std::collections::HashMap<String, Array2<f64>>,
     means: std::collections::HashMap<String, Vec<f64>>,
+    /// Calibration samples the statistics were computed over.
+    samples: usize,
     /// The provider that ran.
     pub provider: Option<Provider>,
 }
@@ -190,62 +197,137 @@ pub fn statistics(
     mask: Option<&str>,
     runtime: &RuntimeOptions,
 ) -> Result<Statistics, RuntimeError> {
-    let view = crate::arch::View::new(&original.graph);
-    let mut taps: Vec<Tap> = Vec::new();
-    let mut grams = Vec::new();
-    let mut means = Vec::new();
-    let add = |value: &str, tower: TowerKind, taps: &mut Vec<Tap>| -> usize {
-        if let Some(i) = taps.iter().position(|x| x.value == value) {
-            return i;
+    let mut statistics = Statistics::default();
+    statistics.gather(original, arch, plans, inputs, samples, mask, runtime)?;
+    Ok(statistics)
+}
+
+impl Statistics {
+    /// Calibration samples these statistics were computed over (0 when
+    /// none were gathered yet).
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    /// Adds what `plans` need and these statistics lack, in one pass of the
+    /// first `samples` rows of `inputs` through `original` (none when
+    /// nothing is missing). Statistics of a different sample count are
+    /// dropped first: they do not mix. The caller keeps `inputs` and `mask`
+    /// the same across calls.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gather(
+        &mut self,
+        original: &Model,
+        arch: &Architecture,
+        plans: &[&Plan],
+        inputs: &Inputs,
+        samples: usize,
+        mask: Option<&str>,
+        runtime: &RuntimeOptions,
+    ) -> Result<(), RuntimeError> {
+        if self.samples != samples {
+            *self = Statistics {
+                samples,
+                ..Statistics::default()
+            };
         }
-        taps.push(Tap {
-            layout: crate::measure::layout(&view, value),
-            value: value.to_string(),
-            mask: (tower == TowerKind::Text)
-                .then(|| mask.map(str::to_string))
-                .flatten(),
-        });
-        taps.len() - 1
-    };
-    for plan in plans {
-        let Some(repair) = &plan.repair else {
-            continue;
+        let Missing { taps, grams, means } = self.missing(original, arch, plans, mask);
+        if taps.is_empty() {
+            return Ok(());
+        }
+        let request = collect::Request {
+            features: &[],
+            pairs: &[],
+            energies: &[],
+            grams: &grams,
+            means: &means,
+            pooling: Pooling::Flatten,
         };
-        if repair.refits() {
-            for t in targets(arch, plan) {
-                let i = add(&t.linear.input, t.tower, &mut taps);
-                if !grams.contains(&i) {
-                    grams.push(i);
+        let collected = collect::collect_all(original, inputs, samples, &taps, request, runtime)?;
+        let name = |i: &usize| taps[*i].value.clone();
+        self.grams
+            .extend(grams.iter().map(name).zip(collected.grams));
+        self.means
+            .extend(means.iter().map(name).zip(collected.means));
+        self.provider = Some(collected.provider);
+        Ok(())
+    }
+
+    /// Whether `plans` need statistics over `samples` samples that these
+    /// lack.
+    pub fn lacks(
+        &self,
+        original: &Model,
+        arch: &Architecture,
+        plans: &[&Plan],
+        samples: usize,
+    ) -> bool {
+        self.samples != samples || !self.missing(original, arch, plans, None).taps.is_empty()
+    }
+
+    /// The taps `plans` need that these statistics lack, and which of them
+    /// feed a Gram and which a mean.
+    fn missing(
+        &self,
+        original: &Model,
+        arch: &Architecture,
+        plans: &[&Plan],
+        mask: Option<&str>,
+    ) -> Missing {
+        let view = crate::arch::View::new(&original.graph);
+        let mut taps: Vec<Tap> = Vec::new();
+        let mut grams = Vec::new();
+        let mut means = Vec::new();
+        let add = |value: &str, tower: TowerKind, taps: &mut Vec<Tap>| -> usize {
+            if let Some(i) = taps.iter().position(|x| x.value == value) {
+                return i;
+            }
+            taps.push(Tap {
+                layout: crate::measure::layout(&view, value),
+                value: value.to_string(),
+                mask: (tower == TowerKind::Text)
+                    .then(|| mask.map(str::to_string))
+                    .flatten(),
+            });
+            taps.len() - 1
+        };
+        for plan in plans {
+            let Some(repair) = &plan.repair else {
+                continue;
+            };
+            if repair.refits() {
+                for t in targets(arch, plan) {
+                    if self.grams.contains_key(&t.linear.input) {
+                        continue;
+                    }
+                    let i = add(&t.linear.input, t.tower, &mut taps);
+                    if !grams.contains(&i) {
+                        grams.push(i);
+                    }
+                }
+            }
+            if repair.compensates() {
+                for (_, value, tower) in removed_branches(&original.graph, arch, plan) {
+                    if self.means.contains_key(&value) {
+                        continue;
+                    }
+                    let i = add(&value, tower, &mut taps);
+                    if !means.contains(&i) {
+                        means.push(i);
+                    }
                 }
             }
         }
-        if repair.compensates() {
-            for (_, value, tower) in removed_branches(&original.graph, arch, plan) {
-                let i = add(&value, tower, &mut taps);
-                if !means.contains(&i) {
-                    means.push(i);
-                }
-            }
-        }
+        Missing { taps, grams, means }
     }
-    if taps.is_empty() {
-        return Ok(Statistics::default());
-    }
-    let request = collect::Request {
-        features: &[],
-        pairs: &[],
-        energies: &[],
-        grams: &grams,
-        means: &means,
-        pooling: Pooling::Flatten,
-    };
-    let collected = collect::collect_all(original, inputs, samples, &taps, request, runtime)?;
-    let name = |i: &usize| taps[*i].value.clone();
-    Ok(Statistics {
-        grams: grams.iter().map(name).zip(collected.grams).collect(),
-        means: means.iter().map(name).zip(collected.means).collect(),
-        provider: Some(collected.provider),
-    })
+}
+
+/// Taps a set of statistics lacks ([`Statistics::missing`]): indices into
+/// `taps` of those feeding Grams and means.
+struct Missing {
+    taps: Vec<Tap>,
+    grams: Vec<usize>,
+    means: Vec<usize>,
 }
 
 /// Refits, in `pruned` (`original` rewritten by `plan`), every projection
