@@ -17,9 +17,12 @@ process, page cache warm):
                  --mode blocks (sub-blocks only, like the anchor)
                  vs  onnxsim.apply_transformer_block_pruning with its default
                  8 random calibration batches, sparsity 0.25 of sub-blocks
-  inference      onnx-idprune's calibration stage (from its report)  vs
+  calibration    onnx-idprune's calibrate+decide stage (from its report)  vs
                  plain onnxruntime inference of the same N samples, same batch
-                 size, no taps: the floor for calibration
+                 size, no taps, optimisations off like calibration's
+  main job       onnx-idprune IN OUT --calib C --samples N --keep-params 0.75
+                 (default mode) vs plain onnxruntime inference of the same N
+                 samples with default optimisations; both processes' peak RSS
 
 Prints a Markdown table with the ratio anchor / onnx-idprune (> 1: we are
 faster). Python tools are timed inside their process (interpreter and
@@ -64,27 +67,60 @@ print(time.perf_counter() - t)
 
 INFERENCE = """
 import sys, time, numpy as np, onnxruntime as ort
-model, calib, n, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+model, calib, n, batch, level = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 so = ort.SessionOptions()
-so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+data = np.load(calib)
+t = time.perf_counter()
 sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 names = [i.name for i in sess.get_inputs()]
-data = np.load(calib)
 feeds = {k: data[k][:n] for k in names}
-t = time.perf_counter()
 for s in range(0, n, batch):
     sess.run(None, {k: v[s:s + batch] for k, v in feeds.items()})
 print(time.perf_counter() - t)
 """
 
 
+PEAK_RSS = {}
+
+# Every command is started by this small launcher process, made before the
+# benchmark allocates anything: a child's peak RSS (ru_maxrss) counts the
+# memory of the process it was forked from until its exec, so children of
+# this script itself (which holds the ID test matrix) would all report its
+# size.
+LAUNCHER = """
+import json, os, subprocess, sys, tempfile, time
+for line in sys.stdin:
+    job = json.loads(line)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(job["cmd"], stdout=out, stderr=err, env=job["env"])
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        reply = {"code": os.waitstatus_to_exitcode(status), "wall": wall, "rss_kib": usage.ru_maxrss,
+                 "stdout": out.read().decode(), "stderr": err.read().decode()}
+    print(json.dumps(reply), flush=True)
+"""
+_launcher = None
+
+
 def run(cmd, env=None):
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(map(str, cmd[:3]))} … failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return wall, proc.stdout
+    """Runs cmd, returns (wall seconds, stdout); its peak RSS (MiB) is kept
+    in PEAK_RSS under the command's first two words."""
+    global _launcher
+    if _launcher is None:
+        _launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+    job = {"cmd": [str(c) for c in cmd], "env": dict(env if env is not None else os.environ)}
+    _launcher.stdin.write(json.dumps(job) + "\n")
+    _launcher.stdin.flush()
+    reply = json.loads(_launcher.stdout.readline())
+    if reply["code"] != 0:
+        sys.exit(f"{' '.join(map(str, cmd[:3]))} … failed ({reply['code']}): {reply['stderr'].strip()[-2000:]}")
+    PEAK_RSS[tuple(map(str, cmd[:2]))] = reply["rss_kib"] / 1024
+    return reply["wall"], reply["stdout"]
 
 
 def median(f, runs):
@@ -113,6 +149,7 @@ def main():
     p.add_argument("--binary", default=os.path.join(ROOT, "target/release/onnx-idprune"))
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()
+    run([sys.executable, "-c", "pass"])  # starts the launcher while this process is small
     py = sys.executable
     rows = []
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(a.model))) as tmp:
@@ -162,10 +199,33 @@ def main():
                      f"kept {rep['params']['blocks_kept']:.3f} of block params"))
 
         batch = 16
-        floor, _ = median(lambda: (float(run([py, "-c", INFERENCE, a.model, a.calib, str(a.samples),
-                                                   str(batch)])[1].split()[0]),), a.runs)
-        rows.append(("calibration", f"{a.samples} samples", calib_s, "plain ORT inference", floor,
-                     "ours: taps + ID + scores"))
+
+        def inference(level):
+            return median(lambda: (float(run([py, "-c", INFERENCE, a.model, a.calib, str(a.samples),
+                                              str(batch), level])[1].split()[0]),), a.runs)[0]
+
+        floor = inference("ORT_DISABLE_ALL")
+        rows.append(("calibration", f"{a.samples} samples", calib_s, "plain ORT inference (optimisations off)",
+                     floor, "ours: taps + ID + scores + judged candidates"))
+
+        # The main job as users run it (default mode) against plain
+        # inference of the same samples with ONNX Runtime's default
+        # optimisations (session creation included on both sides).
+        def main_job():
+            wall, _ = run([a.binary, a.model, out, "--calib", a.calib, "--samples", str(a.samples),
+                           "--keep-params", "0.75", "--report", report])
+            return (wall,)
+
+        ours, _ = median(main_job, a.runs)
+        ours_rss = PEAK_RSS[(a.binary, a.model)]
+        with open(report) as f:
+            rep = json.load(f)
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in rep["timings"] if v >= 0.05)
+        plain = inference("ORT_ENABLE_ALL")
+        plain_rss = PEAK_RSS[(py, "-c")]
+        rows.append(("main job (default mode)", f"{a.samples} samples, keep 0.75", ours,
+                     "plain ORT inference (default optimisations)", plain,
+                     f"peak RSS {ours_rss:.0f} MiB vs {plain_rss:.0f} MiB; stages: {stages}"))
 
     print(f"| task | input | onnx-idprune s | anchor | anchor s | anchor / ours | note |")
     print(f"|---|---|---:|---|---:|---:|---|")

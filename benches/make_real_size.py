@@ -2,7 +2,7 @@
 """Export real-size CLIP and BLIP models (random weights) for benchmarks and
 acceptance checks on real geometry.
 
-Usage: python benches/make_real_size.py OUT_DIR [--dynamo] [--fused] [--blip]
+Usage: python benches/make_real_size.py OUT_DIR [--dynamo] [--fused] [--calib N] [--blip]
 
 Always: transformers' default CLIPConfig, i.e. CLIP ViT-B/32 (vision 768 wide
 x 12 layers, 12 heads, MLP 3072, patch 32 at 224 px; text 512 wide x 12
@@ -12,6 +12,9 @@ TorchScript exporter at opset 17 (~600 MB).
   --fused   also the TorchScript export after ONNX Runtime's transformer
             optimizer (SkipLayerNormalization, Attention, QuickGelu)
   --blip-only  only the BLIP model below
+  --calib N also N seeded calibration samples for the CLIP model
+            (clip_b32_calib.npz: standard-normal pixels, random token ids,
+            16 tokens) for the speed suite's main-job row
   --blip    also BLIP image-text retrieval at base size (BlipConfig defaults:
             ViT-B/16 at 384 px, BERT-base text with cross-attention), TorchScript
             opset 17 (~900 MB)
@@ -93,6 +96,15 @@ def make_clip(out_dir):
         generate.export_dynamo(model, path, names, outputs, sample, 18)
         print(f"{path}: {os.path.getsize(path)} bytes")
     np.savez(os.path.join(out_dir, "clip_b32_inputs.npz"), **sample)
+    if "--calib" in sys.argv:
+        n = int(sys.argv[sys.argv.index("--calib") + 1])
+        rng = np.random.default_rng(7)
+        np.savez(
+            os.path.join(out_dir, "clip_b32_calib.npz"),
+            input_ids=rng.integers(1, 1000, size=(n, 16), dtype=np.int64),
+            pixel_values=rng.standard_normal((n, 3, 224, 224)).astype(np.float32),
+            attention_mask=np.ones((n, 16), dtype=np.int64),
+        )
     if "--fused" in sys.argv:
         src = os.path.join(out_dir, "clip_b32_torchscript_op17.onnx")
         dst = os.path.join(out_dir, "clip_b32_ort_fused.onnx")
