@@ -94,7 +94,7 @@ for line in sys.stdin:
     job = json.loads(line)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(job["cmd"], stdout=out, stderr=err, env=job["env"])
+        proc = subprocess.Popen(job["cmd"], stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=job["env"])
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         out.seek(0)
@@ -116,7 +116,10 @@ def run(cmd, env=None):
     job = {"cmd": [str(c) for c in cmd], "env": dict(env if env is not None else os.environ)}
     _launcher.stdin.write(json.dumps(job) + "\n")
     _launcher.stdin.flush()
-    reply = json.loads(_launcher.stdout.readline())
+    line = _launcher.stdout.readline()
+    if not line:
+        sys.exit(f"anchors: the launcher process ended while running {' '.join(map(str, cmd[:3]))} …")
+    reply = json.loads(line)
     if reply["code"] != 0:
         sys.exit(f"{' '.join(map(str, cmd[:3]))} … failed ({reply['code']}): {reply['stderr'].strip()[-2000:]}")
     PEAK_RSS[tuple(map(str, cmd[:2]))] = reply["rss_kib"] / 1024
@@ -210,7 +213,8 @@ def main():
 
         # The main job as users run it (default mode) against plain
         # inference of the same samples with ONNX Runtime's default
-        # optimisations (session creation included on both sides).
+        # optimisations (reading the samples and creating the session
+        # included on both sides).
         def main_job():
             wall, _ = run([a.binary, a.model, out, "--calib", a.calib, "--samples", str(a.samples),
                            "--keep-params", "0.75", "--report", report])

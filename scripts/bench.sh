@@ -40,4 +40,5 @@ cargo bench --locked --bench micro
 echo "## cargo bench --bench knn"
 cargo bench --locked --bench knn
 echo "## anchors"
-"$venv/bin/python" benches/anchors.py "${anchor_args[@]}" "$@"
+# (the +-form: an empty array under set -u is an error before bash 4.4)
+"$venv/bin/python" benches/anchors.py ${anchor_args[@]+"${anchor_args[@]}"} "$@"

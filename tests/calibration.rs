@@ -286,16 +286,33 @@ fn images_and_captions_calibrate_like_the_npz_they_become() {
     assert_eq!(json["samples"], 12);
     // The main job runs from the folder too (3 of 12 held out).
     let out = sandbox.path("out.onnx");
+    let plan = sandbox.path("plan.json");
     let mut prune: Vec<std::ffi::OsString> = vec![
         model.clone().into(),
         out.clone().into(),
         "--keep-params".into(),
         "0.8".into(),
+        "--plan-out".into(),
+        plan.clone().into(),
     ];
     prune.extend(pair_args(&pairs));
     let result = run(prune);
     assert_eq!(result.code, 0, "{}", result.stderr);
     assert!(out.exists() && result.stderr.contains("held-out cosine"));
+    // Its plan re-applies from the same folder byte for byte: the repair
+    // refits from the pairs a load of the plan's sample count picks (spread
+    // over the folder by count), not from the statistics the search
+    // gathered on the first decision samples of its larger load.
+    let again = sandbox.path("again.onnx");
+    let mut reapply: Vec<std::ffi::OsString> = vec![
+        model.clone().into(),
+        again.clone().into(),
+        "--plan".into(),
+        plan.into(),
+    ];
+    reapply.extend(pair_args(&pairs));
+    run(reapply).assert_ok();
+    assert!(std::fs::read(&again).unwrap() == std::fs::read(&out).unwrap());
 }
 
 #[test]

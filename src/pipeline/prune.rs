@@ -182,10 +182,11 @@ impl PruneJob {
         };
         lap("calibrate+decide", &mut timings);
 
+        // Moved out, not copied (the Grams can be large), and dropped here
+        // when the plan repairs nothing.
+        let gathered = decided.as_mut().map(|d| std::mem::take(&mut d.statistics));
         let statistics = match (&plan.repair, &arch) {
             (Some(spec), Some(arch)) => {
-                // Moved out, not copied: the Grams can be large.
-                let gathered = decided.as_mut().map(|d| std::mem::take(&mut d.statistics));
                 Some(self.repair_statistics(&source, arch, &plan, spec, gathered)?)
             }
             _ => None,
@@ -413,10 +414,6 @@ impl PruneJob {
         spec: &crate::plan::Repair,
         gathered: Option<repair::Statistics>,
     ) -> Result<repair::Statistics, Error> {
-        let mut statistics = gathered.unwrap_or_default();
-        if !statistics.lacks(&source.model, arch, &[plan], spec.samples) {
-            return Ok(statistics);
-        }
         let calib = match &self.plan {
             PlanSource::Decide { calib, .. } => calib,
             PlanSource::Given {
@@ -429,6 +426,17 @@ impl PruneJob {
                 return Err(Error::Unsupported(super::REPAIR_NEEDS_CALIB.into()));
             }
         };
+        // The judge's statistics are over the first decision samples of the
+        // load it made (decision + held-out samples). An npz is read from
+        // its start whatever the count, so those are the samples a fresh
+        // load of `spec.samples` gives; images and captions are picked
+        // evenly over the folder by count, so there they are not, and a
+        // re-applied plan must refit from what this load reads.
+        let reusable = matches!(calib, CalibSource::Npz(_));
+        let mut statistics = gathered.filter(|_| reusable).unwrap_or_default();
+        if !statistics.lacks(&source.model, arch, &[plan], spec.samples) {
+            return Ok(statistics);
+        }
         let Samples {
             inputs,
             total,

@@ -439,7 +439,16 @@ fn refit(
     // - the refit solves (G_KK + λI) X = (GW')_K, so ⟨X, G_KK X⟩ =
     //   ⟨X, (GW')_K⟩ − λ‖X‖² and the error is
     //   tr(W'ᵀGW') − ⟨X, (GW')_K⟩ − λ‖X‖².
-    let scale = inner(full, gw.as_ref()).max(f64::MIN_POSITIVE);
+    // Non-finite moments (NaN activations) stay NaN through the errors, so
+    // the check below keeps the plain slice and the report shows NaN.
+    let scale = inner(full, gw.as_ref());
+    let scale = if scale.is_finite() {
+        scale.max(f64::MIN_POSITIVE)
+    } else {
+        f64::NAN
+    };
+    // Rounding can take an error a hair below zero; NaN passes through.
+    let clamp = |e: f64| if e < 0.0 { 0.0 } else { e };
     let mut in_k = vec![false; rows + 1];
     for &i in &k {
         in_k[i] = true;
@@ -449,10 +458,13 @@ fn refit(
     let g_rr = Mat::from_fn(removed.len(), removed.len(), |r, c| {
         gram[(removed[r], removed[c])]
     });
-    let error_dropped = (inner(w_r.as_ref(), (&g_rr * &w_r).as_ref()) / scale).max(0.0);
+    let error_dropped = clamp(inner(w_r.as_ref(), (&g_rr * &w_r).as_ref()) / scale);
+    // The closed form assumes X solves the system; Cholesky is backward
+    // stable and the ridge bounds the condition number (≤ about 1e6 ×
+    // the width), so the residual's term is at rounding level here.
     let solution = solution.map(|(x, ridge)| {
         let error = scale - inner(x.as_ref(), rhs.as_ref()) - ridge * inner(x.as_ref(), x.as_ref());
-        (x, (error / scale).max(0.0))
+        (x, clamp(error / scale))
     });
     let Some((solution, error_refit)) = solution else {
         return Ok(Refit {
