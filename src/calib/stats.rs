@@ -307,22 +307,19 @@ impl SecondMoment {
                 global.is_multiple_of(stride) && real_token(mask, i / tokens, i % tokens, tokens)
             })
             .collect();
-        // [a; 1] per picked token, row-major.
-        let mut m = vec![0f32; picked.len() * (width + 1)];
-        for (row, &i) in m.chunks_exact_mut(width + 1).zip(&picked) {
-            row[..width].copy_from_slice(&flat[i * width..(i + 1) * width]);
-            row[width] = 1.0;
+        let mut m = Array2::<f32>::zeros((picked.len(), width + 1));
+        for (r, &i) in picked.iter().enumerate() {
+            let row = &flat[i * width..(i + 1) * width];
+            for (c, &v) in row.iter().enumerate() {
+                m[[r, c]] = v;
+            }
+            m[[r, width]] = 1.0;
         }
         if self.sum.nrows() != width + 1 {
             self.sum = Array2::zeros((width + 1, width + 1));
         }
-        // The batch's f32 product on faer's blocked, parallel kernels (at
-        // real widths this is most of a repair pass), summed in f64.
-        let m = faer::MatRef::from_row_major_slice(&m, picked.len(), width + 1);
-        let g = m.transpose() * m;
-        for ((r, c), a) in self.sum.indexed_iter_mut() {
-            *a += g[(r, c)] as f64;
-        }
+        let g = m.t().dot(&m);
+        self.sum.zip_mut_with(&g, |a, &v| *a += v as f64);
         self.tokens += picked.len() as f64;
         Ok(())
     }

@@ -20,9 +20,7 @@
 //! The fit is local: each sub-block reproduces what it contributed to the
 //! residual stream of the original model.
 
-use faer::linalg::solvers::Solve;
-use faer::{Mat, MatRef, Side};
-use ndarray::Array2;
+use ndarray::{Array2, Axis};
 
 use super::RewriteError;
 use crate::arch::{Architecture, Block, Linear, TowerKind};
@@ -385,10 +383,11 @@ fn refit(
             linear.weight.storage
         ))
     })?;
-    // W' = [W; b], row-major (rows + 1) × cols.
-    let mut full = vec![0f64; (rows + 1) * cols];
-    for (f, &w) in full.iter_mut().zip(&weight[..rows * cols]) {
-        *f = w as f64;
+    let mut full = Array2::<f64>::zeros((rows + 1, cols));
+    for i in 0..rows {
+        for o in 0..cols {
+            full[[i, o]] = weight[i * cols + o] as f64;
+        }
     }
     if let Some(bias) = target.bias {
         let values = bias
@@ -402,8 +401,8 @@ fn refit(
                 values.len()
             )));
         }
-        for (f, &v) in full[rows * cols..].iter_mut().zip(&values) {
-            *f = v as f64;
+        for (o, v) in values.iter().enumerate() {
+            full[[rows, o]] = *v as f64;
         }
     }
     // K: kept rows, plus the constant when a bias can absorb the rest.
@@ -411,62 +410,33 @@ fn refit(
     if target.bias.is_some() {
         k.push(rows);
     }
-    let gram = gram.as_standard_layout();
-    let gram = MatRef::from_row_major_slice(
-        gram.as_slice().expect("standard layout"),
-        gram.nrows(),
-        gram.ncols(),
-    );
-    let full = MatRef::from_row_major_slice(&full, rows + 1, cols);
-    // G W' once: its kept rows are the normal equations' right-hand side,
-    // and with it the output errors below need only the small product over
-    // the removed rows.
-    let gw = gram * full;
-    let rhs = Mat::from_fn(k.len(), cols, |r, o| gw[(k[r], o)]);
-    let g_kk = Mat::from_fn(k.len(), k.len(), |r, c| gram[(k[r], k[c])]);
+    let g_kk = gram.select(Axis(0), &k).select(Axis(1), &k);
+    let rhs = gram.select(Axis(0), &k).dot(&full);
     // A small ridge for rank-deficient activations (dead neurons, tokens
     // that repeat), larger when rounding in the accumulated moments still
     // leaves a negative pivot; no solution at all keeps the plain slice.
-    let mean_diagonal = (0..k.len()).map(|i| g_kk[(i, i)]).sum::<f64>() / k.len().max(1) as f64;
+    let mean_diagonal = (0..k.len()).map(|i| g_kk[[i, i]]).sum::<f64>() / k.len().max(1) as f64;
     let solution = [1e-6, 1e-4, 1e-2].iter().find_map(|relative| {
-        let ridge = (relative * mean_diagonal).max(1e-12);
-        solve_spd(g_kk.as_ref(), rhs.as_ref(), ridge).map(|x| (x, ridge))
+        solve_spd(
+            g_kk.clone(),
+            rhs.clone(),
+            (relative * mean_diagonal).max(1e-12),
+        )
     });
-    // Relative output errors tr(Δᵀ G Δ) / tr(W'ᵀ G W'), where Δ = W' − E_K X
-    // (E_K puts X's rows at K), without another product by G:
-    // - the plain slice (X = W'_K) leaves only the removed rows R,
-    //   tr(W'_Rᵀ G_RR W'_R);
-    // - the refit solves (G_KK + λI) X = (GW')_K, so ⟨X, G_KK X⟩ =
-    //   ⟨X, (GW')_K⟩ − λ‖X‖² and the error is
-    //   tr(W'ᵀGW') − ⟨X, (GW')_K⟩ − λ‖X‖².
-    // Non-finite moments (NaN activations) stay NaN through the errors, so
-    // the check below keeps the plain slice and the report shows NaN.
-    let scale = inner(full, gw.as_ref());
-    let scale = if scale.is_finite() {
-        scale.max(f64::MIN_POSITIVE)
-    } else {
-        f64::NAN
+    // Relative output errors, tr(Δᵀ G Δ) / tr(W'ᵀ G W').
+    let error = |x: &Array2<f64>| -> f64 {
+        let mut delta = full.clone();
+        for (r, &i) in k.iter().enumerate() {
+            for o in 0..cols {
+                delta[[i, o]] -= x[[r, o]];
+            }
+        }
+        trace_quadratic(gram, &delta)
     };
-    // Rounding can take an error a hair below zero; NaN passes through.
-    let clamp = |e: f64| if e < 0.0 { 0.0 } else { e };
-    let mut in_k = vec![false; rows + 1];
-    for &i in &k {
-        in_k[i] = true;
-    }
-    let removed: Vec<usize> = (0..=rows).filter(|&i| !in_k[i]).collect();
-    let w_r = Mat::from_fn(removed.len(), cols, |r, o| full[(removed[r], o)]);
-    let g_rr = Mat::from_fn(removed.len(), removed.len(), |r, c| {
-        gram[(removed[r], removed[c])]
-    });
-    let error_dropped = clamp(inner(w_r.as_ref(), (&g_rr * &w_r).as_ref()) / scale);
-    // The closed form assumes X solves the system; Cholesky is backward
-    // stable and the ridge bounds the condition number (≤ about 1e6 ×
-    // the width), so the residual's term is at rounding level here.
-    let solution = solution.map(|(x, ridge)| {
-        let error = scale - inner(x.as_ref(), rhs.as_ref()) - ridge * inner(x.as_ref(), x.as_ref());
-        (x, clamp(error / scale))
-    });
-    let Some((solution, error_refit)) = solution else {
+    let scale = trace_quadratic(gram, &full).max(f64::MIN_POSITIVE);
+    let dropped = full.select(Axis(0), &k);
+    let error_dropped = error(&dropped) / scale;
+    let Some(solution) = solution else {
         return Ok(Refit {
             layer: target.label.clone(),
             rows: [target.kept.len(), rows],
@@ -474,6 +444,7 @@ fn refit(
             error_refit: error_dropped,
         });
     };
+    let error_refit = error(&solution) / scale;
     // Never make things worse (numerical trouble): keep the plain slice.
     if !(error_refit.is_finite() && error_refit <= error_dropped) {
         return Ok(Refit {
@@ -491,7 +462,7 @@ fn refit(
     for r in 0..kept {
         for o in 0..cols {
             let at = if out_in { o * kept + r } else { r * cols + o };
-            values[at] = solution[(r, o)] as f32;
+            values[at] = solution[[r, o]] as f32;
         }
     }
     let dims = if out_in {
@@ -507,7 +478,7 @@ fn refit(
     // The projection itself is kept (only its input rows were sliced).
     super::replace_values(graph, linear.matmul, 1, "refit", new, &label)?;
     if let Some(bias) = target.bias {
-        let bias_values: Vec<f32> = (0..cols).map(|o| solution[(kept, o)] as f32).collect();
+        let bias_values: Vec<f32> = (0..cols).map(|o| solution[[kept, o]] as f32).collect();
         let (reader, slot) = locate(original, graph, bias.reader, bias.slot).ok_or_else(|| {
             unsupported(format!(
                 "the rewritten graph no longer reads the bias '{}'",
@@ -564,28 +535,71 @@ fn locate(
     }
 }
 
-/// ⟨A, B⟩ = Σ aᵢⱼ bᵢⱼ.
-fn inner(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> f64 {
-    let mut sum = 0.0;
-    for j in 0..a.ncols() {
-        for i in 0..a.nrows() {
-            sum += a[(i, j)] * b[(i, j)];
-        }
-    }
-    sum
+/// tr(Δᵀ G Δ).
+fn trace_quadratic(gram: &Array2<f64>, delta: &Array2<f64>) -> f64 {
+    let gd = gram.dot(delta);
+    (delta * &gd).sum()
 }
 
 /// Solves (A + ridge·I) X = B for symmetric positive definite A by
 /// Cholesky factorisation; `None` if A + ridge·I is not positive definite.
-pub fn solve_spd(a: MatRef<'_, f64>, b: MatRef<'_, f64>, ridge: f64) -> Option<Mat<f64>> {
-    let mut a = a.to_owned();
-    for i in 0..a.nrows() {
-        a[(i, i)] += ridge;
+pub fn solve_spd(mut a: Array2<f64>, mut b: Array2<f64>, ridge: f64) -> Option<Array2<f64>> {
+    let n = a.nrows();
+    for i in 0..n {
+        a[[i, i]] += ridge;
     }
-    let llt = a.llt(Side::Lower).ok()?;
-    let x = llt.solve(b);
-    let finite = x.col_iter().all(|c| c.iter().all(|v| v.is_finite()));
-    finite.then_some(x)
+    // A = L Lᵀ, L stored in the lower triangle of `a`.
+    for j in 0..n {
+        let mut d = a[[j, j]];
+        for p in 0..j {
+            d -= a[[j, p]] * a[[j, p]];
+        }
+        if d.is_nan() || d <= 0.0 {
+            return None;
+        }
+        let d = d.sqrt();
+        a[[j, j]] = d;
+        let (done, mut rest) = a.view_mut().split_at(Axis(0), j + 1);
+        let row_j = done.row(j);
+        for mut row in rest.axis_iter_mut(Axis(0)) {
+            let mut s = row[j];
+            for p in 0..j {
+                s -= row[p] * row_j[p];
+            }
+            row[j] = s / d;
+        }
+    }
+    // L Y = B, then Lᵀ X = Y, column block by column block.
+    let cols = b.ncols();
+    for i in 0..n {
+        for p in 0..i {
+            let l = a[[i, p]];
+            if l != 0.0 {
+                for c in 0..cols {
+                    b[[i, c]] -= l * b[[p, c]];
+                }
+            }
+        }
+        let d = a[[i, i]];
+        for c in 0..cols {
+            b[[i, c]] /= d;
+        }
+    }
+    for i in (0..n).rev() {
+        for p in i + 1..n {
+            let l = a[[p, i]];
+            if l != 0.0 {
+                for c in 0..cols {
+                    b[[i, c]] -= l * b[[p, c]];
+                }
+            }
+        }
+        let d = a[[i, i]];
+        for c in 0..cols {
+            b[[i, c]] /= d;
+        }
+    }
+    Some(b)
 }
 
 #[cfg(test)]
@@ -600,13 +614,10 @@ mod tests {
         let a = m.dot(&m.t()) + Array2::<f64>::eye(n);
         let x = Array2::from_shape_fn((n, 3), |(i, j)| (i as f64) - (j as f64) * 0.5);
         let b = a.dot(&x);
-        let view = |m: &Array2<f64>| Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[[i, j]]);
-        let got = solve_spd(view(&a).as_ref(), view(&b).as_ref(), 0.0).unwrap();
-        for ((i, j), e) in x.indexed_iter() {
-            let g = got[(i, j)];
+        let got = solve_spd(a, b, 0.0).unwrap();
+        for (g, e) in got.iter().zip(x.iter()) {
             assert!((g - e).abs() < 1e-9, "{g} vs {e}");
         }
-        let negative = view(&-Array2::<f64>::eye(3));
-        assert!(solve_spd(negative.as_ref(), Mat::zeros(3, 1).as_ref(), 0.0).is_none());
+        assert!(solve_spd(-Array2::<f64>::eye(3), Array2::zeros((3, 1)), 0.0).is_none());
     }
 }
