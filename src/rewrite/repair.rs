@@ -184,24 +184,6 @@ pub struct Statistics {
     pub provider: Option<Provider>,
 }
 
-/// Runs the first `samples` rows of `inputs` through `original` once and
-/// gathers what refitting any projection slimmed by one of `plans` needs.
-/// `mask` names the text padding input.
-#[allow(clippy::too_many_arguments)]
-pub fn statistics(
-    original: &Model,
-    arch: &Architecture,
-    plans: &[&Plan],
-    inputs: &Inputs,
-    samples: usize,
-    mask: Option<&str>,
-    runtime: &RuntimeOptions,
-) -> Result<Statistics, RuntimeError> {
-    let mut statistics = Statistics::default();
-    statistics.gather(original, arch, plans, inputs, samples, mask, runtime)?;
-    Ok(statistics)
-}
-
 impl Statistics {
     /// Calibration samples these statistics were computed over (0 when
     /// none were gathered yet).
