@@ -3,6 +3,11 @@
 # `onnx_idprune` module and `onnx-idprune` command into target/wheels/ (or
 # the folder given), with maturin from PyPI installed into .venv-build/
 # (git-ignored). Prints the wheel's path on the last line.
+#
+# WHEEL_PROFILE picks the Cargo profile (default release, the wheel to ship).
+# The test command builds with `dev`: the same code, compiled as the crate's
+# tests are (dependencies fully optimised), so it reuses their build instead
+# of a second full optimised build of every dependency.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -21,6 +26,7 @@ mkdir -p "$out"
 # Only this build's wheel in the listing below: an older one of the same
 # version would be overwritten anyway.
 rm -f "$out"/onnx_idprune-*.whl
-"$venv/bin/maturin" build --release --locked --manifest-path python/Cargo.toml \
+profile="${WHEEL_PROFILE:-release}"
+"$venv/bin/maturin" build --profile "$profile" --locked --manifest-path python/Cargo.toml \
   --interpreter "$venv/bin/python" --out "$out" >&2
 ls "$out"/onnx_idprune-*.whl

@@ -121,10 +121,12 @@ logs="fuzz/target/fuzz-logs/$toolchain-$sanitizer"
 mkdir -p "$logs"
 
 echo "fuzz.sh: building the fuzz targets ($toolchain toolchain, sanitizer $sanitizer)" >&2
+build_start=$SECONDS
 if ! cargo "${toolchain_arg[@]}" fuzz build "${build_args[@]}"; then
     echo "fuzz.sh: building the fuzz targets failed" >&2
     exit 1
 fi
+echo "fuzz.sh: the build took $((SECONDS - build_start)) s" >&2
 
 failed=()
 for target in "${targets[@]}"; do

@@ -6,12 +6,19 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-scripts/install-ort.sh
-scripts/install-python-env.sh
-cargo test --locked --all-targets "$@"
-cargo test --locked --doc
+# Each step's wall time on stderr, so a slow CI run says where the time went.
+step() {
+  local label="$1" start=$SECONDS
+  shift
+  "$@"
+  echo "test.sh: $label took $((SECONDS - start)) s" >&2
+}
+step "ONNX Runtime" scripts/install-ort.sh
+step "Python references" scripts/install-python-env.sh
+step "cargo test" cargo test --locked --all-targets "$@"
+step "doc tests" cargo test --locked --doc
 # The command the tests just built, wherever the target folder is.
 cli="$(cargo build --locked --bin onnx-idprune --message-format=json-render-diagnostics |
   python3 -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin)
     if m.get("reason") == "compiler-artifact" and m.get("executable")][-1])')"
-ONNX_IDPRUNE_CLI="$cli" scripts/test-wheel.sh
+step "wheel" env ONNX_IDPRUNE_CLI="$cli" scripts/test-wheel.sh
