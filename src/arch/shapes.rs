@@ -1059,13 +1059,18 @@ impl Run<'_> {
         };
         let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
         let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+        // The spec gives one start, end, axis and step per sliced axis; a
+        // model whose lists differ in length says nothing about the shape.
+        if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+            return Info::default();
+        }
         let mut out = shape.clone();
         let mut ints = data.ints.clone();
         for (k, &axis) in axes.iter().enumerate() {
             let Some(a) = normalize_axis(axis, shape.len()) else {
                 return Info::default();
             };
-            let (start, end, step) = (starts[k], ends[k], steps.get(k).copied().unwrap_or(1));
+            let (start, end, step) = (starts[k], ends[k], steps[k]);
             match shape[a].value() {
                 Some(n) if step != 0 => {
                     let range = slice_range(n, start, end, step);
