@@ -14,6 +14,9 @@
 //! save            towers    models  MLE     features   contract budgets   repair    fidelity  MD, SVG
 //! ```
 //!
+//! `linalg` (dense products and Cholesky solves on the `gemm` crate) is a
+//! leaf that `calib`, `id` and `rewrite` share.
+//!
 //! [`pipeline`] puts them together once: [`PruneJob`] is the main job,
 //! [`pipeline::apply_and_verify`] the one step every plan goes through.
 //! Re-applying a saved plan:
@@ -35,6 +38,7 @@ pub mod decide;
 mod error;
 pub mod id;
 pub mod ir;
+mod linalg;
 pub mod measure;
 pub mod onnx;
 pub mod pipeline;

@@ -318,7 +318,9 @@ impl SecondMoment {
         if self.sum.nrows() != width + 1 {
             self.sum = Array2::zeros((width + 1, width + 1));
         }
-        let g = m.t().dot(&m);
+        // mᵀm by symmetric tiles on every thread (f32 products, summed in
+        // f64 across batches): tokens × width² is most of a statistics pass.
+        let g = crate::linalg::gram(m.t());
         self.sum.zip_mut_with(&g, |a, &v| *a += v as f64);
         self.tokens += picked.len() as f64;
         Ok(())

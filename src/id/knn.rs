@@ -237,42 +237,10 @@ fn power_of_two_scale(largest: f32) -> f64 {
     }
 }
 
-/// `rows · colsᵀ` with an f32 GEMM (f32 accumulation).
+/// `rows · colsᵀ` with an f32 GEMM (f32 accumulation), on the calling
+/// thread: the tiles already run in parallel.
 fn gram_tile(rows: ArrayView2<'_, f32>, cols: ArrayView2<'_, f32>) -> Array2<f32> {
-    let (m, k) = rows.dim();
-    let n = cols.nrows();
-    assert_eq!(cols.ncols(), k);
-    let mut out = Array2::<f32>::zeros((m, n));
-    let [lhs_rs, lhs_cs] = [rows.strides()[0], rows.strides()[1]];
-    let [cols_rs, cols_cs] = [cols.strides()[0], cols.strides()[1]];
-    // SAFETY: the pointers and strides describe the views' own elements
-    // (m×k, k×n read through the transposed strides of `cols`) and the
-    // freshly allocated m×n output, which nothing else borrows.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            rows.as_ptr(),
-            lhs_cs,
-            lhs_rs,
-            cols.as_ptr(),
-            cols_rs,
-            cols_cs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            // The tiles already run in parallel.
-            gemm::Parallelism::None,
-        );
-    }
-    out
+    crate::linalg::product(rows, cols.t(), crate::linalg::Threads::One)
 }
 
 /// Exact Euclidean distance between two rows, in f64.

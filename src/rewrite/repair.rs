@@ -29,6 +29,7 @@ use crate::calib::data::Inputs;
 use crate::calib::{Pooling, Tap};
 use crate::calib::{Provider, RuntimeError, RuntimeOptions};
 use crate::ir::{Graph, Model};
+use crate::linalg::{self, Threads};
 use crate::plan::Plan;
 
 /// What the refit of one projection achieved.
@@ -392,49 +393,20 @@ fn refit(
     if target.bias.is_some() {
         k.push(rows);
     }
-    let g_kk = gram.select(Axis(0), &k).select(Axis(1), &k);
-    let rhs = gram.select(Axis(0), &k).dot(&full);
-    // A small ridge for rank-deficient activations (dead neurons, tokens
-    // that repeat), larger when rounding in the accumulated moments still
-    // leaves a negative pivot; no solution at all keeps the plain slice.
-    let mean_diagonal = (0..k.len()).map(|i| g_kk[[i, i]]).sum::<f64>() / k.len().max(1) as f64;
-    let solution = [1e-6, 1e-4, 1e-2].iter().find_map(|relative| {
-        solve_spd(
-            g_kk.clone(),
-            rhs.clone(),
-            (relative * mean_diagonal).max(1e-12),
-        )
-    });
-    // Relative output errors, tr(Δᵀ G Δ) / tr(W'ᵀ G W').
-    let error = |x: &Array2<f64>| -> f64 {
-        let mut delta = full.clone();
-        for (r, &i) in k.iter().enumerate() {
-            for o in 0..cols {
-                delta[[i, o]] -= x[[r, o]];
-            }
-        }
-        trace_quadratic(gram, &delta)
+    let fitted = least_squares(gram, &full, &k);
+    let plain_slice = Refit {
+        layer: target.label.clone(),
+        rows: [target.kept.len(), rows],
+        error_dropped: fitted.error_dropped,
+        error_refit: fitted.error_dropped,
     };
-    let scale = trace_quadratic(gram, &full).max(f64::MIN_POSITIVE);
-    let dropped = full.select(Axis(0), &k);
-    let error_dropped = error(&dropped) / scale;
-    let Some(solution) = solution else {
-        return Ok(Refit {
-            layer: target.label.clone(),
-            rows: [target.kept.len(), rows],
-            error_dropped,
-            error_refit: error_dropped,
-        });
+    let (Some(solution), Some(error_refit)) = (fitted.solution, fitted.error_refit) else {
+        return Ok(plain_slice);
     };
-    let error_refit = error(&solution) / scale;
+    let error_dropped = fitted.error_dropped;
     // Never make things worse (numerical trouble): keep the plain slice.
     if !(error_refit.is_finite() && error_refit <= error_dropped) {
-        return Ok(Refit {
-            layer: target.label.clone(),
-            rows: [target.kept.len(), rows],
-            error_dropped,
-            error_refit: error_dropped,
-        });
+        return Ok(plain_slice);
     }
     let kept = target.kept.len();
     // Written as the node reads it: [kept, out], or [out, kept] for a Gemm
@@ -486,6 +458,83 @@ fn refit(
     })
 }
 
+/// The least-squares fit of one projection ([`least_squares`]).
+struct Fitted {
+    /// X_K, one row per index of K; `None` when no ridge made G_KK + λI
+    /// positive definite.
+    solution: Option<Array2<f64>>,
+    /// tr(ΔᵀGΔ) / tr(W'ᵀGW') of the plain slice (Δ = W' outside K).
+    error_dropped: f64,
+    /// The same for the refit (Δ = W' − X on K, W' outside).
+    error_refit: Option<f64>,
+}
+
+/// Fits the rows K of `full` (W' = [W; b]) to reproduce `full`'s output
+/// under the second moment `gram` (G): (G_KK + λI) X = (G W')_K.
+fn least_squares(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize]) -> Fitted {
+    let rows = full.nrows();
+    // R: the rows outside K (the removed ones, and the constant's when
+    // there is no bias; W' is zero there).
+    let mut in_k = vec![false; rows];
+    k.iter().for_each(|&i| in_k[i] = true);
+    let removed: Vec<usize> = (0..rows).filter(|&i| !in_k[i]).collect();
+    // G·W' once: the right-hand side is its K rows, and both errors below
+    // come from it instead of a product by G each.
+    let g_full = linalg::product(gram.view(), full.view(), Threads::All);
+    let rhs = g_full.select(Axis(0), k);
+    let g_kk = gram.select(Axis(0), k).select(Axis(1), k);
+    // A small ridge for rank-deficient activations (dead neurons, tokens
+    // that repeat), larger when rounding in the accumulated moments still
+    // leaves a negative pivot; no solution at all keeps the plain slice.
+    let mean_diagonal = (0..k.len()).map(|i| g_kk[[i, i]]).sum::<f64>() / k.len().max(1) as f64;
+    let solution = [1e-6, 1e-4, 1e-2].iter().find_map(|relative| {
+        let ridge = (relative * mean_diagonal).max(1e-12);
+        linalg::solve_spd(g_kk.clone(), rhs.clone(), ridge).map(|x| (x, ridge))
+    });
+    // Relative output errors, tr(Δᵀ G Δ) / tr(W'ᵀ G W'). Rounding can take
+    // a near-zero error just below zero; NaN (a Gram with NaN) stays NaN.
+    let non_negative = |e: f64| if e < 0.0 { 0.0 } else { e };
+    let total = linalg::inner(full.view(), g_full.view());
+    // (`max` would turn a NaN total into the smallest positive number.)
+    let scale = if total.is_nan() {
+        f64::NAN
+    } else {
+        total.max(f64::MIN_POSITIVE)
+    };
+    // The plain slice leaves Δ = W' on the rows outside K, zero on K.
+    let w_removed = full.select(Axis(0), &removed);
+    let g_removed = gram.select(Axis(0), &removed).select(Axis(1), &removed);
+    let error_dropped = non_negative(
+        linalg::inner(
+            w_removed.view(),
+            linalg::product(g_removed.view(), w_removed.view(), Threads::All).view(),
+        ) / scale,
+    );
+    let Some((solution, ridge)) = solution else {
+        return Fitted {
+            solution: None,
+            error_dropped,
+            error_refit: None,
+        };
+    };
+    // The refit's from its normal equations (G_KK + λI) X = (GW')_K:
+    // tr(ΔᵀGΔ) = tr(W'ᵀGW') − 2⟨X, (GW')_K⟩ + ⟨X, G_KK X⟩
+    //          = tr(W'ᵀGW') − ⟨X, (GW')_K⟩ − λ‖X‖²,
+    // exact up to the solve's rounding (Cholesky is backward stable and
+    // the ridge bounds the condition number), without another product.
+    let error_refit = non_negative(
+        (total
+            - linalg::inner(solution.view(), rhs.view())
+            - ridge * linalg::inner(solution.view(), solution.view()))
+            / scale,
+    );
+    Fitted {
+        solution: Some(solution),
+        error_dropped,
+        error_refit: Some(error_refit),
+    }
+}
+
 /// Where the rewritten `graph` reads the (unsliced) constant that input
 /// `slot` of node `reader` read in `original`. Node ids are the
 /// original's, but the passes before repair may have replaced the reader
@@ -517,89 +566,71 @@ fn locate(
     }
 }
 
-/// tr(Δᵀ G Δ).
-fn trace_quadratic(gram: &Array2<f64>, delta: &Array2<f64>) -> f64 {
-    let gd = gram.dot(delta);
-    (delta * &gd).sum()
-}
-
-/// Solves (A + ridge·I) X = B for symmetric positive definite A by
-/// Cholesky factorisation; `None` if A + ridge·I is not positive definite.
-pub fn solve_spd(mut a: Array2<f64>, mut b: Array2<f64>, ridge: f64) -> Option<Array2<f64>> {
-    let n = a.nrows();
-    for i in 0..n {
-        a[[i, i]] += ridge;
-    }
-    // A = L Lᵀ, L stored in the lower triangle of `a`.
-    for j in 0..n {
-        let mut d = a[[j, j]];
-        for p in 0..j {
-            d -= a[[j, p]] * a[[j, p]];
-        }
-        if d.is_nan() || d <= 0.0 {
-            return None;
-        }
-        let d = d.sqrt();
-        a[[j, j]] = d;
-        let (done, mut rest) = a.view_mut().split_at(Axis(0), j + 1);
-        let row_j = done.row(j);
-        for mut row in rest.axis_iter_mut(Axis(0)) {
-            let mut s = row[j];
-            for p in 0..j {
-                s -= row[p] * row_j[p];
-            }
-            row[j] = s / d;
-        }
-    }
-    // L Y = B, then Lᵀ X = Y, column block by column block.
-    let cols = b.ncols();
-    for i in 0..n {
-        for p in 0..i {
-            let l = a[[i, p]];
-            if l != 0.0 {
-                for c in 0..cols {
-                    b[[i, c]] -= l * b[[p, c]];
-                }
-            }
-        }
-        let d = a[[i, i]];
-        for c in 0..cols {
-            b[[i, c]] /= d;
-        }
-    }
-    for i in (0..n).rev() {
-        for p in i + 1..n {
-            let l = a[[p, i]];
-            if l != 0.0 {
-                for c in 0..cols {
-                    b[[i, c]] -= l * b[[p, c]];
-                }
-            }
-        }
-        let d = a[[i, i]];
-        for c in 0..cols {
-            b[[i, c]] /= d;
-        }
-    }
-    Some(b)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn cholesky_solves_a_known_system() {
-        // A = M Mᵀ + I is SPD; X is recovered from B = A X.
-        let n = 7;
-        let m = Array2::from_shape_fn((n, n), |(i, j)| ((i * 3 + j * 5) % 11) as f64 - 5.0);
-        let a = m.dot(&m.t()) + Array2::<f64>::eye(n);
-        let x = Array2::from_shape_fn((n, 3), |(i, j)| (i as f64) - (j as f64) * 0.5);
-        let b = a.dot(&x);
-        let got = solve_spd(a, b, 0.0).unwrap();
-        for (g, e) in got.iter().zip(x.iter()) {
-            assert!((g - e).abs() < 1e-9, "{g} vs {e}");
+    /// tr(ΔᵀGΔ) / tr(W'ᵀGW') computed directly, with Δ = W' − X̃.
+    fn direct_error(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize], x: &Array2<f64>) -> f64 {
+        let mut delta = full.clone();
+        for (r, &i) in k.iter().enumerate() {
+            let fitted = &delta.row(i) - &x.row(r);
+            delta.row_mut(i).assign(&fitted);
         }
-        assert!(solve_spd(-Array2::<f64>::eye(3), Array2::zeros((3, 1)), 0.0).is_none());
+        let quadratic = |d: &Array2<f64>| (d * &gram.dot(d)).sum();
+        quadratic(&delta) / quadratic(full)
+    }
+
+    #[test]
+    fn the_closed_form_errors_equal_the_direct_ones() {
+        // Activations of 300 tokens, 40 wide plus the constant, correlated
+        // so that the kept rows can take over part of the removed ones.
+        let (tokens, width, outputs) = (300, 40, 9);
+        let a = Array2::from_shape_fn((tokens, width + 1), |(t, i)| {
+            if i == width {
+                1.0
+            } else {
+                ((t * 31 + i * 17) % 97) as f64 / 97.0 + 0.3 * ((t * 7 + (i / 3) * 5) % 13) as f64
+            }
+        });
+        let gram = a.t().dot(&a) / tokens as f64;
+        let full = Array2::from_shape_fn((width + 1, outputs), |(i, o)| {
+            ((i * 13 + o * 7) % 19) as f64 / 19.0 - 0.5
+        });
+        // Every other row kept, and the bias.
+        let k: Vec<usize> = (0..width).step_by(2).chain([width]).collect();
+        let fitted = least_squares(&gram, &full, &k);
+        let x = fitted.solution.expect("the system is positive definite");
+        let dropped = full.select(Axis(0), &k);
+        let expect_dropped = direct_error(&gram, &full, &k, &dropped);
+        let expect_refit = direct_error(&gram, &full, &k, &x);
+        assert!((fitted.error_dropped - expect_dropped).abs() < 1e-12 * expect_dropped.max(1.0));
+        let refit = fitted.error_refit.unwrap();
+        assert!(
+            (refit - expect_refit).abs() < 1e-9,
+            "{refit} vs {expect_refit}"
+        );
+        assert!(
+            refit < expect_dropped,
+            "the refit helps: {refit} vs {expect_dropped}"
+        );
+        // X solves the normal equations (up to the small ridge).
+        let g_kk = gram.select(Axis(0), &k).select(Axis(1), &k);
+        let rhs = gram.select(Axis(0), &k).dot(&full);
+        let residual = (g_kk.dot(&x) - &rhs)
+            .mapv(f64::abs)
+            .fold(0.0, |m: f64, &v| m.max(v));
+        assert!(residual < 1e-4, "normal-equation residual {residual}");
+    }
+
+    #[test]
+    fn a_gram_with_nan_gives_no_fit_and_a_nan_error() {
+        let mut gram = Array2::<f64>::eye(5);
+        gram[[1, 1]] = f64::NAN;
+        let full = Array2::<f64>::ones((5, 2));
+        let fitted = least_squares(&gram, &full, &[0, 1, 4]);
+        assert!(fitted.solution.is_none());
+        assert!(fitted.error_dropped.is_nan(), "{}", fitted.error_dropped);
+        assert!(fitted.error_refit.is_none());
     }
 }
