@@ -254,6 +254,16 @@ struct CandidateJudge<'a> {
     /// Repair statistics of every plan judged so far (each tap read once
     /// per job, however many calls ask for it).
     statistics: repair::Statistics,
+    /// Seconds spent gathering statistics, rewriting and repairing
+    /// candidates, and running them.
+    seconds: JudgeSeconds,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct JudgeSeconds {
+    statistics: f64,
+    apply: f64,
+    run: f64,
 }
 
 impl<'a> CandidateJudge<'a> {
@@ -276,7 +286,18 @@ impl<'a> CandidateJudge<'a> {
             runtime,
             verifier: Verifier::new(source, judge_inputs, judged, runtime),
             statistics: repair::Statistics::default(),
+            seconds: JudgeSeconds::default(),
         }
+    }
+
+    /// Where the judging time went ([`prune::Decided::stages`]).
+    fn timings(&self) -> [(&'static str, f64); 3] {
+        let s = self.seconds;
+        [
+            ("judge: statistics", s.statistics),
+            ("judge: rewrite+repair", s.apply),
+            ("judge: run", s.run),
+        ]
     }
 
     /// The repair statistics gathered while judging.
@@ -292,6 +313,7 @@ impl decide::Judge for CandidateJudge<'_> {
         // Repair statistics once for every layer any plan refits and every
         // branch any plan compensates that no earlier call needed.
         let refitting: Vec<&Plan> = plans.iter().filter(|p| p.repair.is_some()).collect();
+        let clock = Instant::now();
         self.statistics.gather(
             &self.source.model,
             self.arch,
@@ -301,7 +323,9 @@ impl decide::Judge for CandidateJudge<'_> {
             self.mask,
             self.runtime,
         )?;
+        self.seconds.statistics += clock.elapsed().as_secs_f64();
         let statistics = &self.statistics;
+        let seconds = &mut self.seconds;
         plans
             .iter()
             .map(|plan| {
@@ -313,12 +337,20 @@ impl decide::Judge for CandidateJudge<'_> {
                     &self.verifier,
                 );
                 match applied {
-                    Ok((_, fidelity)) => Ok(decide::Verdict {
-                        min_cosine: fidelity.min_cosine,
-                        top1_agreement: fidelity.top1_agreement,
-                        top1_spread: fidelity.top1_spread,
-                        applied: true,
-                    }),
+                    Ok((candidate, fidelity)) => {
+                        for (stage, s) in &candidate.timings {
+                            match *stage {
+                                "verify" => seconds.run += s,
+                                _ => seconds.apply += s,
+                            }
+                        }
+                        Ok(decide::Verdict {
+                            min_cosine: fidelity.min_cosine,
+                            top1_agreement: fidelity.top1_agreement,
+                            top1_spread: fidelity.top1_spread,
+                            applied: true,
+                        })
+                    }
                     // This model's form does not support one of the plan's
                     // rewrites (a fused norm below opset 17, say): the
                     // candidate loses; if every one does, applying the

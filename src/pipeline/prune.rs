@@ -94,6 +94,13 @@ pub struct Decided {
     /// the decision samples); the chosen plan's repair takes them over (the
     /// [`Outcome`]'s copy is then empty).
     pub statistics: repair::Statistics,
+    /// Seconds of the deciding stage's parts, in order: `calibrate` (the
+    /// samples read and the measuring pass: taps, ID, scores) and, where
+    /// candidate plans were judged, `judge: statistics` (the repair
+    /// statistics passes), `judge: rewrite+repair` and `judge: run` (the
+    /// candidates run on the decision samples). The rest of the stage is
+    /// the report's `decide`.
+    pub stages: Vec<(&'static str, f64)>,
 }
 
 /// What a run did.
@@ -180,7 +187,15 @@ impl PruneJob {
                 (Some(arch), decided.decision.plan.clone(), Some(decided))
             }
         };
-        lap("calibrate+decide", &mut timings);
+        // The deciding stage as its parts, then the rest of it (allocating,
+        // searching) as `decide`.
+        if let Some(decided) = &decided {
+            let parts: f64 = decided.stages.iter().map(|(_, s)| s).sum();
+            timings.extend(decided.stages.iter().copied());
+            let total = clock.elapsed().as_secs_f64();
+            timings.push(("decide", (total - parts).max(0.0)));
+        }
+        clock = Instant::now();
 
         // Moved out, not copied (the Grams can be large), and dropped here
         // when the plan repairs nothing.
@@ -332,6 +347,7 @@ impl PruneJob {
         calib: &CalibSource,
         settings: &DecideSettings,
     ) -> Result<Decided, Error> {
+        let clock = Instant::now();
         let graph = &source.model.graph;
         let Samples {
             inputs,
@@ -350,7 +366,8 @@ impl PruneJob {
             ..settings.measure.clone()
         };
         let measuring = Error::measuring(&source.file.path);
-        let (decision, provider, statistics) = if settings.decide.mode == Mode::Unstructured {
+        let (decision, provider, statistics, stages) = if settings.decide.mode == Mode::Unstructured
+        {
             let (layers, provider) = measure::blocks::measure_linears(
                 &source.model,
                 arch,
@@ -360,8 +377,9 @@ impl PruneJob {
                 &self.runtime,
             )
             .map_err(&measuring)?;
+            let stages = vec![("calibrate", clock.elapsed().as_secs_f64())];
             let decision = decide::unstructured(graph, &layers, &settings.decide)?;
-            (decision, provider, repair::Statistics::default())
+            (decision, provider, repair::Statistics::default(), stages)
         } else {
             let measured = measure::blocks::measure_blocks(
                 &source.model,
@@ -373,6 +391,7 @@ impl PruneJob {
                 &self.runtime,
             )
             .map_err(&measuring)?;
+            let mut stages = vec![("calibrate", clock.elapsed().as_secs_f64())];
             let mut judge = CandidateJudge::new(
                 source,
                 arch,
@@ -389,7 +408,8 @@ impl PruneJob {
                 &settings.decide,
                 &mut judge,
             )?;
-            (decision, measured.provider, judge.into_statistics())
+            stages.extend(judge.timings());
+            (decision, measured.provider, judge.into_statistics(), stages)
         };
         Ok(Decided {
             decision,
@@ -398,6 +418,7 @@ impl PruneJob {
             holdout_samples: split.holdout_samples,
             provider,
             statistics,
+            stages,
         })
     }
 
