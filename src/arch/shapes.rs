@@ -1031,6 +1031,9 @@ impl Run<'_> {
     }
 
     fn slice(&mut self, node: &crate::ir::Node, inputs: &[String], data: &Info) -> Info {
+        // Optional axes or steps given by a value that is not constant: the
+        // sliced axes are unknown (taking the defaults would be wrong).
+        let mut unknown_optional = false;
         let (starts, ends, axes, steps) = if inputs.len() >= 3 {
             let get = |i: usize| {
                 inputs
@@ -1038,7 +1041,10 @@ impl Run<'_> {
                     .filter(|v| !v.is_empty())
                     .and_then(|v| self.known_ints(v))
             };
-            (get(1), get(2), get(3), get(4))
+            let named = |i: usize| inputs.get(i).is_some_and(|v| !v.is_empty());
+            let (axes, steps) = (get(3), get(4));
+            unknown_optional = (named(3) && axes.is_none()) || (named(4) && steps.is_none());
+            (get(1), get(2), axes, steps)
         } else {
             (
                 node.attr_ints("starts").map(|v| v.to_vec()),
@@ -1050,7 +1056,7 @@ impl Run<'_> {
         let Some(shape) = data.shape.clone() else {
             return Info::default();
         };
-        let (Some(starts), Some(ends)) = (starts, ends) else {
+        let (Some(starts), Some(ends), false) = (starts, ends, unknown_optional) else {
             let fresh = self.fresh_shape(shape.len());
             return Info {
                 shape: Some(fresh),

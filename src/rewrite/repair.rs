@@ -478,6 +478,10 @@ fn least_squares(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize]) -> Fitted 
     let mut in_k = vec![false; rows];
     k.iter().for_each(|&i| in_k[i] = true);
     let removed: Vec<usize> = (0..rows).filter(|&i| !in_k[i]).collect();
+    // Nothing the input carried was removed (a plan file can keep every
+    // row): there is nothing to refit, and the closed-form error below
+    // could round a refit that only shrinks the weights to "no worse".
+    let slimmed = removed.iter().any(|&i| i + 1 < rows);
     // G·W' once: the right-hand side is its K rows, and both errors below
     // come from it instead of a product by G each.
     let g_full = linalg::product(gram.view(), full.view(), Threads::All);
@@ -487,10 +491,13 @@ fn least_squares(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize]) -> Fitted 
     // that repeat), larger when rounding in the accumulated moments still
     // leaves a negative pivot; no solution at all keeps the plain slice.
     let mean_diagonal = (0..k.len()).map(|i| g_kk[[i, i]]).sum::<f64>() / k.len().max(1) as f64;
-    let solution = [1e-6, 1e-4, 1e-2].iter().find_map(|relative| {
-        let ridge = (relative * mean_diagonal).max(1e-12);
-        linalg::solve_spd(g_kk.clone(), rhs.clone(), ridge).map(|x| (x, ridge))
-    });
+    let solution = [1e-6, 1e-4, 1e-2]
+        .iter()
+        .filter(|_| slimmed)
+        .find_map(|relative| {
+            let ridge = (relative * mean_diagonal).max(1e-12);
+            linalg::solve_spd(g_kk.clone(), rhs.clone(), ridge).map(|x| (x, ridge))
+        });
     // Relative output errors, tr(Δᵀ G Δ) / tr(W'ᵀ G W'). Rounding can take
     // a near-zero error just below zero; NaN (a Gram with NaN) stays NaN.
     let non_negative = |e: f64| if e < 0.0 { 0.0 } else { e };
@@ -621,6 +628,29 @@ mod tests {
             .mapv(f64::abs)
             .fold(0.0, |m: f64, &v| m.max(v));
         assert!(residual < 1e-4, "normal-equation residual {residual}");
+    }
+
+    #[test]
+    fn keeping_every_row_refits_nothing() {
+        // With a bias (the constant's row in K) and without one (its row of
+        // W' is zero then and outside K): no input row removed, no refit.
+        let a = Array2::from_shape_fn((50, 4), |(t, i)| {
+            if i == 3 {
+                1.0
+            } else {
+                ((t * 5 + i * 3) % 7) as f64
+            }
+        });
+        let gram = a.t().dot(&a) / 50.0;
+        let mut full = Array2::from_shape_fn((4, 2), |(i, o)| (i + o) as f64 - 1.5);
+        let with_bias = least_squares(&gram, &full, &[0, 1, 2, 3]);
+        full.row_mut(3).fill(0.0);
+        let without_bias = least_squares(&gram, &full, &[0, 1, 2]);
+        for fitted in [with_bias, without_bias] {
+            assert!(fitted.solution.is_none());
+            assert!(fitted.error_refit.is_none());
+            assert_eq!(fitted.error_dropped, 0.0);
+        }
     }
 
     #[test]
