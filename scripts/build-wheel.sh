@@ -5,9 +5,10 @@
 # (git-ignored). Prints the wheel's path on the last line.
 #
 # WHEEL_PROFILE picks the Cargo profile (default release, the wheel to ship).
-# The test command builds with `dev`: the same code, compiled as the crate's
-# tests are (dependencies fully optimised), so it reuses their build instead
-# of a second full optimised build of every dependency.
+# The test command builds with `dev`: the same source, compiled as the
+# crate's tests are (dependencies fully optimised; debug assertions on, so
+# every rewrite pass is validated too), reusing their build instead of a
+# second full optimised build of every dependency.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -3,9 +3,9 @@
 # (.venv-wheel, git-ignored, recreated every run) with nothing else but the
 # test suite's packages, and runs python/tests there. ONNX_IDPRUNE_CLI names
 # the command the module is compared with (default: the wheel's own).
-# The wheel is built with the dev profile (WHEEL_PROFILE to change it): the
-# code is the same as the release wheel's, and the build reuses what the
-# crate's tests compiled.
+# The wheel is built with the dev profile (WHEEL_PROFILE=release for the
+# wheel to ship): the release wheel's source with debug assertions on, built
+# from what the crate's tests compiled.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
