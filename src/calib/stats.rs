@@ -307,13 +307,14 @@ impl SecondMoment {
                 global.is_multiple_of(stride) && real_token(mask, i / tokens, i % tokens, tokens)
             })
             .collect();
+        // [a; 1] per picked token.
         let mut m = Array2::<f32>::zeros((picked.len(), width + 1));
-        for (r, &i) in picked.iter().enumerate() {
-            let row = &flat[i * width..(i + 1) * width];
-            for (c, &v) in row.iter().enumerate() {
-                m[[r, c]] = v;
-            }
-            m[[r, width]] = 1.0;
+        for (mut row, &i) in m.outer_iter_mut().zip(&picked) {
+            let row = row
+                .as_slice_mut()
+                .expect("a new array's rows are contiguous");
+            row[..width].copy_from_slice(&flat[i * width..(i + 1) * width]);
+            row[width] = 1.0;
         }
         if self.sum.nrows() != width + 1 {
             self.sum = Array2::zeros((width + 1, width + 1));

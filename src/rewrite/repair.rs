@@ -367,10 +367,11 @@ fn refit(
         ))
     })?;
     let mut full = Array2::<f64>::zeros((rows + 1, cols));
-    for i in 0..rows {
-        for o in 0..cols {
-            full[[i, o]] = weight[i * cols + o] as f64;
-        }
+    for (mut row, w) in full
+        .outer_iter_mut()
+        .zip(weight[..rows * cols].chunks_exact(cols))
+    {
+        row.iter_mut().zip(w).for_each(|(f, &w)| *f = w as f64);
     }
     if let Some(bias) = target.bias {
         let values = bias
@@ -491,13 +492,15 @@ fn least_squares(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize]) -> Fitted 
     // that repeat), larger when rounding in the accumulated moments still
     // leaves a negative pivot; no solution at all keeps the plain slice.
     let mean_diagonal = (0..k.len()).map(|i| g_kk[[i, i]]).sum::<f64>() / k.len().max(1) as f64;
-    let solution = [1e-6, 1e-4, 1e-2]
-        .iter()
-        .filter(|_| slimmed)
-        .find_map(|relative| {
-            let ridge = (relative * mean_diagonal).max(1e-12);
-            linalg::solve_spd(g_kk.clone(), rhs.clone(), ridge).map(|x| (x, ridge))
-        });
+    let ridges = if slimmed {
+        &[1e-6, 1e-4, 1e-2][..]
+    } else {
+        &[]
+    };
+    let solution = ridges.iter().find_map(|relative| {
+        let ridge = (relative * mean_diagonal).max(1e-12);
+        linalg::solve_spd(g_kk.clone(), rhs.clone(), ridge).map(|x| (x, ridge))
+    });
     // Relative output errors, tr(Δᵀ G Δ) / tr(W'ᵀ G W'). Rounding can take
     // a near-zero error just below zero; NaN (a Gram with NaN) stays NaN.
     let non_negative = |e: f64| if e < 0.0 { 0.0 } else { e };
