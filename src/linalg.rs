@@ -6,10 +6,9 @@
 //!
 //! A refit of CLIP ViT-B/32's MLP output projection solves a 3073 × 3073
 //! system for 768 right-hand sides. The scalar factorisation this replaces
-//! spent about ten seconds on each (71% of a whole job's profile); here the
-//! trailing updates and the triangular solves' off-diagonal parts are
-//! products, and only the 128-wide diagonal blocks are done element by
-//! element.
+//! was 71% of a whole job's profile at that size; here the trailing updates
+//! and the triangular solves' off-diagonal parts are products, and only the
+//! 128-wide diagonal blocks are done element by element.
 //!
 //! Deterministic: `gemm` splits its work between threads by output tiles,
 //! never along the summed dimension, so every element is summed in the same
