@@ -181,6 +181,17 @@ impl Run<'_> {
         }
     }
 
+    /// The length of the 1-D shape tensor `value` (the rank of the shape
+    /// it gives Reshape or Expand), when its one dimension is known and a
+    /// rank a model can have: a claimed length that is negative or beyond
+    /// [`MAX_INTS`] says nothing (and would allocate that many symbols).
+    fn claimed_rank(&self, value: &str) -> Option<usize> {
+        self.shape_of(value)
+            .and_then(|s| s.first().and_then(Expr::value))
+            .and_then(|r| usize::try_from(r).ok())
+            .filter(|&r| r <= MAX_INTS)
+    }
+
     fn fresh_shape(&mut self, rank: usize) -> Vec<Expr> {
         (0..rank).map(|_| self.fresh()).collect()
     }
@@ -566,10 +577,7 @@ impl Run<'_> {
             ("", "Reshape") => {
                 let allow_zero = attr_int("allowzero").unwrap_or(0) != 0;
                 let target = self.ints_of(arg(inputs, 1));
-                let target_len = self
-                    .shape_of(arg(inputs, 1))
-                    .and_then(|s| s.first().and_then(Expr::value))
-                    .map(|v| v as usize);
+                let target_len = self.claimed_rank(arg(inputs, 1));
                 let shape = match target {
                     Some(t) => Some(self.reshape(first.shape.as_deref(), &t, allow_zero)),
                     None => target_len.map(|r| self.fresh_shape(r)),
@@ -730,14 +738,10 @@ impl Run<'_> {
             ("", "Expand") => {
                 let shape = match self.ints_of(arg(inputs, 1)) {
                     Some(t) => broadcast(&[first.shape.clone(), Some(t)]),
-                    None => self
-                        .shape_of(arg(inputs, 1))
-                        .and_then(|s| s.first().and_then(Expr::value))
-                        .map(|r| {
-                            let rank =
-                                (r as usize).max(first.shape.as_ref().map_or(0, |s| s.len()));
-                            self.fresh_shape(rank)
-                        }),
+                    None => self.claimed_rank(arg(inputs, 1)).map(|r| {
+                        let rank = r.max(first.shape.as_ref().map_or(0, |s| s.len()));
+                        self.fresh_shape(rank)
+                    }),
                 };
                 one(Info {
                     shape,
