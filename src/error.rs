@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::{arch, calib, decide, ir, measure, onnx, plan, rewrite};
+use crate::{arch, calib, decide, folder, ir, measure, onnx, plan, rewrite};
 
 /// Everything that can stop a run.
 #[derive(Debug, thiserror::Error)]
@@ -13,6 +13,9 @@ pub enum Error {
     /// Reading the model failed.
     #[error(transparent)]
     Load(#[from] onnx::LoadError),
+    /// A folder's files cannot be pruned as one model.
+    #[error(transparent)]
+    Folder(#[from] folder::FolderError),
     /// The model's graph is malformed.
     #[error("{}: {error}", path.display())]
     Graph {

@@ -36,6 +36,7 @@ pub mod calib;
 pub mod cli;
 pub mod decide;
 mod error;
+pub mod folder;
 pub mod id;
 pub mod ir;
 mod linalg;

@@ -107,7 +107,14 @@ fn missing_input_and_folder_input() {
     let sandbox = Sandbox::new();
     expect_failure(&sandbox, &sandbox.path("nope.onnx"), &[], 1, "cannot read");
     std::fs::create_dir(sandbox.path("dir.onnx")).unwrap();
-    expect_failure(&sandbox, &sandbox.path("dir.onnx"), &[], 1, "folder");
+    // A folder is read as a model folder: an empty one has no model.
+    expect_failure(
+        &sandbox,
+        &sandbox.path("dir.onnx"),
+        &[],
+        1,
+        "no model file in this folder",
+    );
 }
 
 #[test]

@@ -354,3 +354,90 @@ fn the_trained_clip_keeps_its_accuracy_at_half_its_block_parameters() {
     let after = std::fs::metadata(&out).unwrap().len() as f64;
     assert!(after < 0.7 * before, "{after} vs {before}");
 }
+
+/// Prunes `folder` with `calib` and has tests/scripts/check_folder.py check
+/// the written files against the originals, chained as deployed.
+fn check_pruned_folder(
+    folder: &std::path::Path,
+    calib: &std::path::Path,
+    files: &str,
+    extra: &[&str],
+) {
+    let sandbox = Sandbox::new();
+    let out = sandbox.path("pruned");
+    let mut args: Vec<std::ffi::OsString> = vec![
+        folder.into(),
+        out.clone().into(),
+        "--calib".into(),
+        calib.into(),
+        "--keep-params".into(),
+        "0.6".into(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsString::from));
+    run(args).assert_ok();
+    let script = util::fixtures().join("../tests/scripts/check_folder.py");
+    let output = Command::new(python())
+        .arg(script)
+        .arg(folder)
+        .arg(&out)
+        .arg("--calib")
+        .arg(calib)
+        .arg("--files")
+        .arg(files)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with(": ok")).count(),
+        files.split(',').count(),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn pruned_folders_pass_onnx_checker_and_run_chained_in_onnxruntime() {
+    let sandbox = Sandbox::new();
+    // BLIP captioning: the vision encoder's output feeds the decoder.
+    let blip = sandbox.path("blip/onnx");
+    std::fs::create_dir_all(&blip).unwrap();
+    let defaults = util::fixtures().join("defaults");
+    std::fs::copy(
+        defaults.join("blip_cap_vision_ts_op17.onnx"),
+        blip.join("vision_model.onnx"),
+    )
+    .unwrap();
+    std::fs::copy(
+        defaults.join("blip_cap_decoder_ts_op17.onnx"),
+        blip.join("text_decoder.onnx"),
+    )
+    .unwrap();
+    check_pruned_folder(
+        blip.parent().unwrap(),
+        &defaults.join("inputs/blip_itm.npz"),
+        "onnx/vision_model.onnx,onnx/text_decoder.onnx",
+        &["--samples", "12", "--holdout", "4"],
+    );
+    // A CLIP split into its towers.
+    let clip = sandbox.path("clip");
+    std::fs::create_dir_all(&clip).unwrap();
+    for (from, to) in [
+        (
+            "clip_tiny_vision_torchscript_op17.onnx",
+            "vision_model.onnx",
+        ),
+        ("clip_tiny_text_torchscript_op17.onnx", "text_model.onnx"),
+    ] {
+        std::fs::copy(util::fixtures().join(from), clip.join(to)).unwrap();
+    }
+    check_pruned_folder(
+        &clip,
+        &util::fixtures().join("calib/clip_tiny_calib.npz"),
+        "vision_model.onnx,text_model.onnx",
+        &[],
+    );
+}

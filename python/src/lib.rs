@@ -90,15 +90,27 @@ fn prune(
     Ok(outcome.report.to_json())
 }
 
-/// `onnx-idprune inspect IN --json`: the towers and blocks as JSON.
+/// `onnx-idprune inspect IN --json`: the towers and blocks as JSON (for a
+/// folder, every model file's).
 #[pyfunction]
 fn inspect(py: Python<'_>, args: Vec<OsString>) -> PyResult<String> {
-    let Request::Inspect { input, json: true } = parse(args, None)? else {
+    let Request::Inspect {
+        input,
+        json: true,
+        files,
+    } = parse(args, None)?
+    else {
         return Err(raise(Failure {
             message: "inspect takes `inspect IN --json`".into(),
             code: 2,
         }));
     };
+    if files.is_some() || input.is_dir() {
+        let folder = py
+            .detach(|| onnx_idprune::pipeline::inspect_folder(&input, files.as_deref()))
+            .map_err(library_failure)?;
+        return Ok(cli::output::folder(&folder, true));
+    }
     let arch = py
         .detach(|| onnx_idprune::pipeline::inspect(&input))
         .map_err(library_failure)?;

@@ -486,7 +486,13 @@ impl PairSource {
             let path = self.tokenizer_file().ok_or_else(|| {
                 mismatch(
                     texts.clone(),
-                    "captions need a tokenizer: give --tokenizer tokenizer.json".into(),
+                    match &self.model_dir {
+                        Some(dir) => format!(
+                            "captions need a tokenizer, and {} has no tokenizer.json: give --tokenizer tokenizer.json",
+                            dir.display()
+                        ),
+                        None => "captions need a tokenizer: give --tokenizer tokenizer.json".into(),
+                    },
                 )
             })?;
             let json = crate::onnx::read_text(&path, TEXT_LIMIT)

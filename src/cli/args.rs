@@ -31,11 +31,20 @@ pub struct Cli {
 pub enum Command {
     /// Show the towers and transformer blocks of a model.
     Inspect {
-        /// The model.
+        /// The model (a file, or a folder of model files).
         input: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// When IN is a folder: the model files to look at, relative to it,
+        /// comma-separated (default: the ones found, one per tower).
+        #[arg(
+            long,
+            value_name = "FILES",
+            value_delimiter = ',',
+            conflicts_with = "explain"
+        )]
+        files: Option<Vec<PathBuf>>,
         /// Say, for every attention anchor and MLP candidate, what matched
         /// or at which node and operator the pattern stopped.
         #[arg(long, conflicts_with = "json")]
@@ -98,12 +107,20 @@ pub enum Command {
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("calib_source").args(["calib", "images", "texts"]).multiple(true)))]
 pub struct PruneArgs {
-    /// The model to prune.
+    /// The model to prune: a file, or a folder of model files (optimum,
+    /// transformers.js, a captioner's vision encoder + text decoder) pruned
+    /// together.
     #[arg(required = true)]
     pub input: Option<PathBuf>,
-    /// Where to write the pruned model (never the input).
+    /// Where to write the pruned model (never the input); for a folder, a
+    /// new folder, written whole or not at all.
     #[arg(required = true)]
     pub output: Option<PathBuf>,
+    /// When IN is a folder: the model files to prune, relative to it,
+    /// comma-separated, one per tower (default: the ones found; variants
+    /// such as *_fp16.onnx are copied unchanged).
+    #[arg(long, value_name = "FILES", value_delimiter = ',')]
+    pub files: Option<Vec<PathBuf>>,
     /// Apply this plan exactly: no calibration, no ONNX Runtime needed.
     #[arg(long, value_name = "FILE")]
     pub plan: Option<PathBuf>,

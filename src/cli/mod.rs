@@ -38,6 +38,8 @@ pub enum Request {
         input: PathBuf,
         /// JSON instead of a table.
         json: bool,
+        /// A folder's files to look at.
+        files: Option<Vec<PathBuf>>,
     },
     /// Where discovery's patterns matched or stopped.
     Explain {
@@ -199,7 +201,17 @@ fn dispatch(request: Request) -> anyhow::Result<()> {
             let outcome = job.run()?;
             eprintln!("onnx-idprune: {}", output::pruned(&job.output, &outcome));
         }
-        Request::Inspect { input, json } => {
+        Request::Inspect { input, json, files } if files.is_some() || input.is_dir() => {
+            if !input.is_dir() {
+                anyhow::bail!(
+                    "--files chooses the files of a folder, and {} is a file",
+                    input.display()
+                );
+            }
+            let folder = crate::pipeline::inspect_folder(&input, files.as_deref())?;
+            stdout.write_all(output::folder(&folder, json).as_bytes())?;
+        }
+        Request::Inspect { input, json, .. } => {
             let arch = crate::pipeline::inspect(&input)?;
             stdout.write_all(output::architecture(&arch, json).as_bytes())?;
         }
@@ -239,8 +251,11 @@ fn request_with_plan(cli: Cli, plan: Option<Plan>) -> Result<Request, UsageError
             input,
             json: _,
             explain: true,
+            ..
         }) => Ok(Request::Explain { input }),
-        Some(Command::Inspect { input, json, .. }) => Ok(Request::Inspect { input, json }),
+        Some(Command::Inspect {
+            input, json, files, ..
+        }) => Ok(Request::Inspect { input, json, files }),
         Some(Command::Calib {
             input,
             output,
@@ -437,6 +452,7 @@ fn prune_job(args: PruneArgs, given_plan: Option<Plan>) -> Result<PruneJob, Usag
         min_fidelity: args.min_fidelity,
         report: args.report,
         input_name: None,
+        files: args.files,
     })
 }
 
@@ -455,7 +471,13 @@ fn calib_source(pairs: &PairArgs, calib: Option<&Path>, model: &Path) -> Option<
         texts: pairs.texts.clone(),
         tokenizer: pairs.tokenizer.clone(),
         preprocessor: pairs.preprocessor.clone(),
-        model_dir: model.parent().map(|p| {
+        // A folder keeps its tokenizer and preprocessor files in itself.
+        model_dir: (if model.is_dir() {
+            Some(model)
+        } else {
+            model.parent()
+        })
+        .map(|p| {
             if p.as_os_str().is_empty() {
                 PathBuf::from(".")
             } else {

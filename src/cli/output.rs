@@ -33,6 +33,16 @@ pub fn pruned(output: &Path, outcome: &Outcome) -> String {
         if let Some(t) = f.top1_agreement {
             line.push_str(&format!(", top-1 agreement {:.1}%", 100.0 * t));
         }
+        if let Some(t) = f.next_token_agreement {
+            line.push_str(&format!(", next-token agreement {:.1}%", 100.0 * t));
+        }
+        if let Some(c) = &f.captions {
+            line.push_str(&format!(
+                ", greedy captions {:.1}% identical ({:.1}% of tokens)",
+                100.0 * c.exact_match,
+                100.0 * c.token_agreement
+            ));
+        }
     }
     line.push(')');
     line
@@ -45,6 +55,46 @@ pub fn architecture(arch: &Architecture, json: bool) -> String {
     } else {
         report::architecture_table(arch)
     }
+}
+
+/// `inspect DIR`: each pruned file's towers (JSON or tables), and the model
+/// files that would be copied unchanged.
+pub fn folder(folder: &crate::pipeline::FolderInspection, json: bool) -> String {
+    if json {
+        let files: Vec<serde_json::Value> = folder
+            .files
+            .iter()
+            .map(|f| {
+                let mut entry = f.architecture.to_json();
+                entry["path"] = serde_json::json!(f.path);
+                entry["role"] = serde_json::json!(f.role.name());
+                entry
+            })
+            .collect();
+        let unpruned: Vec<serde_json::Value> = folder
+            .unpruned
+            .iter()
+            .map(|u| serde_json::json!({"path": u.path, "reason": u.reason}))
+            .collect();
+        return pretty(&serde_json::json!({"files": files, "unpruned": unpruned}));
+    }
+    let mut out = String::new();
+    for f in &folder.files {
+        out.push_str(&format!(
+            "## {} ({})\n\n{}\n",
+            f.path.display(),
+            f.role.describe(),
+            report::architecture_table(&f.architecture)
+        ));
+    }
+    for u in &folder.unpruned {
+        out.push_str(&format!(
+            "not pruned, copied unchanged: {}: {}\n",
+            u.path.display(),
+            u.reason
+        ));
+    }
+    out
 }
 
 /// `id IN`: JSON or a table.

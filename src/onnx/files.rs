@@ -22,6 +22,8 @@ pub fn model_files(file: &LoadedModel) -> Vec<PathBuf> {
 #[derive(Debug, Clone, Default)]
 pub struct FileGuard {
     inputs: Vec<PathBuf>,
+    /// Folders read as a whole: nothing may be written inside them.
+    folders: Vec<PathBuf>,
     outputs: Vec<Destination>,
 }
 
@@ -80,6 +82,15 @@ impl FileGuard {
         self
     }
 
+    /// A folder the run reads as a whole (a model folder): no output may be
+    /// it or lie inside it.
+    pub fn input_folder(&mut self, path: impl Into<PathBuf>) -> &mut Self {
+        let path = path.into();
+        self.inputs.push(path.clone());
+        self.folders.push(path);
+        self
+    }
+
     /// Files the run reads.
     pub fn inputs(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> &mut Self {
         self.inputs.extend(paths);
@@ -112,10 +123,25 @@ impl FileGuard {
     /// the same file as an earlier output. Reads file metadata only.
     pub fn check(&self) -> Result<(), SaveError> {
         let inputs: Vec<Identity> = self.inputs.iter().map(|p| Identity::input(p)).collect();
+        let folders: Vec<PathBuf> = self
+            .folders
+            .iter()
+            .map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()))
+            .collect();
         let mut earlier: Vec<(Identity, &Destination)> = Vec::new();
         for out in &self.outputs {
             let identity = Identity::output(&out.path);
             let role = out.derived.then_some(out.name);
+            if let Some(i) = folders
+                .iter()
+                .position(|f| identity.path != *f && identity.path.starts_with(f))
+            {
+                return Err(SaveError::InsideInput {
+                    path: out.path.clone(),
+                    role,
+                    folder: self.folders[i].clone(),
+                });
+            }
             if let Some(i) = inputs.iter().position(|i| i.same(&identity)) {
                 return Err(SaveError::OverwritesInput {
                     path: out.path.clone(),

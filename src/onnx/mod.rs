@@ -27,7 +27,7 @@ pub use load::{LoadError, LoadedModel, load, load_bytes, open_regular, read_text
 pub use save::{
     ExternalData, SaveError, SaveOptions, SaveSummary, encode_to_vec, external_path, save,
 };
-pub use staging::remove_staged_files;
+pub use staging::{StagedDir, remove_staged_files};
 
 /// Protobuf's hard limit for one message: models above it need external data.
 pub const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;

@@ -104,6 +104,16 @@ pub enum SaveError {
         /// The input it collides with.
         input: PathBuf,
     },
+    /// The destination lies inside an input folder.
+    #[error("refusing to write {}{}: it is inside the input folder {} (inputs are never modified)", path.display(), role_note(*role), folder.display())]
+    InsideInput {
+        /// The destination.
+        path: PathBuf,
+        /// What the destination is, when its name is derived.
+        role: Option<&'static str>,
+        /// The input folder.
+        folder: PathBuf,
+    },
     /// Two outputs of one run would be the same file.
     #[error("refusing to write {}{}: it is also {other}", path.display(), role_note(*role))]
     OverwritesOutput {

@@ -91,7 +91,78 @@ pub fn remove_staged_files() {
         }
     };
     for path in staged {
-        let _ = std::fs::remove_file(path);
+        if path.is_dir() {
+            let _ = std::fs::remove_dir_all(path);
+        } else {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A temporary folder beside a destination folder, registered for cleanup
+/// like [`Staged`] files: filled, then renamed to the destination, so the
+/// destination appears complete or not at all.
+pub struct StagedDir {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl StagedDir {
+    /// Creates `.NAME.XXXXXX.tmp/` in the folder that will hold `destination`.
+    pub fn beside(destination: &Path) -> io::Result<Self> {
+        let parent = match destination.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = destination
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a folder path"))?
+            .to_string_lossy()
+            .into_owned();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .tempdir_in(parent)?;
+        let path = dir.path().to_path_buf();
+        STAGED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path.clone());
+        Ok(Self {
+            dir: Some(dir),
+            path,
+        })
+    }
+
+    /// The temporary folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes the folder an ordinary readable one (temporary folders are
+    /// created 0700) and renames it to `destination` (which must not exist,
+    /// or be an empty folder).
+    pub fn persist(mut self, destination: &Path) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.dir.take().expect("present until persisted");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let kept = dir.keep();
+        if let Err(e) = std::fs::rename(&kept, destination) {
+            let _ = std::fs::remove_dir_all(&kept);
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        // Dropping the TempDir (if not persisted) deletes it.
+        self.dir.take();
+        STAGED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| *p != self.path);
     }
 }
 

@@ -19,6 +19,60 @@ pub fn inspect(path: &Path) -> Result<Architecture, Error> {
     open(path)?.discover()
 }
 
+/// One model file of a folder, as `inspect DIR` shows it.
+#[derive(Debug, Clone)]
+pub struct FolderFile {
+    /// Relative to the folder.
+    pub path: PathBuf,
+    /// What it is.
+    pub role: crate::folder::Role,
+    /// Its towers and blocks, discovered in the file alone.
+    pub architecture: Architecture,
+}
+
+/// The model files of a folder: the ones pruned together (in the order
+/// they are joined) and the ones that would be copied unchanged.
+#[derive(Debug, Clone)]
+pub struct FolderInspection {
+    /// The files pruned together.
+    pub files: Vec<FolderFile>,
+    /// Model files copied unchanged, and why.
+    pub unpruned: Vec<crate::folder::Unpruned>,
+}
+
+/// Every pruned file's towers in the folder `root` (the files found, or
+/// `files`), after checking that they fit together.
+pub fn inspect_folder(root: &Path, files: Option<&[PathBuf]>) -> Result<FolderInspection, Error> {
+    let layout = crate::folder::scan(root, files)?;
+    let (joined_model, joined) = crate::folder::join(root, &layout.parts)?;
+    super::check_wire_widths(root, &joined_model, &joined)?;
+    drop(joined_model);
+    let files = layout
+        .parts
+        .iter()
+        .map(|part| {
+            let path = root.join(&part.path);
+            let model = crate::ir::Model::from_proto(part.file.proto.clone()).map_err(|error| {
+                Error::Graph {
+                    path: path.clone(),
+                    error,
+                }
+            })?;
+            let architecture = crate::arch::discover(&model.graph)
+                .map_err(|error| Error::Discover { path, error })?;
+            Ok(FolderFile {
+                path: part.path.clone(),
+                role: part.role,
+                architecture,
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+    Ok(FolderInspection {
+        files,
+        unpruned: layout.unpruned,
+    })
+}
+
 /// For every attention anchor and MLP candidate of the model at `path`:
 /// what matched, or where the pattern stopped; then discovery's verdict.
 pub fn explain(path: &Path) -> Result<Vec<String>, Error> {

@@ -24,7 +24,10 @@ mod prune;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub use jobs::{CalibJob, CalibSummary, ProfileJob, explain, id_of_data, inspect};
+pub use jobs::{
+    CalibJob, CalibSummary, FolderFile, FolderInspection, ProfileJob, explain, id_of_data, inspect,
+    inspect_folder,
+};
 pub use prune::{DecideSettings, Decided, Outcome, PlanSource, PruneJob};
 
 use crate::arch::{self, Architecture};
@@ -32,6 +35,7 @@ use crate::calib::collect::static_batch;
 use crate::calib::{CalibSource, Inputs, RuntimeOptions};
 use crate::decide;
 use crate::error::Error;
+use crate::folder;
 use crate::ir::Model;
 use crate::onnx::{self, LoadedModel};
 use crate::plan::Plan;
@@ -41,10 +45,23 @@ use crate::verify::{self, Fidelity};
 /// A model read from disk: its file facts and the IR built from it.
 #[derive(Debug, Clone)]
 pub struct Source {
-    /// File facts (path, size, external data files).
+    /// File facts (path, size, external data files). For a folder: the
+    /// folder, with every file of the pruned parts (models and their
+    /// external data) as its external files.
     pub file: LoadedModel,
-    /// The IR.
+    /// The IR (for a folder: its parts joined into one graph).
     pub model: Model,
+    /// For a folder: its files and how they were joined.
+    pub folder: Option<FolderSource>,
+}
+
+/// A folder read as one model.
+#[derive(Debug, Clone)]
+pub struct FolderSource {
+    /// Its files (the parts' decoded models dropped once joined).
+    pub layout: folder::Layout,
+    /// How the parts were joined (and are split again).
+    pub joined: folder::Joined,
 }
 
 impl Source {
@@ -75,15 +92,102 @@ impl Source {
     }
 }
 
-/// Loads a model file and builds its IR.
+/// Loads a model file and builds its IR; a folder's parts are joined into
+/// one model ([`open_folder`] with the files found in it).
 pub fn open(path: &Path) -> Result<Source, Error> {
+    if path.is_dir() {
+        return open_folder(path, None);
+    }
     let mut file = onnx::load(path)?;
     let proto = std::mem::take(&mut file.proto);
     let model = Model::from_proto(proto).map_err(|error| Error::Graph {
         path: path.to_path_buf(),
         error,
     })?;
-    Ok(Source { file, model })
+    Ok(Source {
+        file,
+        model,
+        folder: None,
+    })
+}
+
+/// Loads the parts of a folder (found by [`folder::scan`], or `files`,
+/// relative to it) and joins them into one model.
+pub fn open_folder(root: &Path, files: Option<&[PathBuf]>) -> Result<Source, Error> {
+    let mut layout = folder::scan(root, files)?;
+    let (model, joined) = folder::join(root, &layout.parts)?;
+    check_wire_widths(root, &model, &joined)?;
+    let mut external_files = Vec::new();
+    for part in &mut layout.parts {
+        part.file.proto = Default::default();
+        external_files.extend(onnx::model_files(&part.file));
+    }
+    let file = LoadedModel {
+        proto: Default::default(),
+        path: root.to_path_buf(),
+        external_files,
+        file_len: 0,
+    };
+    Ok(Source {
+        file,
+        model,
+        folder: Some(FolderSource { layout, joined }),
+    })
+}
+
+/// Refuses a folder whose decoder reads the vision encoder's output with
+/// projections of another width. Exporters declare the output's width
+/// symbolically, so [`folder::join`] cannot see it; inferred through the
+/// joined graph it is known, and so are the widths the decoder's
+/// cross-attention projections take.
+pub(super) fn check_wire_widths(
+    root: &Path,
+    model: &Model,
+    joined: &folder::Joined,
+) -> Result<(), Error> {
+    let graph = &model.graph;
+    let shapes = arch::shapes::Shapes::infer(graph);
+    for wire in &joined.wires {
+        let Some(width) = shapes.last_dim(&wire.value) else {
+            continue;
+        };
+        for consumer in graph.consumers(&wire.value) {
+            let node = graph.node(consumer);
+            let weight = match node.op() {
+                "MatMul" if node.inputs().first() == Some(&wire.value) => node
+                    .inputs()
+                    .get(1)
+                    .and_then(|w| graph.initializer(w))
+                    .filter(|w| w.dims().len() == 2)
+                    .map(|w| w.dims()[0]),
+                "Gemm" if node.inputs().first() == Some(&wire.value) => {
+                    let transposed = node.attr_int("transB") == Some(1);
+                    node.inputs()
+                        .get(1)
+                        .and_then(|w| graph.initializer(w))
+                        .filter(|w| w.dims().len() == 2)
+                        .map(|w| w.dims()[usize::from(transposed)])
+                }
+                _ => None,
+            };
+            if let Some(expected) = weight
+                && expected != width
+            {
+                let (from, to) = (&joined.members[wire.from], &joined.members[wire.to]);
+                return Err(folder::FolderError::Misfit {
+                    root: root.to_path_buf(),
+                    reason: format!(
+                        "towers do not fit together: {}'s {} are projected from width {expected}, and {}'s output is {width} wide",
+                        to.path.display(),
+                        wire.input,
+                        from.path.display()
+                    ),
+                }
+                .into());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Calibration samples read for a model.
@@ -139,6 +243,23 @@ impl Verifier {
             runtime: runtime.clone(),
             reference: std::cell::OnceCell::new(),
         }
+    }
+
+    /// A captioner's greedy captions from `model` against the original's
+    /// (none when the model is no captioner, [`verify::captioner_logits`]).
+    pub fn captions(&self, model: &Model) -> Result<Option<verify::CaptionAgreement>, Error> {
+        let Some(logits) = verify::captioner_logits(&model.graph) else {
+            return Ok(None);
+        };
+        let candidate = onnx::encode_to_vec(&model.to_proto());
+        Ok(verify::compare_captions(
+            &self.original,
+            &candidate,
+            &self.inputs,
+            self.samples,
+            &logits,
+            &self.runtime,
+        )?)
     }
 
     /// How closely `model` follows the original.

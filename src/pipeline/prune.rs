@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::{CandidateJudge, Samples, Source, Verifier, apply_and_verify, apply_plan, open};
+use super::{
+    CandidateJudge, Samples, Source, Verifier, apply_and_verify, apply_plan, open, open_folder,
+};
 use crate::arch::Architecture;
 use crate::calib::data::{Inputs, Split};
 use crate::calib::{CalibSource, DataError, Provider, RuntimeOptions};
@@ -75,6 +77,9 @@ pub struct PruneJob {
     /// How the report names the input, when not by its path (the Python
     /// package's in-memory models).
     pub input_name: Option<String>,
+    /// When IN is a folder: the files to prune (relative to it), instead of
+    /// the ones found in it.
+    pub files: Option<Vec<PathBuf>>,
 }
 
 /// What the decision stage measured and chose.
@@ -140,6 +145,7 @@ impl PruneJob {
             min_fidelity: None,
             report: None,
             input_name: None,
+            files: None,
         }
     }
 
@@ -166,8 +172,20 @@ impl PruneJob {
             timings.push((name, clock.elapsed().as_secs_f64()));
             clock = Instant::now();
         };
-        let source = open(&self.input)?;
+        let source = match &self.files {
+            Some(files) if self.input.is_dir() => open_folder(&self.input, Some(files))?,
+            Some(_) => {
+                return Err(Error::Unsupported(format!(
+                    "--files chooses the files of a folder, and {} is a file",
+                    self.input.display()
+                )));
+            }
+            None => open(&self.input)?,
+        };
         self.files(&source).check()?;
+        if source.folder.is_some() {
+            crate::folder::check_destination(&self.output)?;
+        }
         lap("load", &mut timings);
 
         let (arch, plan, mut decided) = match &self.plan {
@@ -211,10 +229,16 @@ impl PruneJob {
             .as_ref()
             .filter(|d| d.holdout_samples > 0)
             .map(|d| Verifier::new(&source, d.holdout.clone(), d.holdout_samples, &self.runtime));
+        let mut captions_time = 0.0;
         let (candidate, fidelity) = match &verifier {
             Some(verifier) => {
-                let (candidate, fidelity) =
+                let (candidate, mut fidelity) =
                     apply_and_verify(&source, arch.as_ref(), &plan, statistics.as_ref(), verifier)?;
+                // Generation is the final check only: a judge ranking
+                // candidates runs the teacher-forced pass alone.
+                let clock = Instant::now();
+                fidelity.captions = verifier.captions(&candidate.model)?;
+                captions_time = clock.elapsed().as_secs_f64();
                 if let Some(required) = self.min_fidelity
                     && fidelity.min_cosine < required
                 {
@@ -236,10 +260,10 @@ impl PruneJob {
             ),
         };
         for (name, seconds) in &candidate.timings {
-            let extra = if *name == "repair" {
-                statistics_time
-            } else {
-                0.0
+            let extra = match *name {
+                "repair" => statistics_time,
+                "verify" => captions_time,
+                _ => 0.0,
             };
             timings.push((name, seconds + extra));
         }
@@ -261,7 +285,17 @@ impl PruneJob {
             external_data,
             ..Default::default()
         };
-        let saved = onnx::save(&pruned, &self.output, &options)?;
+        let (saved, written) = match &source.folder {
+            None => (onnx::save(&pruned, &self.output, &options)?, Vec::new()),
+            Some(folder) => crate::folder::write(
+                &folder.layout,
+                &folder.joined,
+                &candidate.model,
+                &self.output,
+                self.external_data,
+            )?,
+        };
+        drop(pruned);
         timings.push(("save", clock.elapsed().as_secs_f64()));
         let plan = plan.normalized();
         let report = self.report(
@@ -276,6 +310,7 @@ impl PruneJob {
                 fidelity: fidelity.as_ref(),
                 refits: &candidate.refits,
                 stored_params,
+                written: &written,
             },
         );
         let outcome = Outcome {
@@ -291,6 +326,9 @@ impl PruneJob {
         };
         if let Err(e) = self.write_companions(&outcome) {
             // OUT and its plan/report go together: without them, no OUT.
+            if source.folder.is_some() {
+                let _ = std::fs::remove_dir_all(&self.output);
+            }
             let _ = std::fs::remove_file(&self.output);
             if let Some(data) = &outcome.saved.external_file {
                 let _ = std::fs::remove_file(data);
@@ -306,6 +344,9 @@ impl PruneJob {
     pub fn files(&self, source: &Source) -> FileGuard {
         let mut guard = FileGuard::new();
         guard.inputs(source.protected_files());
+        if source.folder.is_some() {
+            guard.input_folder(&self.input);
+        }
         let calib = match &self.plan {
             PlanSource::Given {
                 file, repair_data, ..
@@ -320,7 +361,7 @@ impl PruneJob {
             guard.inputs(runtime_files(&self.runtime));
         }
         guard.output(&self.output, "OUT");
-        if self.external_data != Some(ExternalData::Never) {
+        if self.external_data != Some(ExternalData::Never) && source.folder.is_none() {
             guard.derived_output(
                 onnx::external_path(&self.output),
                 "OUT's external data file",
@@ -489,6 +530,15 @@ impl PruneJob {
             PlanSource::Decide { settings, .. } => Some(&settings.decide),
             PlanSource::Given { .. } => None,
         };
+        let files = source.folder.as_ref().map(|folder| {
+            serde_json::json!({
+                "pruned": facts.written,
+                "unpruned": folder.layout.unpruned.iter().map(|u| serde_json::json!({
+                    "path": u.path, "reason": u.reason,
+                })).collect::<Vec<_>>(),
+                "copied": folder.layout.copied,
+            })
+        });
         Report::new(&RunFacts {
             input: &self.input,
             input_name: self.input_name.as_deref(),
@@ -507,6 +557,7 @@ impl PruneJob {
             refits: facts.refits,
             fidelity: facts.fidelity,
             timings: facts.timings,
+            files: files.as_ref(),
         })
     }
 
@@ -537,6 +588,8 @@ struct Facts<'a> {
     fidelity: Option<&'a Fidelity>,
     refits: &'a [repair::Refit],
     stored_params: u64,
+    /// A folder's pruned files as written.
+    written: &'a [crate::folder::WrittenFile],
 }
 
 /// The ONNX Runtime library a run with `options` would load, when found.

@@ -444,6 +444,11 @@ pub struct Report {
     pub provider: Option<crate::calib::Provider>,
     /// Seconds per stage.
     pub timings: Vec<(String, f64)>,
+    /// A folder's files: `pruned` (path, role, bytes before and after),
+    /// `unpruned` model files copied unchanged (and why), `copied` (every
+    /// file copied unchanged).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<serde_json::Value>,
 }
 
 /// What a run did, as the pipeline hands it to the report.
@@ -483,6 +488,8 @@ pub struct RunFacts<'a> {
     pub fidelity: Option<&'a crate::verify::Fidelity>,
     /// Seconds per stage.
     pub timings: &'a [(&'static str, f64)],
+    /// A folder's files (see [`Report::files`]).
+    pub files: Option<&'a serde_json::Value>,
 }
 
 impl Report {
@@ -556,6 +563,7 @@ impl Report {
                 .iter()
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
+            files: facts.files.cloned(),
         }
     }
 
@@ -611,6 +619,23 @@ impl Report {
             }
             if let Some(t) = f.top1_agreement {
                 let _ = writeln!(out, "- image→text top-1 agreement: {:.1}%", 100.0 * t);
+            }
+            if let Some(t) = f.next_token_agreement {
+                let _ = writeln!(
+                    out,
+                    "- next-token top-1 agreement (teacher forcing): {:.1}%",
+                    100.0 * t
+                );
+            }
+            if let Some(c) = &f.captions {
+                let _ = writeln!(
+                    out,
+                    "- greedy captions ({} of {} tokens): {:.1}% identical, {:.1}% of tokens the same",
+                    c.captions,
+                    c.tokens,
+                    100.0 * c.exact_match,
+                    100.0 * c.token_agreement
+                );
             }
         }
         if !self.candidates.is_empty() {
@@ -670,6 +695,9 @@ impl Report {
         }
         if let Some(s) = &self.sensitivity {
             out.push_str(&sensitivity_markdown(s));
+        }
+        if let Some(files) = &self.files {
+            out.push_str(&files_markdown(files));
         }
         let _ = writeln!(out, "\n## Rewrites\n");
         for r in &self.rewrites {
@@ -789,5 +817,36 @@ pub fn sensitivity_markdown(s: &crate::decide::Sensitivity) -> String {
                 .map_or(String::new(), |a| format!("{:.1}%", 100.0 * a))
         );
     }
+    out
+}
+
+/// A folder's files: the pruned ones with their sizes, the model files left
+/// unpruned and why, and how many files were copied.
+fn files_markdown(files: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n## Files\n\n| file | role | bytes before | bytes after |\n|---|---|---:|---:|"
+    );
+    for f in files["pruned"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} |",
+            f["path"].as_str().unwrap_or(""),
+            f["role"].as_str().unwrap_or(""),
+            f["bytes_before"],
+            f["bytes_after"]
+        );
+    }
+    for u in files["unpruned"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "\nNot pruned, copied unchanged: `{}`: {}.",
+            u["path"].as_str().unwrap_or(""),
+            u["reason"].as_str().unwrap_or("")
+        );
+    }
+    let copied = files["copied"].as_array().map_or(0, Vec::len);
+    let _ = writeln!(out, "\n{copied} other files copied unchanged.");
     out
 }

@@ -5,6 +5,8 @@
 use serde::Serialize;
 
 use crate::calib::collect::Batching;
+use ndarray::ArrayD;
+
 use crate::calib::data::{Array, Inputs};
 use crate::calib::stats::{argmax, cosine};
 use crate::calib::{Runtime, RuntimeError, RuntimeOptions};
@@ -37,6 +39,34 @@ pub struct Fidelity {
     /// degenerate model), one flip changes the top-1 of a whole batch, and
     /// the agreement says little.
     pub top1_spread: Option<f64>,
+    /// Captioners and other token predictors (a 3-D `logits` output, one
+    /// row of scores per position): how often the most likely next token
+    /// is the same for both models under teacher forcing, over the positions
+    /// `attention_mask` marks as text (every position without one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_token_agreement: Option<f64>,
+    /// Captioners: greedy captions of both models compared (see
+    /// [`compare_captions`]); measured by the final verification only, not
+    /// by the judge.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub captions: Option<CaptionAgreement>,
+}
+
+/// Greedy captions of the pruned model against the original's, on the
+/// held-out images, from each caption's first token (`[BOS]`) for as many
+/// tokens as the held-out captions hold.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaptionAgreement {
+    /// Captions compared.
+    pub captions: usize,
+    /// Tokens generated per caption.
+    pub tokens: usize,
+    /// Share of captions the pruned model generates exactly as the original.
+    pub exact_match: f64,
+    /// Share of generated positions holding the original's token (position
+    /// by position, so one early difference counts every later one it
+    /// changes).
+    pub token_agreement: f64,
 }
 
 /// The original model's outputs on the compared samples, batch by batch:
@@ -64,7 +94,7 @@ impl Reference {
         let batching = Batching::new(samples, fixed_batch)?;
         let batches = batching
             .ranges()
-            .map(|range| a.run(&batching.feed(inputs, range)))
+            .map(|range| a.run(&batching.feed(inputs, range)).map(with_similarities))
             .collect::<Result<_, _>>()?;
         Ok(Reference {
             samples,
@@ -110,10 +140,11 @@ pub fn compare_to(
     let batching = Batching::new(samples, reference.fixed_batch)?;
     let mut sums: Vec<(String, f64)> = Vec::new();
     let (mut agree, mut compared, mut distinct) = (0usize, 0usize, 0usize);
+    let (mut tokens_agree, mut tokens_compared) = (0usize, 0usize);
     for (range, ra) in batching.ranges().zip(&reference.batches) {
         let (start, end, take) = (range.start, range.end, range.take);
         let feed = batching.feed(inputs, range);
-        let rb = b.run(&feed)?;
+        let rb = with_similarities(b.run(&feed)?);
         for ((name, x), (_, y)) in ra.iter().zip(&rb) {
             let (Array::F32(x), Array::F32(y)) = (x, y) else {
                 continue;
@@ -159,6 +190,21 @@ pub fn compare_to(
                 }
                 distinct += picks.len();
             }
+            if batched && x.ndim() == 3 && is_named(name, "logits") {
+                let (positions, vocab) = (x.shape()[1], x.shape()[2]);
+                let mask = text_mask(&feed, take, positions);
+                for r in 0..end - start {
+                    for p in 0..positions {
+                        if mask.as_ref().is_some_and(|m| m[r * positions + p] == 0) {
+                            continue;
+                        }
+                        let at = (r * positions + p) * vocab;
+                        let (u, v) = (&xs[at..at + vocab], &ys[at..at + vocab]);
+                        tokens_agree += usize::from(argmax(u) == argmax(v));
+                        tokens_compared += 1;
+                    }
+                }
+            }
         }
     }
     let outputs: Vec<OutputFidelity> = sums
@@ -184,7 +230,215 @@ pub fn compare_to(
         },
         top1_agreement: (compared > 0).then(|| agree as f64 / compared as f64),
         top1_spread: (compared > 0).then(|| distinct as f64 / compared as f64),
+        next_token_agreement: (tokens_compared > 0)
+            .then(|| tokens_agree as f64 / tokens_compared as f64),
+        captions: None,
     })
+}
+
+/// Whether output `output` is `name` or a folder's `…/name`.
+fn is_named(output: &str, name: &str) -> bool {
+    output == name
+        || output
+            .strip_suffix(name)
+            .is_some_and(|rest| rest.ends_with('/'))
+}
+
+/// The fed `attention_mask` as `take × positions` flags, when there is one
+/// of that shape.
+fn text_mask(feed: &Inputs, take: usize, positions: usize) -> Option<Vec<i64>> {
+    let mask = feed.get("attention_mask")?;
+    if mask.shape() != [take, positions] {
+        return None;
+    }
+    match mask {
+        Array::I64(a) => Some(a.iter().copied().collect()),
+        Array::I32(a) => Some(a.iter().map(|&v| i64::from(v)).collect()),
+        Array::Bool(a) => Some(a.iter().map(|&v| i64::from(v)).collect()),
+        Array::F32(a) => Some(a.iter().map(|&v| i64::from(v != 0.0)).collect()),
+    }
+}
+
+/// A captioner: a model reading images and `input_ids` (with a sequence
+/// axis it may grow) and giving 3-D `logits`. The name of its logits
+/// output, when `graph` is one.
+pub fn captioner_logits(graph: &crate::ir::Graph) -> Option<String> {
+    let reads = |name: &str| graph.inputs.iter().any(|i| i.name() == name);
+    if !reads("pixel_values") || !reads("input_ids") {
+        return None;
+    }
+    let shape = graph.value_type("input_ids")?.shape?;
+    if shape.len() != 2 || matches!(shape[1], crate::ir::Dim::Fixed(_)) {
+        return None;
+    }
+    graph
+        .outputs
+        .iter()
+        .map(|o| o.name())
+        .find(|o| {
+            is_named(o, "logits")
+                && graph
+                    .value_type(o)
+                    .and_then(|t| t.shape)
+                    .is_some_and(|s| s.len() == 3)
+        })
+        .map(str::to_string)
+}
+
+/// Greedy captions of `pruned` against `original`'s for the first
+/// `samples` rows of `inputs`: each starts from the row's first token of
+/// `input_ids` and takes the most likely next token, `input_ids` minus one
+/// times (the model is run whole each step: no cache).
+pub fn compare_captions(
+    original: &[u8],
+    pruned: &[u8],
+    inputs: &Inputs,
+    samples: usize,
+    logits: &str,
+    options: &RuntimeOptions,
+) -> Result<Option<CaptionAgreement>, RuntimeError> {
+    let Some(Array::I64(ids)) = inputs.get("input_ids") else {
+        return Ok(None);
+    };
+    if ids.ndim() != 2 || ids.shape()[1] < 2 || samples == 0 {
+        return Ok(None);
+    }
+    let length = ids.shape()[1];
+    let mut a = Runtime::from_bytes(original, &deployed(options))?;
+    let mut b = Runtime::from_bytes(pruned, &deployed(options))?;
+    let first: Vec<i64> = (0..samples).map(|r| ids[[r, 0]]).collect();
+    let ca = greedy(&mut a, inputs, samples, &first, length, logits)?;
+    let cb = greedy(&mut b, inputs, samples, &first, length, logits)?;
+    let generated = length - 1;
+    let mut exact = 0usize;
+    let mut same = 0usize;
+    for (x, y) in ca.iter().zip(&cb) {
+        exact += usize::from(x == y);
+        same += x.iter().zip(y).filter(|(p, q)| p == q).count();
+    }
+    Ok(Some(CaptionAgreement {
+        captions: samples,
+        tokens: generated,
+        exact_match: exact as f64 / samples as f64,
+        token_agreement: same as f64 / (samples * generated) as f64,
+    }))
+}
+
+/// Greedy decoding of `length - 1` tokens after `first`, one batch of
+/// [`CAPTION_BATCH`] rows at a time; the generated tokens per row.
+fn greedy(
+    model: &mut Runtime,
+    inputs: &Inputs,
+    samples: usize,
+    first: &[i64],
+    length: usize,
+    logits: &str,
+) -> Result<Vec<Vec<i64>>, RuntimeError> {
+    let mut captions = Vec::with_capacity(samples);
+    for start in (0..samples).step_by(CAPTION_BATCH) {
+        let end = (start + CAPTION_BATCH).min(samples);
+        let rows = end - start;
+        let mut tokens: Vec<Vec<i64>> = first[start..end].iter().map(|&t| vec![t]).collect();
+        let index: Vec<usize> = (start..end).collect();
+        let mut feed: Inputs = inputs
+            .iter()
+            .filter(|(k, _)| *k != "input_ids" && *k != "attention_mask")
+            .map(|(k, v)| (k.clone(), v.select_rows(&index)))
+            .collect();
+        for step in 1..length {
+            let ids = ndarray::Array2::from_shape_fn((rows, step), |(r, p)| tokens[r][p]);
+            feed.insert("input_ids".into(), Array::I64(ids.into_dyn()));
+            if inputs.contains_key("attention_mask") {
+                let ones = ndarray::Array2::<i64>::ones((rows, step));
+                feed.insert("attention_mask".into(), Array::I64(ones.into_dyn()));
+            }
+            let outputs = model.run(&feed)?;
+            let Some((_, Array::F32(scores))) = outputs.iter().find(|(n, _)| n == logits) else {
+                return Err(RuntimeError::Session(format!(
+                    "captioning: output '{logits}' is missing or not float"
+                )));
+            };
+            if scores.ndim() != 3 || scores.shape()[0] != rows || scores.shape()[1] != step {
+                return Err(RuntimeError::Session(format!(
+                    "captioning: '{logits}' has shape {:?} for {rows} captions of {step} tokens",
+                    scores.shape()
+                )));
+            }
+            let vocab = scores.shape()[2];
+            let scores = scores.as_standard_layout();
+            let flat = scores.as_slice().expect("standard layout");
+            for (r, caption) in tokens.iter_mut().enumerate() {
+                let at = (r * step + step - 1) * vocab;
+                caption.push(argmax(&flat[at..at + vocab]) as i64);
+            }
+        }
+        captions.extend(tokens.into_iter().map(|mut t| t.split_off(1)));
+    }
+    Ok(captions)
+}
+
+/// Captions decoded together.
+const CAPTION_BATCH: usize = 16;
+
+/// The output named `name`, or `…/name` (a folder's joined outputs are
+/// prefixed by their file), when exactly one matches.
+fn find_output<'a>(outputs: &'a [(String, Array)], name: &str) -> Option<&'a ArrayD<f32>> {
+    let suffix = format!("/{name}");
+    let mut found = outputs
+        .iter()
+        .filter(|(n, _)| n == name || n.ends_with(&suffix));
+    match (found.next(), found.next()) {
+        (Some((_, Array::F32(a))), None) => Some(a),
+        _ => None,
+    }
+}
+
+/// A dual encoder exported as two files gives its towers' embeddings but no
+/// image–text similarities. Where outputs hold `image_embeds` and
+/// `text_embeds` (2-D, one row per sample, the same width) and no
+/// `logits_per_image`, the similarities a single-file CLIP export gives are
+/// added from them: `logits_per_image` (cosines of each image with each
+/// text of the batch) and `logits_per_text`. They equal the single file's
+/// up to its logit scale, which neither a cosine nor a top-1 depends on, so
+/// a folder is judged and verified as the single file would be.
+fn with_similarities(mut outputs: Vec<(String, Array)>) -> Vec<(String, Array)> {
+    if find_output(&outputs, "logits_per_image").is_some()
+        || outputs.iter().any(|(n, _)| n.ends_with("logits_per_image"))
+    {
+        return outputs;
+    }
+    let (Some(images), Some(texts)) = (
+        find_output(&outputs, "image_embeds"),
+        find_output(&outputs, "text_embeds"),
+    ) else {
+        return outputs;
+    };
+    if images.ndim() != 2 || texts.ndim() != 2 || images.shape() != texts.shape() {
+        return outputs;
+    }
+    let unit = |a: &ArrayD<f32>| {
+        let mut a = a
+            .clone()
+            .into_dimensionality::<ndarray::Ix2>()
+            .expect("2-D checked above");
+        for mut row in a.rows_mut() {
+            let norm = row
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>()
+                .sqrt();
+            if norm > 0.0 {
+                row.mapv_inplace(|x| (f64::from(x) / norm) as f32);
+            }
+        }
+        a
+    };
+    let (images, texts) = (unit(images), unit(texts));
+    let per_image = images.dot(&texts.t());
+    let per_text = per_image.t().to_owned();
+    outputs.push(("logits_per_image".into(), Array::F32(per_image.into_dyn())));
+    outputs.push(("logits_per_text".into(), Array::F32(per_text.into_dyn())));
+    outputs
 }
 
 /// Row `r` of a row-major matrix `width` wide.
