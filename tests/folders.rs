@@ -335,6 +335,15 @@ fn files_chooses_which_variant_is_pruned() {
         .map(|f| f["path"].as_str().unwrap())
         .collect();
     assert_eq!(pruned, ["vision_model_fp16.onnx", "text_model.onnx"]);
+    assert_eq!(
+        json["files"]["unpruned"][0]["path"], "vision_model.onnx",
+        "{}",
+        json["files"]
+    );
+    assert_eq!(
+        json["files"]["unpruned"][0]["reason"],
+        "not chosen by --files"
+    );
     // The unchosen full-precision file is copied as it was.
     assert_eq!(
         std::fs::read(out.join("vision_model.onnx")).unwrap(),
@@ -517,13 +526,20 @@ fn images_and_captions_use_the_folders_own_tokenizer_and_preprocessor() {
             "0.6".into(),
         ]
     };
-    // Without them in the folder: one line naming the folder.
+    // Without them in the folder: one line naming the folder and the file.
     let out = sandbox.path("out");
-    let result = run(args(&out));
-    result.assert_error(1, "has no tokenizer.json");
-    assert!(!out.exists());
-    for file in ["tokenizer.json", "preprocessor_config.json"] {
-        copy(&pairs.join(file), &folder.join(file));
+    for (missing, next) in [
+        (
+            "has no preprocessor_config.json",
+            "preprocessor_config.json",
+        ),
+        ("has no tokenizer.json", "tokenizer.json"),
+    ] {
+        let result = run(args(&out));
+        result.assert_error(1, missing);
+        assert_eq!(result.stderr.trim().lines().count(), 1, "{}", result.stderr);
+        assert!(!out.exists());
+        copy(&pairs.join(next), &folder.join(next));
     }
     run(args(&out)).assert_ok();
     assert_eq!(

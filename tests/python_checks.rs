@@ -441,3 +441,65 @@ fn pruned_folders_pass_onnx_checker_and_run_chained_in_onnxruntime() {
         &[],
     );
 }
+
+/// Caption accuracy of a captioner folder (fixtures/trained_captioner/eval.py).
+fn caption_accuracy(folder: &std::path::Path) -> serde_json::Value {
+    let script = util::fixtures().join("trained_captioner/eval.py");
+    let output = Command::new(python())
+        .arg(script)
+        .arg(folder)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn the_trained_captioner_keeps_its_captions_when_pruned_as_a_folder() {
+    // Vision encoder and text decoder, two files, one decision (the default
+    // mode); accuracy on eval images no decision saw.
+    let sandbox = util::Sandbox::new();
+    let folder = util::fixtures().join("trained_captioner/model");
+    let calib = util::fixtures().join("trained_captioner/calib.npz");
+    let base = caption_accuracy(&folder)["all_three"].as_f64().unwrap();
+    assert!(base > 0.99, "the fixture itself: {base}");
+    let out = sandbox.path("pruned");
+    let report = sandbox.path("report.json");
+    run([
+        folder.as_os_str(),
+        out.as_os_str(),
+        "--calib".as_ref(),
+        calib.as_os_str(),
+        "--keep-params".as_ref(),
+        "0.6".as_ref(),
+        "--report".as_ref(),
+        report.as_os_str(),
+    ])
+    .assert_ok();
+    let pruned = caption_accuracy(&out)["all_three"].as_f64().unwrap();
+    assert!(
+        pruned >= 0.97 * base,
+        "captions right in all three attributes after keeping 60%: {pruned} (unpruned {base})"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let p = &json["params"];
+    assert!(p["blocks_kept"].as_f64().unwrap() <= 0.6, "{p}");
+    let kept = |tower: &str| {
+        p["towers_after"][tower].as_f64().unwrap() / p["towers_before"][tower].as_f64().unwrap()
+    };
+    assert!(
+        kept("vision") < 1.0 && kept("text") < 1.0,
+        "both towers pruned: {p}"
+    );
+    let fidelity = &json["fidelity"];
+    assert!(
+        fidelity["next_token_agreement"].as_f64().unwrap() > 0.9,
+        "{fidelity}"
+    );
+}

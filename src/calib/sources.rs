@@ -55,6 +55,11 @@ pub struct PairSource {
     /// The model's folder, where an export keeps its tokenizer and
     /// preprocessor files.
     pub model_dir: Option<PathBuf>,
+    /// Whether the model is a folder export (pruned as a folder), which
+    /// ships its `preprocessor_config.json`: without one (and without
+    /// `--preprocessor`) images are refused rather than read with CLIP's
+    /// defaults.
+    pub folder_export: bool,
 }
 
 impl From<PathBuf> for CalibSource {
@@ -442,9 +447,20 @@ impl PairSource {
         let mut inputs = Inputs::new();
         if let Some((name, size)) = &roles.pixels {
             let dir = self.images.clone().unwrap_or_default();
-            let preprocessing = match self.preprocessor_file() {
-                Some(path) => Preprocessing::read(&path, *size).map_err(|r| read(&path, r))?,
-                None => Preprocessing::clip(*size),
+            let preprocessing = match (self.preprocessor_file(), &self.model_dir) {
+                (Some(path), _) => Preprocessing::read(&path, *size).map_err(|r| read(&path, r))?,
+                // An export folder ships its preprocessing: without it,
+                // CLIP's numbers could normalise the images wrongly.
+                (None, Some(folder)) if self.folder_export => {
+                    return Err(mismatch(
+                        dir,
+                        format!(
+                            "images need the model's preprocessing, and {} has no preprocessor_config.json: give --preprocessor FILE",
+                            folder.display()
+                        ),
+                    ));
+                }
+                (None, _) => Preprocessing::clip(*size),
             };
             let (h, w) = preprocessing.crop;
             if let Some((mh, mw)) = size

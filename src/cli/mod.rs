@@ -484,6 +484,7 @@ fn calib_source(pairs: &PairArgs, calib: Option<&Path>, model: &Path) -> Option<
                 p.to_path_buf()
             }
         }),
+        folder_export: model.is_dir(),
     }))
 }
 

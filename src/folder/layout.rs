@@ -146,6 +146,14 @@ pub fn scan(root: &Path, choice: Option<&[PathBuf]>) -> Result<Layout, FolderErr
                     }
                 }
             }
+            for relative in model_files(root)? {
+                if !parts.iter().any(|p| p.path == relative) {
+                    unpruned.push(Unpruned {
+                        path: relative,
+                        reason: "not chosen by --files".into(),
+                    });
+                }
+            }
         }
         None => {
             let mut variants = Vec::new();
