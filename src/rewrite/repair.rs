@@ -179,6 +179,10 @@ pub fn compensation(
 pub struct Statistics {
     grams: std::collections::HashMap<String, Array2<f64>>,
     means: std::collections::HashMap<String, Vec<f64>>,
+    /// Per projection (weight and input), its output energy tr(W'ᵀGW'):
+    /// the same for every candidate plan that refits it, and the one part
+    /// of a refit that needs the full product G·W'.
+    energies: Energies,
     /// Calibration samples the statistics were computed over.
     samples: usize,
     /// The provider that ran.
@@ -305,6 +309,32 @@ impl Statistics {
     }
 }
 
+/// Output energies of projections, computed once per run ([`Statistics`]).
+#[derive(Debug, Default)]
+struct Energies(std::sync::Mutex<std::collections::HashMap<String, f64>>);
+
+impl Clone for Energies {
+    fn clone(&self) -> Self {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Self(std::sync::Mutex::new(map))
+    }
+}
+
+impl Energies {
+    /// The energy under `key`, computed by `compute` the first time.
+    fn get_or(&self, key: &str, compute: impl FnOnce() -> f64) -> f64 {
+        if let Some(&e) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+            return e;
+        }
+        let energy = compute();
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), energy);
+        energy
+    }
+}
+
 /// Taps a set of statistics lacks ([`Statistics::missing`]): indices into
 /// `taps` of those feeding Grams and means.
 struct Missing {
@@ -333,7 +363,13 @@ pub fn apply(
                 reason: "no calibration statistics for this layer".into(),
             }
         })?;
-        refits.push(refit(&original.graph, &mut pruned.graph, &target, gram)?);
+        refits.push(refit(
+            &original.graph,
+            &mut pruned.graph,
+            &target,
+            gram,
+            &statistics.energies,
+        )?);
     }
     // The sliced weights the refits replaced are dead now.
     pruned.graph.eliminate_dead_code();
@@ -345,6 +381,7 @@ fn refit(
     graph: &mut Graph,
     target: &Target<'_>,
     gram: &Array2<f64>,
+    energies: &Energies,
 ) -> Result<Refit, RewriteError> {
     let label = format!("repair {}", target.label);
     let unsupported = |reason: String| RewriteError::Unsupported {
@@ -394,7 +431,11 @@ fn refit(
     if target.bias.is_some() {
         k.push(rows);
     }
-    let fitted = least_squares(gram, &full, &k);
+    // The weights are the original's, the Gram its input's: one energy per
+    // pair, whichever plan refits it.
+    let key = format!("{}\u{0}{}", linear.weight.storage, linear.input);
+    let total = energies.get_or(&key, || output_energy(gram, &full));
+    let fitted = least_squares(gram, &full, &k, total);
     let plain_slice = Refit {
         layer: target.label.clone(),
         rows: [target.kept.len(), rows],
@@ -470,9 +511,17 @@ struct Fitted {
     error_refit: Option<f64>,
 }
 
+/// tr(W'ᵀ G W'): the output energy of `full` (W') under `gram` (G), the
+/// scale of both errors of [`least_squares`].
+fn output_energy(gram: &Array2<f64>, full: &Array2<f64>) -> f64 {
+    let g_full = linalg::product(gram.view(), full.view(), Threads::All);
+    linalg::inner(full.view(), g_full.view())
+}
+
 /// Fits the rows K of `full` (W' = [W; b]) to reproduce `full`'s output
-/// under the second moment `gram` (G): (G_KK + λI) X = (G W')_K.
-fn least_squares(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize]) -> Fitted {
+/// under the second moment `gram` (G): (G_KK + λI) X = (G W')_K, given
+/// `total` = tr(W'ᵀGW') ([`output_energy`]).
+fn least_squares(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize], total: f64) -> Fitted {
     let rows = full.nrows();
     // R: the rows outside K (the removed ones, and the constant's when
     // there is no bias; W' is zero there).
@@ -483,11 +532,13 @@ fn least_squares(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize]) -> Fitted 
     // row): there is nothing to refit, and the closed-form error below
     // could round a refit that only shrinks the weights to "no worse".
     let slimmed = removed.iter().any(|&i| i + 1 < rows);
-    // G·W' once: the right-hand side is its K rows, and both errors below
-    // come from it instead of a product by G each.
-    let g_full = linalg::product(gram.view(), full.view(), Threads::All);
-    let rhs = g_full.select(Axis(0), k);
-    let g_kk = gram.select(Axis(0), k).select(Axis(1), k);
+    // The right-hand side (G W')_K = G_K· W': only the kept rows of the
+    // product, which is what candidates plans differ in (the full product
+    // is needed for the energy alone, once per projection).
+    let g_k = gram.select(Axis(0), k);
+    let rhs = linalg::product(g_k.view(), full.view(), Threads::All);
+    let g_kk = g_k.select(Axis(1), k);
+    drop(g_k);
     // A small ridge for rank-deficient activations (dead neurons, tokens
     // that repeat), larger when rounding in the accumulated moments still
     // leaves a negative pivot; no solution at all keeps the plain slice.
@@ -504,7 +555,6 @@ fn least_squares(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize]) -> Fitted 
     // Relative output errors, tr(Δᵀ G Δ) / tr(W'ᵀ G W'). Rounding can take
     // a near-zero error just below zero; NaN (a Gram with NaN) stays NaN.
     let non_negative = |e: f64| if e < 0.0 { 0.0 } else { e };
-    let total = linalg::inner(full.view(), g_full.view());
     // (`max` would turn a NaN total into the smallest positive number.)
     let scale = if total.is_nan() {
         f64::NAN
@@ -609,7 +659,7 @@ mod tests {
         });
         // Every other row kept, and the bias.
         let k: Vec<usize> = (0..width).step_by(2).chain([width]).collect();
-        let fitted = least_squares(&gram, &full, &k);
+        let fitted = least_squares(&gram, &full, &k, output_energy(&gram, &full));
         let x = fitted.solution.expect("the system is positive definite");
         let dropped = full.select(Axis(0), &k);
         let expect_dropped = direct_error(&gram, &full, &k, &dropped);
@@ -646,9 +696,9 @@ mod tests {
         });
         let gram = a.t().dot(&a) / 50.0;
         let mut full = Array2::from_shape_fn((4, 2), |(i, o)| (i + o) as f64 - 1.5);
-        let with_bias = least_squares(&gram, &full, &[0, 1, 2, 3]);
+        let with_bias = least_squares(&gram, &full, &[0, 1, 2, 3], output_energy(&gram, &full));
         full.row_mut(3).fill(0.0);
-        let without_bias = least_squares(&gram, &full, &[0, 1, 2]);
+        let without_bias = least_squares(&gram, &full, &[0, 1, 2], output_energy(&gram, &full));
         for fitted in [with_bias, without_bias] {
             assert!(fitted.solution.is_none());
             assert!(fitted.error_refit.is_none());
@@ -661,7 +711,7 @@ mod tests {
         let mut gram = Array2::<f64>::eye(5);
         gram[[1, 1]] = f64::NAN;
         let full = Array2::<f64>::ones((5, 2));
-        let fitted = least_squares(&gram, &full, &[0, 1, 4]);
+        let fitted = least_squares(&gram, &full, &[0, 1, 4], output_energy(&gram, &full));
         assert!(fitted.solution.is_none());
         assert!(fitted.error_dropped.is_nan(), "{}", fitted.error_dropped);
         assert!(fitted.error_refit.is_none());
