@@ -547,3 +547,148 @@ fn images_and_captions_use_the_folders_own_tokenizer_and_preprocessor() {
         std::fs::read(pairs.join("tokenizer.json")).unwrap()
     );
 }
+
+/// Rewrites the model file at `path` through `edit` (on its protobuf).
+fn edit_model(path: &Path, edit: impl FnOnce(&mut onnx_idprune::onnx::proto::ModelProto)) {
+    let mut proto = onnx_idprune::onnx::load(path).unwrap().proto;
+    edit(&mut proto);
+    let tmp = path.with_extension("edited");
+    onnx_idprune::onnx::save(&proto, &tmp, &Default::default()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn dropping_the_block_whose_sum_another_file_reads_keeps_the_files_apart() {
+    // A vision encoder without a final norm: its output is the last
+    // block's residual sum, the value a dropped last block reroutes — while
+    // the decoder reads it as its encoder_hidden_states.
+    let sandbox = Sandbox::new();
+    let folder = blip_folder(&sandbox);
+    edit_model(&folder.join("onnx/vision_model.onnx"), |proto| {
+        let graph = proto.graph.as_mut().unwrap();
+        let at = graph
+            .node
+            .iter()
+            .position(|n| n.output.first().is_some_and(|o| o == "last_hidden_state"))
+            .unwrap();
+        let norm = graph.node.remove(at);
+        assert_eq!(norm.op_type(), "LayerNormalization");
+        let sum = norm.input[0].clone();
+        for node in &mut graph.node {
+            for name in node.output.iter_mut().chain(node.input.iter_mut()) {
+                if *name == sum {
+                    *name = "last_hidden_state".into();
+                }
+            }
+        }
+    });
+    let plan = sandbox.write(
+        "plan.json",
+        r#"{"format": "onnx-idprune-plan", "version": 1,
+            "blocks": [{"tower": "vision", "index": 1, "drop": true}]}"#,
+    );
+    let out = sandbox.path("pruned");
+    run([
+        std::ffi::OsString::from(&folder),
+        out.clone().into(),
+        "--plan".into(),
+        plan.into(),
+    ])
+    .assert_ok();
+    // The decoder is untouched; the encoder lost a block.
+    assert_eq!(
+        weights(&[out.join("onnx/text_decoder.onnx")]),
+        weights(&[folder.join("onnx/text_decoder.onnx")])
+    );
+    assert!(
+        weights(&[out.join("onnx/vision_model.onnx")]).len()
+            < weights(&[folder.join("onnx/vision_model.onnx")]).len()
+    );
+}
+
+#[test]
+fn a_folder_holding_one_whole_model_is_verified_like_the_file() {
+    let sandbox = Sandbox::new();
+    let folder = sandbox.path("whole");
+    copy(
+        &util::fixtures().join(CLIP),
+        &folder.join("onnx/model.onnx"),
+    );
+    let calib = util::fixtures().join("calib/clip_tiny_calib.npz");
+    let result = run(prune_args(
+        &folder,
+        &sandbox.path("out"),
+        &calib,
+        &["--keep-params", "0.6"],
+    ));
+    result.assert_ok();
+    assert!(
+        result.stderr.contains("top-1 agreement"),
+        "{}",
+        result.stderr
+    );
+}
+
+#[test]
+fn outputs_that_would_land_in_out_dir_or_nowhere_are_refused_before_any_work() {
+    let sandbox = Sandbox::new();
+    let folder = clip_folder(&sandbox);
+    let calib = util::fixtures().join("calib/clip_tiny_calib.npz");
+    let out = sandbox.path("out");
+    let plan_out = out.join("config.json");
+    refused(
+        &sandbox,
+        &folder,
+        &out,
+        &calib,
+        &["--plan-out", plan_out.to_str().unwrap()],
+        "OUT_DIR is written whole",
+    );
+    refused(
+        &sandbox,
+        &folder,
+        &sandbox.path("missing/out"),
+        &calib,
+        &[],
+        "parent folder",
+    );
+}
+
+#[test]
+fn a_cached_decoder_beside_the_towers_is_not_left_behind_silently() {
+    let sandbox = Sandbox::new();
+    let folder = blip_folder(&sandbox);
+    // What optimum adds for generation: the same decoder reading a cache.
+    let cached = folder.join("onnx/decoder_with_past_model.onnx");
+    copy(&folder.join("onnx/text_decoder.onnx"), &cached);
+    edit_model(&cached, |proto| {
+        let graph = proto.graph.as_mut().unwrap();
+        let mut past = graph.input[0].clone();
+        past.name = Some("past_key_values.0.key".into());
+        graph.input.push(past);
+    });
+    let calib = defaults().join("inputs/blip_itm.npz");
+    let out = sandbox.path("out");
+    refused(&sandbox, &folder, &out, &calib, &[], "with a KV cache");
+    // Chosen explicitly, the pair is pruned and the cached decoder copied.
+    let args = prune_args(
+        &folder,
+        &out,
+        &calib,
+        &[
+            "--keep-params",
+            "0.6",
+            "--samples",
+            "12",
+            "--holdout",
+            "4",
+            "--files",
+            "onnx/vision_model.onnx,onnx/text_decoder.onnx",
+        ],
+    );
+    run(args).assert_ok();
+    assert_eq!(
+        std::fs::read(out.join("onnx/decoder_with_past_model.onnx")).unwrap(),
+        std::fs::read(&cached).unwrap()
+    );
+}

@@ -5,10 +5,10 @@
 //! `dir/name/<original>`, except the values the file reads from outside:
 //! its graph inputs keep their names and are shared by every file reading
 //! one of that name (token ids feed a text encoder and a decoder alike), and
-//! a decoder's `encoder_hidden_states` becomes the vision encoder's output
-//! itself. The joined graph is then what a single-file export of the same
-//! model would be, up to names: the towers' outputs are its outputs, the
-//! interface is an edge.
+//! a decoder's `encoder_hidden_states` is made from the vision encoder's
+//! output by an `Identity` (which belongs to neither file). The joined
+//! graph is then what a single-file export of the same model would be, up
+//! to names: the towers' outputs are its outputs, the interface is an edge.
 //!
 //! Splitting takes, for each file, every node its outputs need back to the
 //! values it reads from outside, and renames them back. What no rewrite may
@@ -29,6 +29,9 @@ use crate::onnx::proto::{
 
 /// The name of a decoder input that the vision encoder's output feeds.
 const ENCODER_STATES: &str = "encoder_hidden_states";
+
+/// Name suffix of the `Identity` node that carries a wire.
+const WIRE_NODE: &str = "/wire";
 
 /// One file of a joined folder.
 #[derive(Debug, Clone)]
@@ -71,6 +74,11 @@ pub struct Wire {
     pub to: usize,
     /// The input it feeds, by its name in the reading file.
     pub input: String,
+    /// That input's joined name: an `Identity` of `value` makes it. The
+    /// reading file's nodes read it, not `value`, so a rewrite that
+    /// reroutes the producing file's output (a dropped last block) cannot
+    /// lead them into the producing file's graph.
+    pub joined_input: String,
     /// The output's type when joined (what the reader was made for).
     ty: Option<crate::onnx::proto::TypeProto>,
 }
@@ -154,6 +162,7 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
             from,
             to,
             input: ENCODER_STATES.to_string(),
+            joined_input: format!("{}{ENCODER_STATES}", prefixes[to]),
             ty: output.r#type.clone(),
         });
     }
@@ -194,16 +203,23 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
     for (i, part) in parts.iter().enumerate() {
         let prefix = &prefixes[i];
         let mut boundary: HashMap<String, String> = HashMap::new();
+        // Inputs shared by name keep it; a wired input gets the file's
+        // prefix like its other values (an Identity of the wire makes it).
+        let mut outside: HashMap<String, String> = HashMap::new();
         for input in &real_inputs[i] {
             let joined_name = match wires.iter().find(|w| w.to == i && w.input == input.name()) {
-                Some(wire) => wire.value.clone(),
-                None => input.name().to_string(),
+                Some(wire) => wire.joined_input.clone(),
+                None => {
+                    outside.insert(input.name().to_string(), input.name().to_string());
+                    input.name().to_string()
+                }
             };
             boundary.insert(joined_name, input.name().to_string());
         }
-        let outside: HashMap<String, String> = boundary
+        let wired: HashSet<&str> = wires
             .iter()
-            .map(|(j, o)| (o.clone(), j.clone()))
+            .filter(|w| w.to == i)
+            .map(|w| w.input.as_str())
             .collect();
         let rename = |name: &str| -> String {
             if name.is_empty() {
@@ -219,7 +235,7 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
         let constant_inputs: Vec<ValueInfoProto> = graph
             .input
             .iter()
-            .filter(|v| !outside.contains_key(v.name()))
+            .filter(|v| !outside.contains_key(v.name()) && !wired.contains(v.name()))
             .cloned()
             .collect();
         rename_graph(&mut graph, &rename, prefix);
@@ -233,6 +249,15 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
         for mut input in constant_inputs {
             input.name = Some(rename(input.name()));
             joined.input.push(input);
+        }
+        for wire in wires.iter().filter(|w| w.to == i) {
+            joined.node.push(NodeProto {
+                op_type: Some("Identity".into()),
+                name: Some(format!("{}{WIRE_NODE}", wire.joined_input)),
+                input: vec![wire.value.clone()],
+                output: vec![wire.joined_input.clone()],
+                ..Default::default()
+            });
         }
         joined.node.append(&mut graph.node);
         joined.initializer.append(&mut graph.initializer);

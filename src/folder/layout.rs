@@ -157,6 +157,7 @@ pub fn scan(root: &Path, choice: Option<&[PathBuf]>) -> Result<Layout, FolderErr
         }
         None => {
             let mut variants = Vec::new();
+            let mut cached_decoders: Vec<PathBuf> = Vec::new();
             for relative in model_files(root)? {
                 let stem = relative
                     .file_stem()
@@ -170,11 +171,30 @@ pub fn scan(root: &Path, choice: Option<&[PathBuf]>) -> Result<Layout, FolderErr
                 let file = onnx::load(&path)?;
                 match classify(file.proto.graph.as_ref()) {
                     Ok(role) => add_part(root, &mut parts, relative, role, file)?,
-                    Err(reason) => unpruned.push(Unpruned {
-                        path: relative,
-                        reason: format!("it {reason}"),
-                    }),
+                    Err(reason) => {
+                        if reads_encoder_states(file.proto.graph.as_ref()) {
+                            cached_decoders.push(relative.clone());
+                        }
+                        unpruned.push(Unpruned {
+                            path: relative,
+                            reason: format!("it {reason}"),
+                        });
+                    }
                 }
+            }
+            // A decoder that generates from the vision encoder's states
+            // through a cache would be left as it was beside a pruned
+            // encoder (and decoder): say so rather than write that folder.
+            if let Some(cached) = cached_decoders.first()
+                && parts.iter().any(|p| p.role.towers().0)
+            {
+                return Err(FolderError::Misfit {
+                    root: root.to_path_buf(),
+                    reason: format!(
+                        "{} reads encoder_hidden_states with a KV cache, and this build does not prune cached decoders: the folder would pair it, unchanged, with pruned files; choose the files to prune with --files to do so anyway (it is then copied unchanged)",
+                        cached.display()
+                    ),
+                });
             }
             for (relative, base) in variants {
                 let reason = match parts
@@ -346,6 +366,12 @@ fn classify(graph: Option<&GraphProto>) -> Result<Role, String> {
             ))
         }
     }
+}
+
+/// Whether a graph reads `encoder_hidden_states` (a decoder of the vision
+/// encoder's output).
+fn reads_encoder_states(graph: Option<&GraphProto>) -> bool {
+    graph.is_some_and(|g| g.input.iter().any(|i| i.name() == "encoder_hidden_states"))
 }
 
 /// Element type and rank of a tensor-typed value (0 and `None` when not known).

@@ -28,6 +28,16 @@ pub fn check_destination(out: &Path) -> Result<(), FolderError> {
         root: out.to_path_buf(),
         reason: reason.into(),
     };
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(bad(&format!(
+            "OUT_DIR's parent folder {} does not exist",
+            parent.display()
+        )));
+    }
     match std::fs::symlink_metadata(out) {
         Err(_) => Ok(()),
         Ok(meta) if meta.is_dir() => {
@@ -75,22 +85,29 @@ pub fn write(
         if let Some(parent) = destination.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
         }
+        let part = layout
+            .parts
+            .iter()
+            .find(|p| p.path == *path)
+            .expect("every member is a part");
+        // The exporters' own name for the data file (optimum and
+        // transformers.js: `model.onnx_data`), where the original had one.
+        let data_name = match part.file.external_files.as_slice() {
+            [one] => one.file_name().map(|n| n.to_string_lossy().into_owned()),
+            _ => None,
+        };
         let options = SaveOptions {
             external_data: external.unwrap_or(if member.external_data {
                 ExternalData::Always
             } else {
                 ExternalData::Auto
             }),
+            external_name: data_name,
             ..Default::default()
         };
         let saved = onnx::save(proto, &destination, &options)?;
         summary.model_bytes += saved.model_bytes;
         summary.external_bytes += saved.external_bytes;
-        let part = layout
-            .parts
-            .iter()
-            .find(|p| p.path == *path)
-            .expect("every member is a part");
         written.push(WrittenFile {
             path: path.clone(),
             role: member.role.name(),

@@ -24,6 +24,8 @@ pub struct FileGuard {
     inputs: Vec<PathBuf>,
     /// Folders read as a whole: nothing may be written inside them.
     folders: Vec<PathBuf>,
+    /// Folders written as a whole: no other output may lie inside them.
+    output_folders: Vec<PathBuf>,
     outputs: Vec<Destination>,
 }
 
@@ -91,6 +93,14 @@ impl FileGuard {
         self
     }
 
+    /// A folder the run writes as a whole (OUT_DIR): no other output may
+    /// lie inside it. It is checked as an output too (`name` in messages).
+    pub fn output_folder(&mut self, path: impl Into<PathBuf>, name: &'static str) -> &mut Self {
+        let path = path.into();
+        self.output_folders.push(path.clone());
+        self.output(path, name)
+    }
+
     /// Files the run reads.
     pub fn inputs(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> &mut Self {
         self.inputs.extend(paths);
@@ -140,6 +150,17 @@ impl FileGuard {
                     path: out.path.clone(),
                     role,
                     folder: self.folders[i].clone(),
+                });
+            }
+            let written_whole = self.output_folders.iter().find(|f| {
+                let f = Identity::output(f).path;
+                identity.path != f && identity.path.starts_with(&f)
+            });
+            if let Some(folder) = written_whole {
+                return Err(SaveError::InsideOutput {
+                    path: out.path.clone(),
+                    role,
+                    folder: folder.clone(),
                 });
             }
             if let Some(i) = inputs.iter().position(|i| i.same(&identity)) {

@@ -44,6 +44,9 @@ pub struct SaveOptions {
     /// Largest model file allowed; above it `Auto` moves weights out and
     /// `Never` fails. Protobuf's 2 GiB unless a test lowers it.
     pub size_limit: u64,
+    /// File name of the external data file, in OUT's folder (default:
+    /// [`external_path`], `OUT.data`).
+    pub external_name: Option<String>,
 }
 
 impl Default for SaveOptions {
@@ -53,6 +56,7 @@ impl Default for SaveOptions {
             inline_threshold: 1024,
             size_limit: PROTOBUF_LIMIT,
             alignment: 4096,
+            external_name: None,
         }
     }
 }
@@ -112,6 +116,16 @@ pub enum SaveError {
         /// What the destination is, when its name is derived.
         role: Option<&'static str>,
         /// The input folder.
+        folder: PathBuf,
+    },
+    /// The destination lies inside an output folder written whole.
+    #[error("refusing to write {}{}: it is inside {} (OUT_DIR is written whole, and its files are the model's)", path.display(), role_note(*role), folder.display())]
+    InsideOutput {
+        /// The destination.
+        path: PathBuf,
+        /// What the destination is, when its name is derived.
+        role: Option<&'static str>,
+        /// The output folder.
         folder: PathBuf,
     },
     /// Two outputs of one run would be the same file.
@@ -179,7 +193,10 @@ pub fn save(
     let owned;
     let model = if externalize {
         let mut copy = model.clone();
-        let data_path = external_path(out);
+        let data_path = match &options.external_name {
+            Some(name) => out.with_file_name(name),
+            None => external_path(out),
+        };
         let location = data_path
             .file_name()
             .unwrap_or_default()

@@ -151,16 +151,17 @@ pub(super) fn check_wire_widths(
         let Some(width) = shapes.last_dim(&wire.value) else {
             continue;
         };
-        for consumer in graph.consumers(&wire.value) {
+        let read = &wire.joined_input;
+        for consumer in graph.consumers(read) {
             let node = graph.node(consumer);
             let weight = match node.op() {
-                "MatMul" if node.inputs().first() == Some(&wire.value) => node
+                "MatMul" if node.inputs().first() == Some(read) => node
                     .inputs()
                     .get(1)
                     .and_then(|w| graph.initializer(w))
                     .filter(|w| w.dims().len() == 2)
                     .map(|w| w.dims()[0]),
-                "Gemm" if node.inputs().first() == Some(&wire.value) => {
+                "Gemm" if node.inputs().first() == Some(read) => {
                     let transposed = node.attr_int("transB") == Some(1);
                     node.inputs()
                         .get(1)
@@ -246,20 +247,37 @@ impl Verifier {
     }
 
     /// A captioner's greedy captions from `model` against the original's
-    /// (none when the model is no captioner, [`verify::captioner_logits`]).
-    pub fn captions(&self, model: &Model) -> Result<Option<verify::CaptionAgreement>, Error> {
+    /// (none when the model is no captioner, [`verify::captioner_logits`]),
+    /// or why they were not compared: generation is an extra check, and a
+    /// model it cannot drive (a static batch size, inputs it cannot grow)
+    /// is still verified by the rest.
+    pub fn captions(&self, model: &Model) -> (Option<verify::CaptionAgreement>, Option<String>) {
         let Some(logits) = verify::captioner_logits(&model.graph) else {
-            return Ok(None);
+            return (None, None);
         };
+        if let Some(batch) = self.fixed_batch {
+            return (
+                None,
+                Some(format!(
+                    "the model has a static batch size ({batch}); greedy captions were not compared"
+                )),
+            );
+        }
         let candidate = onnx::encode_to_vec(&model.to_proto());
-        Ok(verify::compare_captions(
+        match verify::compare_captions(
             &self.original,
             &candidate,
             &self.inputs,
             self.samples,
             &logits,
             &self.runtime,
-        )?)
+        ) {
+            Ok(agreement) => (agreement, None),
+            Err(e) => (
+                None,
+                Some(format!("greedy captions were not compared: {e}")),
+            ),
+        }
     }
 
     /// How closely `model` follows the original.

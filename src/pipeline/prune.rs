@@ -237,7 +237,7 @@ impl PruneJob {
                 // Generation is the final check only: a judge ranking
                 // candidates runs the teacher-forced pass alone.
                 let clock = Instant::now();
-                fidelity.captions = verifier.captions(&candidate.model)?;
+                (fidelity.captions, fidelity.captions_note) = verifier.captions(&candidate.model);
                 captions_time = clock.elapsed().as_secs_f64();
                 if let Some(required) = self.min_fidelity
                     && fidelity.min_cosine < required
@@ -360,7 +360,11 @@ impl PruneJob {
             guard.inputs(calib.files());
             guard.inputs(runtime_files(&self.runtime));
         }
-        guard.output(&self.output, "OUT");
+        if source.folder.is_some() {
+            guard.output_folder(&self.output, "OUT");
+        } else {
+            guard.output(&self.output, "OUT");
+        }
         if self.external_data != Some(ExternalData::Never) && source.folder.is_none() {
             guard.derived_output(
                 onnx::external_path(&self.output),

@@ -50,6 +50,10 @@ pub struct Fidelity {
     /// by the judge.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub captions: Option<CaptionAgreement>,
+    /// Why greedy captions were not compared for a captioner (a static
+    /// batch size, a failed generation step).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub captions_note: Option<String>,
 }
 
 /// Greedy captions of the pruned model against the original's, on the
@@ -59,11 +63,12 @@ pub struct Fidelity {
 pub struct CaptionAgreement {
     /// Captions compared.
     pub captions: usize,
-    /// Tokens generated per caption.
+    /// Tokens generated per caption (each is compared as far as its
+    /// held-out reference caption runs, by its attention mask).
     pub tokens: usize,
     /// Share of captions the pruned model generates exactly as the original.
     pub exact_match: f64,
-    /// Share of generated positions holding the original's token (position
+    /// Share of compared positions holding the original's token (position
     /// by position, so one early difference counts every later one it
     /// changes).
     pub token_agreement: f64,
@@ -180,7 +185,7 @@ pub fn compare_to(
                 Some(entry) => entry.1 += sum,
                 None => sums.push((name.clone(), sum)),
             }
-            if batched && name == "logits_per_image" && x.ndim() == 2 {
+            if batched && is_named(name, "logits_per_image") && x.ndim() == 2 {
                 let mut picks = std::collections::BTreeSet::new();
                 for r in 0..end - start {
                     let (u, v) = (row(xs, width, r), row(ys, width, r));
@@ -233,6 +238,7 @@ pub fn compare_to(
         next_token_agreement: (tokens_compared > 0)
             .then(|| tokens_agree as f64 / tokens_compared as f64),
         captions: None,
+        captions_note: None,
     })
 }
 
@@ -309,18 +315,36 @@ pub fn compare_captions(
     let first: Vec<i64> = (0..samples).map(|r| ids[[r, 0]]).collect();
     let ca = greedy(&mut a, inputs, samples, &first, length, logits)?;
     let cb = greedy(&mut b, inputs, samples, &first, length, logits)?;
-    let generated = length - 1;
+    // Each caption is compared as far as its reference runs (the held-out
+    // caption's real tokens, by its attention mask): past its end a model
+    // emits whatever follows an end token, which says nothing.
+    let real = text_mask(
+        inputs,
+        inputs.get("attention_mask").map_or(0, |m| m.shape()[0]),
+        length,
+    );
     let mut exact = 0usize;
-    let mut same = 0usize;
-    for (x, y) in ca.iter().zip(&cb) {
+    let (mut same, mut compared) = (0usize, 0usize);
+    for (r, (x, y)) in ca.iter().zip(&cb).enumerate() {
+        let tokens = match &real {
+            Some(m) => m[r * length..(r + 1) * length]
+                .iter()
+                .filter(|&&v| v != 0)
+                .count(),
+            None => length,
+        }
+        .saturating_sub(1)
+        .max(1);
+        let (x, y) = (&x[..tokens], &y[..tokens]);
         exact += usize::from(x == y);
         same += x.iter().zip(y).filter(|(p, q)| p == q).count();
+        compared += tokens;
     }
     Ok(Some(CaptionAgreement {
         captions: samples,
-        tokens: generated,
+        tokens: length - 1,
         exact_match: exact as f64 / samples as f64,
-        token_agreement: same as f64 / (samples * generated) as f64,
+        token_agreement: same as f64 / compared.max(1) as f64,
     }))
 }
 
@@ -340,12 +364,30 @@ fn greedy(
         let rows = end - start;
         let mut tokens: Vec<Vec<i64>> = first[start..end].iter().map(|&t| vec![t]).collect();
         let index: Vec<usize> = (start..end).collect();
-        let mut feed: Inputs = inputs
+        let batch: Inputs = inputs
             .iter()
-            .filter(|(k, _)| *k != "input_ids" && *k != "attention_mask")
             .map(|(k, v)| (k.clone(), v.select_rows(&index)))
             .collect();
         for step in 1..length {
+            // Every other per-token input (position or token type ids) is
+            // cut to the tokens so far; the rest is fed whole.
+            let mut feed: Inputs = batch
+                .iter()
+                .filter(|(k, _)| *k != "input_ids" && *k != "attention_mask")
+                .map(|(k, v)| {
+                    let per_token = v.shape() == [rows, length];
+                    let value = match v {
+                        Array::I64(a) if per_token => {
+                            Array::I64(a.slice_axis(ndarray::Axis(1), (0..step).into()).to_owned())
+                        }
+                        Array::I32(a) if per_token => {
+                            Array::I32(a.slice_axis(ndarray::Axis(1), (0..step).into()).to_owned())
+                        }
+                        other => other.clone(),
+                    };
+                    (k.clone(), value)
+                })
+                .collect();
             let ids = ndarray::Array2::from_shape_fn((rows, step), |(r, p)| tokens[r][p]);
             feed.insert("input_ids".into(), Array::I64(ids.into_dyn()));
             if inputs.contains_key("attention_mask") {
@@ -383,10 +425,7 @@ const CAPTION_BATCH: usize = 16;
 /// The output named `name`, or `…/name` (a folder's joined outputs are
 /// prefixed by their file), when exactly one matches.
 fn find_output<'a>(outputs: &'a [(String, Array)], name: &str) -> Option<&'a ArrayD<f32>> {
-    let suffix = format!("/{name}");
-    let mut found = outputs
-        .iter()
-        .filter(|(n, _)| n == name || n.ends_with(&suffix));
+    let mut found = outputs.iter().filter(|(n, _)| is_named(n, name));
     match (found.next(), found.next()) {
         (Some((_, Array::F32(a))), None) => Some(a),
         _ => None,
@@ -402,9 +441,7 @@ fn find_output<'a>(outputs: &'a [(String, Array)], name: &str) -> Option<&'a Arr
 /// up to its logit scale, which neither a cosine nor a top-1 depends on, so
 /// a folder is judged and verified as the single file would be.
 fn with_similarities(mut outputs: Vec<(String, Array)>) -> Vec<(String, Array)> {
-    if find_output(&outputs, "logits_per_image").is_some()
-        || outputs.iter().any(|(n, _)| n.ends_with("logits_per_image"))
-    {
+    if outputs.iter().any(|(n, _)| is_named(n, "logits_per_image")) {
         return outputs;
     }
     let (Some(images), Some(texts)) = (
