@@ -38,13 +38,18 @@ fn check_models(mode: &str, pairs: &[PathBuf]) {
 
 /// [`check_models`] with the inputs of `calib`.
 fn check_models_with(calib: &std::path::Path, mode: &str, pairs: &[PathBuf]) {
-    let script = util::fixtures().join("../tests/scripts/check_models.py");
+    let mut args: Vec<std::ffi::OsString> = vec![mode.into(), "--calib".into(), calib.into()];
+    args.extend(pairs.iter().map(Into::into));
+    run_check("check_models.py", &args, pairs.len() / 2);
+}
+
+/// Runs tests/scripts/SCRIPT with `args` and requires it to succeed with
+/// `oks` lines ending in ": ok".
+fn run_check(script: &str, args: &[std::ffi::OsString], oks: usize) {
+    let script = util::fixtures().join("../tests/scripts").join(script);
     let output = Command::new(python())
         .arg(script)
-        .arg(mode)
-        .arg("--calib")
-        .arg(calib)
-        .args(pairs)
+        .args(args)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -55,7 +60,7 @@ fn check_models_with(calib: &std::path::Path, mode: &str, pairs: &[PathBuf]) {
     );
     assert_eq!(
         stdout.lines().filter(|l| l.ends_with(": ok")).count(),
-        pairs.len() / 2,
+        oks,
         "{stdout}"
     );
 }
@@ -375,28 +380,15 @@ fn check_pruned_folder(
     ];
     args.extend(extra.iter().map(std::ffi::OsString::from));
     run(args).assert_ok();
-    let script = util::fixtures().join("../tests/scripts/check_folder.py");
-    let output = Command::new(python())
-        .arg(script)
-        .arg(folder)
-        .arg(&out)
-        .arg("--calib")
-        .arg(calib)
-        .arg("--files")
-        .arg(files)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(
-        stdout.lines().filter(|l| l.ends_with(": ok")).count(),
-        files.split(',').count(),
-        "{stdout}"
-    );
+    let args: Vec<std::ffi::OsString> = vec![
+        folder.into(),
+        out.into(),
+        "--calib".into(),
+        calib.into(),
+        "--files".into(),
+        files.into(),
+    ];
+    run_check("check_folder.py", &args, files.split(',').count());
 }
 
 #[test]

@@ -499,38 +499,8 @@ fn reads(node: &NodeProto) -> Vec<String> {
         .filter(|n| !n.is_empty())
         .cloned()
         .collect();
-    for attribute in &node.attribute {
-        for g in attribute.g.iter().chain(&attribute.graphs) {
-            read.extend(free_values(g));
-        }
-    }
+    read.extend(crate::ir::implicit_inputs(node));
     read
-}
-
-/// Values a subgraph reads that it does not define.
-fn free_values(graph: &GraphProto) -> Vec<String> {
-    let mut defined: HashSet<&str> = HashSet::new();
-    defined.extend(graph.input.iter().map(|v| v.name()));
-    defined.extend(graph.initializer.iter().map(|t| t.name()));
-    defined.extend(
-        graph
-            .sparse_initializer
-            .iter()
-            .filter_map(|s| s.values.as_ref())
-            .map(|t| t.name()),
-    );
-    for node in &graph.node {
-        defined.extend(node.output.iter().map(String::as_str));
-    }
-    let mut free = Vec::new();
-    for node in &graph.node {
-        for value in reads(node) {
-            if !defined.contains(value.as_str()) && !free.contains(&value) {
-                free.push(value);
-            }
-        }
-    }
-    free
 }
 
 impl Joined {

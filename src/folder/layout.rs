@@ -297,6 +297,18 @@ fn chosen_file(root: &Path, canonical_root: &Path, entry: &Path) -> Result<PathB
     Ok(relative)
 }
 
+/// The entries of folder `dir`.
+fn entries(dir: &Path) -> Result<Vec<std::fs::DirEntry>, FolderError> {
+    let io = |error| FolderError::Io {
+        path: dir.to_path_buf(),
+        error,
+    };
+    std::fs::read_dir(dir)
+        .map_err(io)?
+        .map(|e| e.map_err(io))
+        .collect()
+}
+
 /// `*.onnx` in the folder and in `onnx/`, relative paths, sorted.
 fn model_files(root: &Path) -> Result<Vec<PathBuf>, FolderError> {
     let mut found = Vec::new();
@@ -305,15 +317,7 @@ fn model_files(root: &Path) -> Result<Vec<PathBuf>, FolderError> {
         if !dir.is_dir() {
             continue;
         }
-        let entries = std::fs::read_dir(&dir).map_err(|error| FolderError::Io {
-            path: dir.clone(),
-            error,
-        })?;
-        for entry in entries {
-            let entry = entry.map_err(|error| FolderError::Io {
-                path: dir.clone(),
-                error,
-            })?;
+        for entry in entries(&dir)? {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "onnx") && path.is_file() {
                 found.push(sub.join(entry.file_name()));
@@ -397,15 +401,7 @@ fn copied_files(root: &Path, parts: &[Part]) -> Result<Vec<PathBuf>, FolderError
     let mut pending = vec![PathBuf::new()];
     while let Some(sub) = pending.pop() {
         let dir = root.join(&sub);
-        let entries = std::fs::read_dir(&dir).map_err(|error| FolderError::Io {
-            path: dir.clone(),
-            error,
-        })?;
-        for entry in entries {
-            let entry = entry.map_err(|error| FolderError::Io {
-                path: dir.clone(),
-                error,
-            })?;
+        for entry in entries(&dir)? {
             let relative = sub.join(entry.file_name());
             let path = root.join(&relative);
             let meta = std::fs::symlink_metadata(&path).map_err(|error| FolderError::Io {

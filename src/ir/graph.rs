@@ -1008,7 +1008,7 @@ fn arity_problem(node: &Node) -> Option<String> {
 }
 
 /// Outer-scope names read by the subgraphs of `node`, in first-use order.
-fn implicit_inputs(node: &NodeProto) -> Vec<String> {
+pub fn implicit_inputs(node: &NodeProto) -> Vec<String> {
     let mut free = IndexSet::new();
     for attribute in &node.attribute {
         for graph in attribute.g.iter().chain(&attribute.graphs) {

@@ -25,7 +25,9 @@ mod graph;
 mod tensor;
 
 pub use check::EditCheck;
-pub use graph::{DeadCode, Dim, Graph, IrError, Node, NodeId, Producer, Slot, Use, ValueType};
+pub use graph::{
+    DeadCode, Dim, Graph, IrError, Node, NodeId, Producer, Slot, Use, ValueType, implicit_inputs,
+};
 pub use tensor::{Tensor, TensorError};
 
 use crate::onnx::proto::ModelProto;
