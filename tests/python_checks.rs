@@ -290,12 +290,12 @@ fn images_and_captions_become_what_hugging_face_makes_of_them() {
     );
 }
 
-/// Zero-shot top-1 of a model on the trained fixture's evaluation set
-/// (fixtures/trained/eval.py, onnxruntime).
-fn zero_shot_top1(model: &std::path::Path) -> f64 {
+/// What a fixture's evaluation script (`fixtures/SCRIPT TARGET --json`,
+/// onnxruntime) prints for `target`.
+fn evaluate(script: &str, target: &std::path::Path) -> serde_json::Value {
     let output = Command::new(python())
-        .arg(util::fixtures().join("trained/eval.py"))
-        .arg(model)
+        .arg(util::fixtures().join(script))
+        .arg(target)
         .arg("--json")
         .output()
         .unwrap();
@@ -304,8 +304,13 @@ fn zero_shot_top1(model: &std::path::Path) -> f64 {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    json["top1"].as_f64().unwrap()
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Zero-shot top-1 of a model on the trained fixture's evaluation set
+/// (fixtures/trained/eval.py).
+fn zero_shot_top1(model: &std::path::Path) -> f64 {
+    evaluate("trained/eval.py", model)["top1"].as_f64().unwrap()
 }
 
 #[test]
@@ -436,19 +441,7 @@ fn pruned_folders_pass_onnx_checker_and_run_chained_in_onnxruntime() {
 
 /// Caption accuracy of a captioner folder (fixtures/trained_captioner/eval.py).
 fn caption_accuracy(folder: &std::path::Path) -> serde_json::Value {
-    let script = util::fixtures().join("trained_captioner/eval.py");
-    let output = Command::new(python())
-        .arg(script)
-        .arg(folder)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    evaluate("trained_captioner/eval.py", folder)
 }
 
 #[test]

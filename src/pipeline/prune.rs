@@ -272,7 +272,6 @@ impl PruneJob {
         }
         clock = Instant::now();
         let stored_params = crate::arch::stored_params(&candidate.model.graph);
-        let pruned = candidate.model.to_proto();
 
         let external_data =
             self.external_data
@@ -286,7 +285,10 @@ impl PruneJob {
             ..Default::default()
         };
         let (saved, written) = match &source.folder {
-            None => (onnx::save(&pruned, &self.output, &options)?, Vec::new()),
+            None => {
+                let pruned = candidate.model.to_proto();
+                (onnx::save(&pruned, &self.output, &options)?, Vec::new())
+            }
             Some(folder) => crate::folder::write(
                 &folder.layout,
                 &folder.joined,
@@ -295,7 +297,6 @@ impl PruneJob {
                 self.external_data,
             )?,
         };
-        drop(pruned);
         timings.push(("save", clock.elapsed().as_secs_f64()));
         let plan = plan.normalized();
         let report = self.report(
