@@ -16,10 +16,8 @@ mod util;
 
 use std::path::{Path, PathBuf};
 
-use ndarray_npy::NpzReader;
-use onnx_idprune::calib::{Array, Runtime, RuntimeOptions, npz};
 use serde_json::Value;
-use util::{Sandbox, run};
+use util::{Sandbox, inputs, outputs_of, read_outputs, relative_error, run};
 
 fn corpus() -> PathBuf {
     util::fixtures().join("defaults")
@@ -82,55 +80,6 @@ fn inspect_is_exact_on_every_default_export() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-/// The first `n` samples of the inputs the file takes.
-fn inputs(model: &Path, npz_path: &Path, n: usize) -> onnx_idprune::calib::Inputs {
-    let source = onnx_idprune::open(model).unwrap();
-    let (inputs, _) = npz::read_npz(npz_path, &source.model.graph).unwrap();
-    inputs.into_iter().map(|(k, v)| (k, v.rows(0, n))).collect()
-}
-
-fn read_outputs(path: &Path) -> Vec<(String, ndarray::ArrayD<f32>)> {
-    let mut npz = NpzReader::new(std::fs::File::open(path).unwrap()).unwrap();
-    let names = npz.names().unwrap();
-    names
-        .iter()
-        .map(|n| {
-            (
-                n.trim_end_matches(".npy").to_string(),
-                npz.by_name::<ndarray::OwnedRepr<f32>, ndarray::IxDyn>(n)
-                    .unwrap(),
-            )
-        })
-        .collect()
-}
-
-/// Largest absolute difference relative to the reference's largest
-/// magnitude.
-fn relative_error(got: &ndarray::ArrayD<f32>, want: &ndarray::ArrayD<f32>) -> f32 {
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-    got.iter()
-        .zip(want.iter())
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-        / scale
-}
-
-/// Runs `model` on `inputs` and returns its float outputs.
-fn outputs_of(
-    model: &Path,
-    feed: &onnx_idprune::calib::Inputs,
-) -> Vec<(String, ndarray::ArrayD<f32>)> {
-    let mut runtime = Runtime::from_file(model, &RuntimeOptions::default()).unwrap();
-    runtime
-        .run(feed)
-        .unwrap()
-        .into_iter()
-        .filter_map(|(n, a)| match a {
-            Array::F32(a) => Some((n, a)),
-            _ => None,
-        })
-        .collect()
 }
 
 /// The plans of a model: `plans/<model>_<plan>.json` with their

@@ -488,3 +488,44 @@ fn the_trained_captioner_keeps_its_captions_when_pruned_as_a_folder() {
         "{fidelity}"
     );
 }
+
+/// Decoders pruned by a plan and by the main job pass `onnx.checker`, keep
+/// their interface but for removed or narrowed cache entries, and generate
+/// greedily with their cache exactly as without it (check_decoders.py).
+#[test]
+fn pruned_decoders_generate_with_their_cache_as_without_it() {
+    let sandbox = Sandbox::new();
+    let corpus = util::fixtures().join("decoders");
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["--calib".into(), corpus.join("inputs/llama.npz").into()];
+    let mut pairs = 0;
+    for family in ["llama", "qwen2", "gemma"] {
+        for file in [format!("{family}.onnx"), format!("{family}_cache.onnx")] {
+            let model = corpus.join(&file);
+            let planned = sandbox.path(&format!("mixed-{file}"));
+            util::run_plan(
+                &model,
+                &planned,
+                &corpus.join(format!("plans/{family}_mixed.json")),
+                &[],
+            )
+            .assert_ok();
+            let auto = sandbox.path(&format!("auto-{file}"));
+            run([
+                model.as_os_str(),
+                auto.as_os_str(),
+                "--calib".as_ref(),
+                corpus.join(format!("inputs/{family}.npz")).as_os_str(),
+                "--keep-params".as_ref(),
+                "0.6".as_ref(),
+            ])
+            .assert_ok();
+            for out in [planned, auto] {
+                args.push(model.clone().into());
+                args.push(out.into());
+                pairs += 1;
+            }
+        }
+    }
+    run_check("check_decoders.py", &args, pairs);
+}

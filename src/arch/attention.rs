@@ -14,6 +14,14 @@
 //!   q, k, v ─► com.microsoft MultiHeadAttention(q, k, v[, bias]; num_heads) ─► Linear out
 //!   q, k, v ─► Attention(Q, K, V; q_num_heads, kv_num_heads) ─► Linear out
 //! ```
+//! Decoder language models add three things on the q/k paths, all followed:
+//! rotary position embeddings (`Add(Mul(x, cos), Mul(rotate_half(x), sin))`
+//! with `rotate_half = Concat(Neg(Slice), Slice)`, or a `RotaryEmbedding`
+//! operator), a key/value cache (`Concat(past, new)` along the sequence, the
+//! concatenation being the `present` output), and grouped-query attention:
+//! fewer key/value heads than query heads, each repeated for its group by
+//! `Unsqueeze ─► Expand ─► Reshape` before the scores.
+//!
 //! Layout operators between the parts are followed whatever the exporter
 //! chose (one transpose or three nodes, scales folded into q and k or put
 //! on the scores, masks boolean or additive). The head width comes from the
@@ -26,7 +34,7 @@ use super::Miss;
 use super::patterns::{Linear, linear_at, linear_producing};
 use super::shapes::Expr;
 use super::view::{Operand, View};
-use crate::ir::NodeId;
+use crate::ir::{NodeId, Producer};
 
 /// How the query/key/value projections are stored.
 // A few values per model: boxing the large variant would buy nothing.
@@ -72,12 +80,16 @@ pub enum ShapeRole {
     /// A product of the head count and an unknown size (batch × heads):
     /// becomes -1 when heads are removed.
     HeadMultiple,
+    /// The number of key/value heads (grouped-query attention, before the
+    /// repeat), in a reshape or in the repeat's `Expand` target.
+    KvHeads,
 }
 
-/// An entry of a reshape target that depends on the head count.
+/// An entry of a reshape (or repeat `Expand`) target that depends on the
+/// head count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShapeSite {
-    /// The Reshape.
+    /// The Reshape or Expand (the target is its input 1).
     pub node: NodeId,
     /// Position in its target shape.
     pub position: usize,
@@ -90,6 +102,31 @@ pub struct ShapeSite {
     pub wildcard_elsewhere: bool,
 }
 
+/// A layer's key/value cache: the graph inputs holding the past keys and
+/// values (`[batch, kv_heads, past, head_dim]`) and the outputs holding them
+/// with this step's appended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cache {
+    /// Past keys (a graph input).
+    pub past_key: String,
+    /// Past values (a graph input).
+    pub past_value: String,
+    /// Present keys (a graph output), when the model returns them.
+    pub present_key: Option<String>,
+    /// Present values (a graph output), when the model returns them.
+    pub present_value: Option<String>,
+}
+
+impl Cache {
+    /// The past inputs, then the present outputs there are.
+    pub fn names(&self) -> Vec<&str> {
+        let mut out = vec![self.past_key.as_str(), self.past_value.as_str()];
+        out.extend(self.present_key.as_deref());
+        out.extend(self.present_value.as_deref());
+        out
+    }
+}
+
 /// A recognised attention sub-block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attention {
@@ -99,8 +136,13 @@ pub struct Attention {
     pub out: Linear,
     /// The Softmax (or the fused operator).
     pub anchor: NodeId,
-    /// Number of heads.
+    /// Number of (query) heads.
     pub heads: usize,
+    /// Number of key/value heads: fewer than `heads` with grouped-query
+    /// attention, each shared by `heads / kv_heads` query heads.
+    pub kv_heads: usize,
+    /// The key/value cache, when the model reads and writes one.
+    pub cache: Option<Cache>,
     /// Width of one head.
     pub head_dim: usize,
     /// Reshape target entries that encode the head count or the merged
@@ -124,6 +166,26 @@ impl Attention {
     /// Whether keys and values come from another sequence than queries.
     pub fn is_cross(&self) -> bool {
         self.query_input != self.key_input
+    }
+
+    /// Query heads per key/value head (1 without grouped-query attention).
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads.max(1)
+    }
+
+    /// The query heads kept when `groups` of the key/value heads are.
+    pub fn group_heads(&self, groups: &[usize]) -> Vec<usize> {
+        let g = self.group();
+        groups.iter().flat_map(|k| k * g..(k + 1) * g).collect()
+    }
+
+    /// The key/value heads `keep` (query heads) needs, when `keep` holds
+    /// whole groups.
+    pub fn kept_groups(&self, keep: &[usize]) -> Option<Vec<usize>> {
+        let g = self.group();
+        let mut groups: Vec<usize> = keep.iter().map(|h| h / g).collect();
+        groups.dedup();
+        (self.group_heads(&groups) == keep).then_some(groups)
     }
 
     /// Width of the stream the projections read.
@@ -216,6 +278,11 @@ struct Trace {
     path: Vec<NodeId>,
     /// Constant factors multiplied in on the way (a scale).
     scale: f64,
+    /// `Concat(past, new)`: the past (a graph input) and the concatenation.
+    cache: Option<(String, String)>,
+    /// Where in `path` the grouped-query repeat (`Expand`) sits: nodes
+    /// after it are between the projection and the repeat.
+    repeat: Option<usize>,
 }
 
 fn from_softmax(view: &View<'_>, softmax: NodeId) -> Result<Attention, Miss> {
@@ -321,12 +388,21 @@ fn from_softmax(view: &View<'_>, softmax: NodeId) -> Result<Attention, Miss> {
             "a packed projection three times the head width",
         ));
     }
-    if !packed && (k.linear.out_features != q_width || v.linear.out_features != q_width) {
+    // Keys and values as wide as the queries, or (grouped-query attention)
+    // narrower by a whole factor and repeated for each group.
+    let kv_width = k.linear.out_features;
+    let grouped = !packed && kv_width != q_width;
+    if !packed
+        && (v.linear.out_features != kv_width
+            || kv_width == 0
+            || !q_width.is_multiple_of(kv_width)
+            || (grouped && (k.repeat.is_none() || v.repeat.is_none())))
+    {
         return Err(Miss::new(
             view,
             k.linear.matmul,
             &format!(
-                "key and value projections as wide as the query's {q_width} (found {} and {})",
+                "key and value projections as wide as the query's {q_width}, or narrower by a whole factor and repeated per group (found {} and {})",
                 k.linear.out_features, v.linear.out_features
             ),
         ));
@@ -337,11 +413,11 @@ fn from_softmax(view: &View<'_>, softmax: NodeId) -> Result<Attention, Miss> {
     let head_dim = view
         .shapes
         .last_dim(&score_inputs[0])
-        .filter(|&d| d > 0 && q_width % d as usize == 0)
+        .filter(|&d| d > 0 && kv_width % d as usize == 0 && q_width % d as usize == 0)
         .map(|d| d as usize)
         .or_else(|| {
             let d = (1.0 / (scale * scale)).round();
-            (scale > 0.0 && scale < 1.0 && d >= 1.0 && q_width % d as usize == 0)
+            (scale > 0.0 && scale < 1.0 && d >= 1.0 && kv_width % d as usize == 0)
                 .then_some(d as usize)
         })
         .or_else(|| reshape_head_dim(view, &q.path, q_width))
@@ -353,10 +429,18 @@ fn from_softmax(view: &View<'_>, softmax: NodeId) -> Result<Attention, Miss> {
             )
         })?;
     let heads = q_width / head_dim;
-    let mut split: Vec<NodeId> = Vec::new();
-    for id in q.path.iter().chain(&k.path).chain(&v.path) {
-        if graph.node(*id).op() == "Reshape" && !split.contains(id) {
-            split.push(*id);
+    let kv_heads = if packed { heads } else { kv_width / head_dim };
+    // Split reshapes on the q path and on the k/v paths after the repeat
+    // count query heads; those between a k/v projection and its repeat
+    // count key/value heads, and so does the repeat's Expand target.
+    let mut split: Vec<(NodeId, usize, bool)> = Vec::new();
+    for (trace, is_kv) in [(&q, false), (&k, true), (&v, true)] {
+        for (i, id) in trace.path.iter().enumerate() {
+            let before_repeat = is_kv && trace.repeat.is_some_and(|r| i > r);
+            let counted = if before_repeat { kv_heads } else { heads };
+            if graph.node(*id).op() == "Reshape" && !split.iter().any(|(s, _, _)| s == id) {
+                split.push((*id, counted, before_repeat && grouped));
+            }
         }
     }
     let merge: Vec<NodeId> = out_path
@@ -366,16 +450,35 @@ fn from_softmax(view: &View<'_>, softmax: NodeId) -> Result<Attention, Miss> {
         .collect();
     let mut shape_sites = Vec::new();
     let mut opaque_sites = Vec::new();
-    for (&id, merge) in split
+    for (id, counted, kv_site, merge) in split
         .iter()
-        .map(|i| (i, false))
-        .chain(merge.iter().map(|i| (i, true)))
+        .map(|&(i, c, kv)| (i, c, kv, false))
+        .chain(merge.iter().map(|&i| (i, heads, false, true)))
     {
-        match classify(view, id, heads, head_dim, merge) {
-            Some(sites) => shape_sites.extend(sites),
+        match classify(view, id, counted, head_dim, merge) {
+            Some(sites) => shape_sites.extend(sites.into_iter().map(|mut s| {
+                if kv_site && s.role == ShapeRole::Heads {
+                    s.role = ShapeRole::KvHeads;
+                }
+                s
+            })),
             None => opaque_sites.push(id),
         }
     }
+    if grouped {
+        for trace in [&k, &v] {
+            let expand = trace.path[trace.repeat.expect("grouped traces repeat")];
+            match repeat_site(view, expand, kv_heads) {
+                Some(site) => {
+                    if !shape_sites.contains(&site) {
+                        shape_sites.push(site);
+                    }
+                }
+                None => opaque_sites.push(expand),
+            }
+        }
+    }
+    let cache = cache_of(view, &k, &v);
     let query_input = q.linear.input.clone();
     let key_input = k.linear.input.clone();
     let projections = if packed {
@@ -392,6 +495,8 @@ fn from_softmax(view: &View<'_>, softmax: NodeId) -> Result<Attention, Miss> {
         out,
         anchor: softmax,
         heads,
+        kv_heads,
+        cache,
         head_dim,
         shape_sites,
         opaque_sites,
@@ -457,6 +562,8 @@ fn from_packed_operator(view: &View<'_>, id: NodeId) -> Result<Attention, Miss> 
         out,
         anchor: id,
         heads,
+        kv_heads: heads,
+        cache: None,
         head_dim: inner / heads,
         shape_sites: Vec::new(),
         opaque_sites: Vec::new(),
@@ -548,6 +655,7 @@ fn from_separate_operator(view: &View<'_>, id: NodeId) -> Result<Attention, Miss
     }
     let query_input = q.linear.input.clone();
     let key_input = k.linear.input.clone();
+    let cache = cache_of(view, &k, &v);
     Ok(Attention {
         projections: Projections::Separate {
             q: q.linear,
@@ -557,6 +665,8 @@ fn from_separate_operator(view: &View<'_>, id: NodeId) -> Result<Attention, Miss
         out,
         anchor: id,
         heads,
+        kv_heads: heads,
+        cache,
         head_dim,
         shape_sites,
         opaque_sites,
@@ -568,18 +678,23 @@ fn from_separate_operator(view: &View<'_>, id: NodeId) -> Result<Attention, Miss
 }
 
 /// Follows `value` back through layout operators, head selection and
-/// scaling to the linear layer that produced it.
+/// scaling, rotary embeddings, a cache concatenation and a grouped-query
+/// repeat to the linear layer that produced it.
 fn trace_to_linear(view: &View<'_>, value: &str) -> Result<Trace, Miss> {
     let graph = view.graph;
     let mut path = Vec::new();
     let mut scale = 1.0f64;
+    let mut cache = None;
+    let mut repeat = None;
     let mut current = value.to_string();
-    for _ in 0..16 {
+    for _ in 0..24 {
         if let Some(linear) = linear_producing(view, &current) {
             return Ok(Trace {
                 linear,
                 path,
                 scale,
+                cache,
+                repeat,
             });
         }
         let Some(id) = view.producer(&current) else {
@@ -589,12 +704,40 @@ fn trace_to_linear(view: &View<'_>, value: &str) -> Result<Trace, Miss> {
             });
         };
         let n = graph.node(id);
+        let op = (n.op(), n.domain());
+        if let ("Add", "") = op
+            && let Some(x) = rotary_input(view, id)
+        {
+            current = x;
+            continue;
+        }
+        if let ("RotaryEmbedding", "" | "ai.onnx" | "com.microsoft") = op {
+            current = n.inputs()[0].clone();
+            continue;
+        }
+        if let ("Concat", "") = op {
+            let (past, new) = cache_concat(view, id).ok_or_else(|| {
+                Miss::new(
+                    view,
+                    id,
+                    "a cache concatenation Concat(past, new) with the past a graph input",
+                )
+            })?;
+            if cache.replace((past, n.outputs()[0].clone())).is_some() {
+                return Err(Miss::new(view, id, "one cache concatenation"));
+            }
+            current = new;
+            continue;
+        }
         if !QKV_PATH_OPS.contains(&n.op()) || !n.domain().is_empty() {
             return Err(Miss::new(
                 view,
                 id,
                 "a linear projection, or a layout operator on the way to one",
             ));
+        }
+        if n.op() == "Expand" && repeat.is_none() {
+            repeat = Some(path.len());
         }
         path.push(id);
         current = match n.op() {
@@ -614,8 +757,79 @@ fn trace_to_linear(view: &View<'_>, value: &str) -> Result<Trace, Miss> {
     }
     Err(Miss {
         at: format!("value '{current}'"),
-        expected: "a linear projection within 16 layout steps".into(),
+        expected: "a linear projection within 24 layout steps".into(),
     })
+}
+
+/// The input `x` of a rotary embedding written out as
+/// `Add(Mul(x, cos), Mul(rotate_half(x), sin))`, where `rotate_half(x)` is
+/// `Concat(Neg(Slice(x)), Slice(x))` (halves swapped, one negated).
+fn rotary_input(view: &View<'_>, add: NodeId) -> Option<String> {
+    let graph = view.graph;
+    let inputs = graph.node(add).inputs();
+    if inputs.len() != 2 {
+        return None;
+    }
+    let muls: Vec<NodeId> = inputs
+        .iter()
+        .map(|i| view.producer(i).filter(|m| graph.node(*m).op() == "Mul"))
+        .collect::<Option<_>>()?;
+    // The rotated side: a Mul reading a Concat of a Neg and a Slice.
+    let rotated_source = |mul: NodeId| -> Option<String> {
+        graph.node(mul).inputs().iter().find_map(|i| {
+            let concat = view
+                .producer(i)
+                .filter(|c| graph.node(*c).op() == "Concat")?;
+            let parts = graph.node(concat).inputs();
+            if parts.len() != 2 {
+                return None;
+            }
+            let mut source = None;
+            for part in parts {
+                let mut p = view.producer(part)?;
+                if graph.node(p).op() == "Neg" {
+                    p = view.producer(&graph.node(p).inputs()[0])?;
+                }
+                if graph.node(p).op() != "Slice" {
+                    return None;
+                }
+                let x = view.origin(&graph.node(p).inputs()[0]);
+                if source.get_or_insert_with(|| x.clone()) != &x {
+                    return None;
+                }
+            }
+            source
+        })
+    };
+    for (rot, plain) in [(muls[1], muls[0]), (muls[0], muls[1])] {
+        let Some(x) = rotated_source(rot) else {
+            continue;
+        };
+        if graph
+            .node(plain)
+            .inputs()
+            .iter()
+            .any(|i| view.origin(i) == x)
+        {
+            return Some(x);
+        }
+    }
+    None
+}
+
+/// `Concat(past, new)` of a key/value cache: (the past graph input, the
+/// new value).
+fn cache_concat(view: &View<'_>, concat: NodeId) -> Option<(String, String)> {
+    let graph = view.graph;
+    let inputs = graph.node(concat).inputs();
+    if inputs.len() != 2 {
+        return None;
+    }
+    let is_input = |v: &str| matches!(graph.producer(&view.origin(v)), Some(Producer::Input));
+    match (is_input(&inputs[0]), is_input(&inputs[1])) {
+        (true, false) => Some((view.origin(&inputs[0]), inputs[1].clone())),
+        _ => None,
+    }
 }
 
 /// Follows `value` forward through the head merge to the output projection.
@@ -677,6 +891,66 @@ fn reshape_head_dim(view: &View<'_>, path: &[NodeId], width: usize) -> Option<us
             .filter(|&h| h > 0 && width.is_multiple_of(h as usize))
         {
             return Some(width / h as usize);
+        }
+    }
+    None
+}
+
+/// The key/value heads entry of a grouped-query repeat's `Expand` target
+/// (`[batch, kv_heads, group, seq, head_dim]`): the axis where the input
+/// (with its group axis unsqueezed to 1) has the key/value heads.
+fn repeat_site(view: &View<'_>, expand: NodeId, kv_heads: usize) -> Option<ShapeSite> {
+    let node = view.graph.node(expand);
+    let target = view.shapes.ints(&node.inputs()[1])?;
+    let input = view.shapes.shape(&node.inputs()[0]);
+    let n = target.len();
+    let kv = kv_heads as i64;
+    let position = (0..n)
+        .filter(|&p| target[p].value() == Some(kv))
+        .find(|&p| {
+            input
+                .as_ref()
+                .and_then(|s| s.get(p))
+                .is_some_and(|d| d.value() == Some(kv))
+        })
+        .or_else(|| (n >= 4 && target[n - 4].value() == Some(kv)).then(|| n - 4))?;
+    Some(ShapeSite {
+        node: expand,
+        position,
+        role: ShapeRole::KvHeads,
+        len: n,
+        wildcard_elsewhere: false,
+    })
+}
+
+/// The cache of a layer whose key and value paths both concatenate a past.
+fn cache_of(view: &View<'_>, k: &Trace, v: &Trace) -> Option<Cache> {
+    let (past_key, key) = k.cache.clone()?;
+    let (past_value, value) = v.cache.clone()?;
+    Some(Cache {
+        past_key,
+        past_value,
+        present_key: present_output(view, &key),
+        present_value: present_output(view, &value),
+    })
+}
+
+/// The graph output carrying `value` (itself or a transparent copy).
+fn present_output(view: &View<'_>, value: &str) -> Option<String> {
+    let graph = view.graph;
+    if graph.is_output(value) {
+        return Some(value.to_string());
+    }
+    let mut stack = vec![value.to_string()];
+    while let Some(v) = stack.pop() {
+        for reader in graph.consumers(&v) {
+            if view.is_transparent(reader) {
+                let out = &graph.node(reader).outputs()[0];
+                if graph.is_output(out) {
+                    return Some(out.clone());
+                }
+                stack.push(out.clone());
+            }
         }
     }
     None

@@ -8,14 +8,22 @@
 //!             GELU (tanh) Mul ─► Mul ─► Mul(0.0447) ─► Add ─► Mul(0.798) ─► Tanh ─► Add(1) ─► Mul ─► Mul(0.5)
 //!             SiLU  Sigmoid ─► Mul;  ReLU;  Gelu (opset 20);  QuickGelu, FastGelu, BiasGelu (bias folded in)
 //! ```
-//! Every operand inside the activation is the fc1 output, a value computed
-//! from it, or a constant: a second data input (a gate) is not this
-//! pattern.
+//! Gated MLPs (SwiGLU, GeGLU: Llama, Qwen2, Gemma) multiply the activated
+//! gate projection (fc1) by a second projection of the same input (`up`)
+//! before fc2:
+//!
+//! ```text
+//! x ─► Linear gate [d → m] ─► activation ─► Mul ─► Linear down [m → d]
+//! x ─► Linear up   [d → m] ───────────────────┘
+//! ```
+//! A neuron is then a gate column, an up column and a down row. Besides
+//! that one `up` value, every operand inside the activation is the fc1
+//! output, a value computed from it, or a constant.
 
 use std::collections::{HashMap, HashSet};
 
 use super::Miss;
-use super::patterns::{Bias, Linear, linear_at};
+use super::patterns::{Bias, Linear, linear_at, linear_producing};
 use super::view::View;
 use crate::ir::NodeId;
 
@@ -26,6 +34,9 @@ pub struct Mlp {
     pub fc1: Linear,
     /// The narrowing projection.
     pub fc2: Linear,
+    /// The up projection of a gated MLP, multiplied with the activated
+    /// fc1 (the gate).
+    pub up: Option<Linear>,
     /// The activation's nodes, in graph order.
     pub activation: Vec<NodeId>,
 }
@@ -40,6 +51,10 @@ impl Mlp {
     pub fn parameters(&self) -> Vec<Bias> {
         let mut out = vec![self.fc1.weight.clone()];
         out.extend(self.fc1.bias.clone());
+        if let Some(up) = &self.up {
+            out.push(up.weight.clone());
+            out.extend(up.bias.clone());
+        }
         out.push(self.fc2.weight.clone());
         out.extend(self.fc2.bias.clone());
         out
@@ -78,6 +93,7 @@ pub fn match_mlp(
     let mut values = vec![fc1.output.clone()];
     let mut inside: HashSet<String> = HashSet::from([view.origin(&fc1.output)]);
     let mut fc2: Option<Linear> = None;
+    let mut up: Option<Linear> = None;
     while let Some(value) = values.pop() {
         for (reader, read) in view.readers(&value) {
             if !seen.insert(reader) {
@@ -106,6 +122,23 @@ pub fn match_mlp(
                     reader,
                     "an element-wise activation or the second linear layer after fc1",
                 ));
+            }
+            // The gate's product with the up projection of the same input.
+            if n.op() == "Mul" && n.inputs().len() == 2 {
+                let other = &n.inputs()[usize::from(n.inputs()[0] == read)];
+                if !inside.contains(&view.origin(other))
+                    && let Some(linear) = linear_producing(view, other)
+                    && linear.matmul != fc1.matmul
+                    && view.origin(&linear.input) == view.origin(&fc1.input)
+                    && linear.out_features == fc1.out_features
+                    && linear.in_features == fc1.in_features
+                {
+                    if up.as_ref().is_some_and(|u| u.matmul != linear.matmul) {
+                        return Err(Miss::new(view, reader, "one up projection"));
+                    }
+                    inside.insert(view.origin(&linear.output));
+                    up = Some(linear);
+                }
             }
             region.push(reader);
             inside.insert(n.outputs()[0].clone());
@@ -162,6 +195,7 @@ pub fn match_mlp(
     Ok(Mlp {
         fc1,
         fc2,
+        up,
         activation: region,
     })
 }

@@ -40,7 +40,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-pub use attention::{Attention, Projections, ShapeRole, ShapeSite};
+pub use attention::{Attention, Cache, Projections, ShapeRole, ShapeSite};
 pub use mlp::Mlp;
 pub use patterns::{Bias, LayerNorm, Linear, NormKind};
 pub use view::{Operand, Step, View};
@@ -191,7 +191,7 @@ pub struct Block {
 /// ([`crate::plan::LINEAR_ROLES`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RoleLinear<'a> {
-    /// `q`, `k`, `v`, `qkv`, `out`, `fc1` or `fc2`.
+    /// `q`, `k`, `v`, `qkv`, `out`, `fc1`, `up` (gated MLPs) or `fc2`.
     pub role: &'static str,
     /// The node that reads the weight: the MatMul/Gemm, or the fused
     /// attention operator (weight at input 1).
@@ -248,8 +248,23 @@ impl Block {
         }
         out.push(of("out", &self.attention.body.out, true));
         out.push(of("fc1", &self.mlp.body.fc1, false));
+        if let Some(up) = &self.mlp.body.up {
+            out.push(of("up", up, false));
+        }
         out.push(of("fc2", &self.mlp.body.fc2, false));
         out
+    }
+
+    /// `rms` when the block's norms are RMS norms, else `layer`.
+    pub fn norm_kind(&self) -> &'static str {
+        let norms = [
+            &self.attention.input_norm,
+            &self.attention.join.norm,
+            &self.mlp.input_norm,
+            &self.mlp.join.norm,
+        ];
+        let rms = norms.iter().filter_map(|n| n.as_ref()).any(|n| n.rms);
+        if rms { "rms" } else { "layer" }
     }
 
     /// The residual stream entering the block.
@@ -352,9 +367,13 @@ impl Architecture {
                             "index": b.index,
                             "hidden": b.hidden,
                             "heads": b.attention.body.heads,
+                            "kv_heads": b.attention.body.kv_heads,
                             "head_dim": b.attention.body.head_dim,
                             "mlp": b.mlp.body.width(),
+                            "gated": b.mlp.body.up.is_some(),
                             "norm": b.norm,
+                            "norm_kind": b.norm_kind(),
+                            "cache": b.attention.body.cache.is_some(),
                             "cross_attention": b.cross_attention.is_some(),
                             "params": b.params,
                         })
@@ -441,8 +460,13 @@ fn find_sub_blocks(view: &View<'_>, order: &HashMap<NodeId, usize>) -> Found {
         match matched {
             Ok((body, join)) => {
                 found.explanations.push(format!(
-                    "attention at {label}: matched ({} heads × {}, {}{})",
+                    "attention at {label}: matched ({} heads{} × {}, {}{}{})",
                     body.heads,
+                    if body.kv_heads != body.heads {
+                        format!(" sharing {} key/value heads", body.kv_heads)
+                    } else {
+                        String::new()
+                    },
                     body.head_dim,
                     match &body.projections {
                         Projections::Separate { .. } => "separate q/k/v",
@@ -451,6 +475,11 @@ fn find_sub_blocks(view: &View<'_>, order: &HashMap<NodeId, usize>) -> Found {
                     },
                     if body.is_cross() {
                         ", cross-attention"
+                    } else {
+                        ""
+                    },
+                    if body.cache.is_some() {
+                        ", with a key/value cache"
                     } else {
                         ""
                     }
@@ -480,8 +509,10 @@ fn find_sub_blocks(view: &View<'_>, order: &HashMap<NodeId, usize>) -> Found {
             }
         }
     }
+    // The up projections of gated MLPs already matched: not MLPs of their own.
+    let mut gated_up: HashSet<NodeId> = HashSet::new();
     for &id in &by_order {
-        if attention_linears.contains(&id) {
+        if attention_linears.contains(&id) || gated_up.contains(&id) {
             continue;
         }
         let Some(fc1) = patterns::linear_at(view, id) else {
@@ -498,11 +529,15 @@ fn find_sub_blocks(view: &View<'_>, order: &HashMap<NodeId, usize>) -> Found {
         match matched {
             Ok((body, join)) => {
                 found.explanations.push(format!(
-                    "MLP at {label}: matched ({} → {} → {})",
+                    "MLP at {label}: matched ({} → {} → {}{})",
                     body.fc1.in_features,
                     body.width(),
-                    body.fc2.out_features
+                    body.fc2.out_features,
+                    if body.up.is_some() { ", gated" } else { "" }
                 ));
+                if let Some(up) = &body.up {
+                    gated_up.insert(up.matmul);
+                }
                 let input_norm = patterns::norm_producing(view, &body.fc1.input);
                 found.mlps.push(SubBlock {
                     body,

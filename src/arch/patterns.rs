@@ -175,11 +175,14 @@ pub enum NormKind {
     Skip,
 }
 
-/// A layer norm `y = (x - mean) / std · scale + bias`.
+/// A layer norm `y = (x - mean) / std · scale + bias`, or a root-mean-square
+/// norm `y = x / rms(x) · scale` (Llama, Qwen2, Gemma, T5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerNorm {
     /// Form in the graph.
     pub kind: NormKind,
+    /// Whether it is an RMS norm (no mean subtracted, no bias).
+    pub rms: bool,
     /// The normalised value (for `Skip`, the fused node's first input).
     pub input: String,
     /// The normalised output.
@@ -228,6 +231,7 @@ pub fn norm_producing(view: &View<'_>, value: &str) -> Option<LayerNorm> {
         ("LayerNormalization", "" | "ai.onnx" | "com.microsoft") if node.outputs()[0] == origin => {
             Some(LayerNorm {
                 kind: NormKind::Op,
+                rms: false,
                 input: inputs[0].clone(),
                 output: origin.clone(),
                 scale: optional(1),
@@ -235,9 +239,25 @@ pub fn norm_producing(view: &View<'_>, value: &str) -> Option<LayerNorm> {
                 nodes: vec![id],
             })
         }
+        // ONNX Runtime's fused RMS norm and opset 23's.
+        ("SimplifiedLayerNormalization", "" | "ai.onnx" | "com.microsoft")
+        | ("RMSNormalization", "" | "ai.onnx")
+            if node.outputs()[0] == origin =>
+        {
+            Some(LayerNorm {
+                kind: NormKind::Op,
+                rms: true,
+                input: inputs[0].clone(),
+                output: origin.clone(),
+                scale: optional(1),
+                bias: None,
+                nodes: vec![id],
+            })
+        }
         ("SkipLayerNormalization", "com.microsoft") if node.outputs()[0] == origin => {
             Some(LayerNorm {
                 kind: NormKind::Skip,
+                rms: false,
                 input: inputs[0].clone(),
                 output: origin.clone(),
                 scale: optional(2),
@@ -246,8 +266,100 @@ pub fn norm_producing(view: &View<'_>, value: &str) -> Option<LayerNorm> {
             })
         }
         ("Add", "") => decomposed_norm(view, id, &origin),
+        ("Mul", "") => decomposed_rms_norm(view, id, &origin),
         _ => None,
     }
+}
+
+/// ```text
+/// x ─► Pow(·, 2) | Mul(x, x) ─► ReduceMean ─► Add(eps) ─► Sqrt ─► Reciprocal ─► Mul(x, ·) ─► Mul(scale)
+///                                                         └─────────────────► Div(x, ·) ─┘
+/// scale: stored, or Add(stored, 1) (Gemma's `1 + weight`)
+/// ```
+fn decomposed_rms_norm(view: &View<'_>, scale_mul: NodeId, value: &str) -> Option<LayerNorm> {
+    let graph = view.graph;
+    let inputs = graph.node(scale_mul).inputs();
+    if inputs.len() != 2 {
+        return None;
+    }
+    let data = (0..2).find(|&i| view.is_data(&inputs[i]))?;
+    let other = 1 - data;
+    if view.is_data(&inputs[other]) {
+        return None;
+    }
+    let scale = view.operand(scale_mul, other).or_else(|| {
+        // Gemma: the stored weight plus one, computed in the graph.
+        let add = view.producer(&inputs[other])?;
+        let add_node = graph.node(add);
+        if add_node.op() != "Add" || add_node.inputs().len() != 2 {
+            return None;
+        }
+        (0..2).find_map(|slot| {
+            let one = view.scalar(&add_node.inputs()[1 - slot])?;
+            (one == 1.0).then(|| view.operand(add, slot)).flatten()
+        })
+    })?;
+    let normed = view.producer(&inputs[data])?;
+    let normed_node = graph.node(normed);
+    let [a, b] = normed_node.inputs() else {
+        return None;
+    };
+    // Mul(x, Reciprocal(Sqrt(v))) in either order, or Div(x, Sqrt(v)).
+    let (x, inverse) = match normed_node.op() {
+        "Mul" => {
+            let reciprocal = |v: &str| {
+                view.producer(v)
+                    .filter(|r| graph.node(*r).op() == "Reciprocal")
+            };
+            match (reciprocal(a), reciprocal(b)) {
+                (_, Some(r)) => (a.clone(), Some(r)),
+                (Some(r), None) => (b.clone(), Some(r)),
+                _ => return None,
+            }
+        }
+        "Div" => (a.clone(), None),
+        _ => return None,
+    };
+    let sqrt_in = match inverse {
+        Some(r) => graph.node(r).inputs()[0].clone(),
+        None => b.clone(),
+    };
+    let sqrt = view
+        .producer(&sqrt_in)
+        .filter(|s| graph.node(*s).op() == "Sqrt")?;
+    let eps_add = view
+        .producer(&graph.node(sqrt).inputs()[0])
+        .filter(|e| graph.node(*e).op() == "Add")?;
+    let mean = graph.node(eps_add).inputs().iter().find_map(|i| {
+        let p = view.producer(i)?;
+        (graph.node(p).op() == "ReduceMean").then_some(p)
+    })?;
+    let square = view
+        .producer(&graph.node(mean).inputs()[0])
+        .filter(|p| matches!(graph.node(*p).op(), "Pow" | "Mul"))?;
+    let square_node = graph.node(square);
+    let squared = &square_node.inputs()[0];
+    let x_origin = view.origin(&x);
+    if view.origin(squared) != x_origin
+        || (square_node.op() == "Mul"
+            && square_node.inputs().get(1).map(|i| view.origin(i)) != Some(x_origin.clone()))
+        || (square_node.op() == "Pow"
+            && square_node.inputs().get(1).and_then(|e| view.scalar(e)) != Some(2.0))
+    {
+        return None;
+    }
+    let mut nodes = vec![square, mean, eps_add, sqrt];
+    nodes.extend(inverse);
+    nodes.extend([normed, scale_mul]);
+    Some(LayerNorm {
+        kind: NormKind::Decomposed,
+        rms: true,
+        input: x,
+        output: value.to_string(),
+        scale: Some(scale),
+        bias: None,
+        nodes,
+    })
 }
 
 fn decomposed_norm(view: &View<'_>, add: NodeId, value: &str) -> Option<LayerNorm> {
@@ -290,6 +402,7 @@ fn decomposed_norm(view: &View<'_>, add: NodeId, value: &str) -> Option<LayerNor
     }
     Some(LayerNorm {
         kind: NormKind::Decomposed,
+        rms: false,
         input: x.clone(),
         output: value.to_string(),
         scale: Some(scale),
@@ -321,7 +434,16 @@ pub fn norm_reading(view: &View<'_>, value: &str) -> Option<LayerNorm> {
     for &(reader, _) in &readers {
         let node = graph.node(reader);
         let candidate = match node.op() {
-            "LayerNormalization" => node.outputs()[0].clone(),
+            "LayerNormalization" | "SimplifiedLayerNormalization" | "RMSNormalization" => {
+                node.outputs()[0].clone()
+            }
+            // RMS: Mul(x, Reciprocal(…)) ─► Mul(scale), or Div(x, Sqrt(…)) ─► Mul(scale)
+            "Mul" | "Div" => match view.single_reader(&node.outputs()[0]) {
+                Some((scale, _)) if graph.node(scale).op() == "Mul" => {
+                    graph.node(scale).outputs()[0].clone()
+                }
+                _ => continue,
+            },
             "Sub" => {
                 // Sub ─► Div ─► Mul ─► Add
                 let div = view

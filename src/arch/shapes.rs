@@ -708,9 +708,22 @@ impl Run<'_> {
                     .filter(|v| !v.is_empty())
                     .map(|v| self.get(v))
                     .collect();
+                // A piece whose values are unknown but whose length is (a
+                // sum of sizes: a cache's past plus new length) stands as
+                // fresh unknowns, so the other entries stay known.
+                let fill = axis == 0 || axis == -1;
                 let ints = parts
                     .iter()
-                    .map(|p| p.ints.clone())
+                    .map(|p| {
+                        p.ints.clone().or_else(|| match p.shape.as_deref() {
+                            Some([n]) if fill => n
+                                .value()
+                                .and_then(|n| usize::try_from(n).ok())
+                                .filter(|&n| n <= MAX_INTS)
+                                .map(|n| self.fresh_shape(n)),
+                            _ => None,
+                        })
+                    })
                     .collect::<Option<Vec<_>>>()
                     .map(|v| v.concat())
                     .filter(|v| v.len() <= MAX_INTS);

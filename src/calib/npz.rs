@@ -208,20 +208,27 @@ pub fn read_npz(path: &Path, graph: &Graph) -> Result<(Inputs, usize), DataError
         .collect();
     let mut inputs = Inputs::new();
     let mut samples: Option<usize> = None;
+    let mut empty_caches: Vec<(String, [usize; 2])> = Vec::new();
     for input in graph
         .inputs
         .iter()
         .filter(|i| graph.initializer(i.name()).is_none())
     {
         let name = input.name();
-        let index = archive
+        let Some(index) = archive
             .index_for_name(name)
             .or_else(|| archive.index_for_name(&format!("{name}.npy")))
-            .ok_or_else(|| {
-                mismatch(format!(
-                    "no array named '{name}' (the model's input); it has {names:?}"
-                ))
-            })?;
+        else {
+            // A decoder's past keys/values start empty: calibration runs
+            // whole teacher-forced sequences without a cache.
+            if let Some(dims) = cache_input(graph, name) {
+                empty_caches.push((name.to_string(), dims));
+                continue;
+            }
+            return Err(mismatch(format!(
+                "no array named '{name}' (the model's input); it has {names:?}"
+            )));
+        };
         // Its claims are checked before `ndarray-npy` allocates by them.
         check_npz_entry(&mut archive, index).map_err(|e| read(format!("array '{name}': {e}")))?;
         let mut entry = archive
@@ -280,7 +287,40 @@ pub fn read_npz(path: &Path, graph: &Graph) -> Result<(Inputs, usize), DataError
         samples = Some(n);
         inputs.insert(name.to_string(), array);
     }
-    Ok((inputs, samples.unwrap_or(0)))
+    let n = samples.unwrap_or(0);
+    for (name, [heads, width]) in empty_caches {
+        let empty = ArrayD::<f32>::zeros(ndarray::IxDyn(&[n, heads, 0, width]));
+        inputs.insert(name, Array::F32(empty));
+    }
+    // Keep the model's input order.
+    let order: Vec<&str> = graph.inputs.iter().map(|i| i.name()).collect();
+    inputs.sort_by(|a, _, b, _| {
+        let at = |k: &str| order.iter().position(|o| *o == k);
+        at(a).cmp(&at(b))
+    });
+    Ok((inputs, n))
+}
+
+/// `(kv_heads, head_dim)` when graph input `name` is a key/value cache's
+/// past: float, `[batch, kv_heads, past, head_dim]` with the two widths
+/// fixed, concatenated with the new keys or values along the sequence.
+fn cache_input(graph: &Graph, name: &str) -> Option<[usize; 2]> {
+    let declared = graph.value_type(name)?;
+    if !dtype::is_float(declared.elem_type) {
+        return None;
+    }
+    let shape = declared.shape?;
+    let [_, Dim::Fixed(heads), past, Dim::Fixed(width)] = shape.as_slice() else {
+        return None;
+    };
+    if matches!(past, Dim::Fixed(_)) {
+        return None;
+    }
+    let concatenated = graph.consumers(name).iter().any(|&c| {
+        let node = graph.node(c);
+        node.op() == "Concat" && node.inputs().first().map(String::as_str) == Some(name)
+    });
+    concatenated.then(|| Some([usize::try_from(*heads).ok()?, usize::try_from(*width).ok()?]))?
 }
 
 /// A 2-D matrix from an `.npy` file: float32 files are memory-mapped (no

@@ -365,10 +365,48 @@ impl Runtime {
 
     /// Runs the model on named inputs and returns every output, in output
     /// order, converted to owned arrays.
+    ///
+    /// Inputs are those of the model they were read for: a pruned decoder
+    /// takes fewer and narrower cache inputs than the original, so inputs
+    /// the model does not take are left out, and an empty (zero-length)
+    /// past is given the model's declared head count.
     pub fn run(&mut self, inputs: &Inputs) -> Result<Vec<(String, Array)>, RuntimeError> {
+        let declared: Vec<(String, Vec<i64>)> = self
+            .session
+            .inputs()
+            .iter()
+            .map(|i| {
+                let dims = match i.dtype() {
+                    ValueType::Tensor { shape, .. } => shape.iter().copied().collect(),
+                    _ => Vec::new(),
+                };
+                (i.name().to_string(), dims)
+            })
+            .collect();
         let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
             Vec::with_capacity(inputs.len());
         for (name, array) in inputs {
+            let Some((_, dims)) = declared.iter().find(|(n, _)| n == name) else {
+                continue;
+            };
+            let resized;
+            let array = match array {
+                Array::F32(a) if a.is_empty() && a.ndim() == dims.len() => {
+                    let shape: Vec<usize> = a
+                        .shape()
+                        .iter()
+                        .zip(dims)
+                        .map(|(&got, &want)| usize::try_from(want).unwrap_or(got))
+                        .collect();
+                    resized = Array::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&shape)));
+                    if shape.iter().product::<usize>() == 0 {
+                        &resized
+                    } else {
+                        array
+                    }
+                }
+                _ => array,
+            };
             let value: DynValue = match array {
                 Array::F32(a) => Tensor::from_array(a.clone())
                     .map_err(session_err)?

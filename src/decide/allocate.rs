@@ -168,7 +168,12 @@ pub fn allocate_units(
                 k.sort_unstable();
                 (k, mine.len())
             };
-            let (heads, h_total) = kept(Part::Attention);
+            // Attention units are key/value groups: the plan lists their
+            // query heads.
+            let (groups, h_total) = kept(Part::Attention);
+            let attention = &block.attention.body;
+            let heads = attention.group_heads(&groups);
+            let (heads, h_total) = (heads, h_total * attention.group());
             let (neurons, n_total) = kept(Part::Mlp);
             for c in candidates
                 .iter_mut()

@@ -166,14 +166,19 @@ pub fn removed_params(arch: &Architecture, graph: &Graph, plan: &Plan) -> Vec<(T
         if let Some(keep) = &action.keep_heads {
             let a = &block.attention.body;
             let gone = ((a.heads - keep.len()) * a.head_dim) as u64;
+            let groups = a.kept_groups(keep).map_or(a.kv_heads, |g| g.len());
+            let gone_kv = ((a.kv_heads - groups) * a.head_dim) as u64;
             let input = a.in_features() as u64;
-            // q, k, v columns with their biases, and the output rows.
-            removed += 3 * gone * (input + 1) + gone * a.out.out_features as u64;
+            // q columns and the k, v columns of the removed key/value heads
+            // with their biases, and the output rows.
+            removed += (gone + 2 * gone_kv) * (input + 1) + gone * a.out.out_features as u64;
         }
         if let Some(keep) = &action.keep_mlp {
             let m = &block.mlp.body;
             let gone = (m.width() - keep.len()) as u64;
-            removed += gone * (m.fc1.in_features as u64 + 1) + gone * m.fc2.out_features as u64;
+            let gated = 1 + u64::from(m.up.is_some());
+            removed +=
+                gated * gone * (m.fc1.in_features as u64 + 1) + gone * m.fc2.out_features as u64;
         }
         if let Some(entry) = out.iter_mut().find(|(k, _)| *k == kind) {
             entry.1 += removed;

@@ -290,21 +290,28 @@ pub fn unit_candidates(
     let fc2_rows = row_norms(graph, &m.fc2);
     let input = a.in_features() as u64;
     let d = a.head_dim;
-    // Heads whose count sits in shapes that cannot be rewritten stay.
-    let heads = if a.heads_prunable() { a.heads } else { 0 };
-    for h in 0..heads {
-        let energy: f64 = (h * d..(h + 1) * d)
+    // Heads whose count sits in shapes that cannot be rewritten stay. With
+    // grouped-query attention a unit is a key/value head with the query
+    // heads that share it (removing fewer would keep its keys and values).
+    let group = a.group();
+    let units_of_heads = if a.heads_prunable() { a.kv_heads } else { 0 };
+    let unit_width = group * d;
+    for g in 0..units_of_heads {
+        let columns = g * unit_width..(g + 1) * unit_width;
+        let energy: f64 = columns
+            .clone()
             .map(|c| context_energy.get(c).copied().unwrap_or(0.0))
             .sum();
-        let weight: f64 = (h * d..(h + 1) * d)
+        let weight: f64 = columns
             .map(|r| out_rows.get(r).copied().unwrap_or(0.0).powi(2))
             .sum();
         units.push(Unit {
             tower,
             block: block.index,
             part: Part::Attention,
-            index: h,
-            params: d as u64 * (3 * (input + 1) + a.out.out_features as u64),
+            index: g,
+            params: unit_width as u64 * (input + 1 + a.out.out_features as u64)
+                + 2 * d as u64 * (input + 1),
             score: energy.sqrt() * weight.sqrt() * attention_id,
             ratio: 0.0,
             removed: false,
@@ -317,7 +324,9 @@ pub fn unit_candidates(
             block: block.index,
             part: Part::Mlp,
             index: j,
-            params: m.fc1.in_features as u64 + 1 + m.fc2.out_features as u64,
+            // A gate column, an up column (gated MLPs) and a down row.
+            params: (1 + u64::from(m.up.is_some())) * (m.fc1.in_features as u64 + 1)
+                + m.fc2.out_features as u64,
             score: energy.sqrt() * fc2_rows.get(j).copied().unwrap_or(0.0) * mlp_id,
             ratio: 0.0,
             removed: false,

@@ -3,7 +3,8 @@
 //!
 //! - the graph's own invariants ([`Graph::check`]);
 //! - the interface: graph inputs and outputs keep their names, order and
-//!   declared types (a pruned model is a drop-in replacement);
+//!   declared types (a pruned model is a drop-in replacement), except the
+//!   key/value cache entries of pruned layers, which may go or narrow;
 //! - rerouted values: when every reader of one value was moved to another,
 //!   the two have the same element type and compatible shapes where both
 //!   are declared (a residual bypass must not connect a stream of another
@@ -23,6 +24,9 @@ pub struct EditCheck<'a> {
     /// Whether unread initializers and stale `value_info` may remain (dead
     /// code is removed by a later step).
     pub orphans_allowed: bool,
+    /// Graph inputs and outputs the edit may remove or re-type (the caches
+    /// of dropped or head-pruned decoder layers).
+    pub interface_changes: &'a [String],
 }
 
 impl Graph {
@@ -36,14 +40,21 @@ impl Graph {
             ("input", &self.inputs, &before.inputs),
             ("output", &self.outputs, &before.outputs),
         ] {
+            let fixed = |list: &'_ [crate::onnx::proto::ValueInfoProto]| {
+                list.iter()
+                    .filter(|v| !check.interface_changes.iter().any(|c| c == v.name()))
+                    .cloned()
+                    .collect::<Vec<_>>()
+            };
+            let (now, was) = (fixed(now), fixed(was));
             let names = |list: &[crate::onnx::proto::ValueInfoProto]| -> Vec<String> {
                 list.iter().map(|v| v.name().to_string()).collect()
             };
-            if names(now) != names(was) {
+            if names(&now) != names(&was) {
                 problems.push(format!(
                     "graph {what}s changed from {:?} to {:?}",
-                    names(was),
-                    names(now)
+                    names(&was),
+                    names(&now)
                 ));
             } else if now != was {
                 problems.push(format!("the declared types of the graph {what}s changed"));
@@ -245,6 +256,7 @@ mod tests {
             before,
             reroutes,
             orphans_allowed: orphans,
+            interface_changes: &[],
         }
     }
 

@@ -419,6 +419,52 @@ impl Graph {
         self.outputs.iter().any(|o| o.name() == value)
     }
 
+    /// Sets axis `axis` of the declared shape of graph input or output
+    /// `name` to `size` (a cache input whose head count was pruned).
+    /// Nothing changes where the interface declares no such axis.
+    pub fn set_interface_dim(&mut self, name: &str, axis: usize, size: i64) -> Result<(), IrError> {
+        let info = self
+            .inputs
+            .iter_mut()
+            .chain(self.outputs.iter_mut())
+            .find(|v| v.name() == name)
+            .ok_or_else(|| IrError::Edit(format!("'{name}' is not a graph input or output")))?;
+        if let Some(type_proto::Value::TensorType(tensor)) =
+            info.r#type.as_mut().and_then(|t| t.value.as_mut())
+            && let Some(dim) = tensor.shape.as_mut().and_then(|s| s.dim.get_mut(axis))
+        {
+            dim.value = Some(dimension::Value::DimValue(size));
+        }
+        Ok(())
+    }
+
+    /// Removes graph output `name` (the values stay until dead-code
+    /// elimination finds them unread).
+    pub fn remove_output(&mut self, name: &str) -> Result<(), IrError> {
+        let before = self.outputs.len();
+        self.outputs.retain(|o| o.name() != name);
+        if self.outputs.len() == before {
+            return Err(IrError::Edit(format!("'{name}' is not a graph output")));
+        }
+        Ok(())
+    }
+
+    /// Removes graph input `name`, which nothing may read any more.
+    pub fn remove_input(&mut self, name: &str) -> Result<(), IrError> {
+        if self.uses.get(name).is_some_and(|u| !u.is_empty()) {
+            return Err(IrError::Edit(format!("graph input '{name}' is still read")));
+        }
+        let before = self.inputs.len();
+        self.inputs.retain(|i| i.name() != name);
+        if self.inputs.len() == before {
+            return Err(IrError::Edit(format!("'{name}' is not a graph input")));
+        }
+        if matches!(self.producers.get(name), Some(Producer::Input)) {
+            self.producers.remove(name);
+        }
+        Ok(())
+    }
+
     /// The initializer `name`.
     pub fn initializer(&self, name: &str) -> Option<&Tensor> {
         self.initializers.get(name)

@@ -231,6 +231,8 @@ pub struct Verifier {
     fixed_batch: Option<usize>,
     runtime: RuntimeOptions,
     reference: std::cell::OnceCell<verify::Reference>,
+    /// A decoder's present keys and values, not compared.
+    cache_outputs: Vec<String>,
 }
 
 impl Verifier {
@@ -243,6 +245,7 @@ impl Verifier {
             fixed_batch: static_batch(&source.model),
             runtime: runtime.clone(),
             reference: std::cell::OnceCell::new(),
+            cache_outputs: verify::cache_outputs(&source.model.graph),
         }
     }
 
@@ -289,7 +292,8 @@ impl Verifier {
                 self.samples,
                 self.fixed_batch,
                 &self.runtime,
-            )?;
+            )?
+            .ignoring(self.cache_outputs.clone());
             let _ = self.reference.set(reference);
         }
         let reference = self.reference.get().expect("set just above");
@@ -310,6 +314,8 @@ pub struct Candidate {
     pub model: Model,
     /// The rewrites made, in order.
     pub rewrites: Vec<String>,
+    /// How the model's inputs and outputs changed (decoder caches).
+    pub interface: Vec<String>,
     /// The least-squares refits made.
     pub refits: Vec<repair::Refit>,
     /// Seconds spent in each step.
@@ -328,19 +334,21 @@ pub fn apply_plan(
     let mut clock = Instant::now();
     let mut model = source.model.clone();
     let mut rewrites = Vec::new();
+    let mut interface = Vec::new();
     if let (false, Some(arch)) = (plan.is_empty(), arch) {
         let compensation = match statistics {
             Some(s) => repair::compensation(&source.model.graph, arch, plan, s),
             None => rewrite::Compensation::new(),
         };
-        rewrites = rewrite::apply_with(
+        let applied = rewrite::apply_with(
             &mut model,
             arch,
             plan,
             &compensation,
             rewrite::Validation::default(),
-        )?
-        .rewrites;
+        )?;
+        rewrites = applied.rewrites;
+        interface = applied.interface;
     }
     timings.push(("rewrite", clock.elapsed().as_secs_f64()));
     clock = Instant::now();
@@ -353,6 +361,7 @@ pub fn apply_plan(
     Ok(Candidate {
         model,
         rewrites,
+        interface,
         refits,
         timings,
     })

@@ -26,14 +26,28 @@ pub fn architecture_table(arch: &Architecture) -> String {
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---|---|---:|");
     for tower in &arch.towers {
         for b in &tower.blocks {
+            let a = &b.attention.body;
+            // Decoder traits only where present: encoder tables stay as they were.
+            let kv = if a.kv_heads != a.heads {
+                format!(", {} kv", a.kv_heads)
+            } else {
+                String::new()
+            };
+            let gated = if b.mlp.body.up.is_some() {
+                " gated"
+            } else {
+                ""
+            };
+            let rms = if b.norm_kind() == "rms" { ", rms" } else { "" };
+            let cache = if a.cache.is_some() { ", cache" } else { "" };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} × {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} × {}{kv}{cache} | {}{gated} | {}{rms} | {} | {} |",
                 tower.kind.name(),
                 b.index,
                 b.hidden,
-                b.attention.body.heads,
-                b.attention.body.head_dim,
+                a.heads,
+                a.head_dim,
                 b.mlp.body.width(),
                 serde_json::to_value(b.norm)
                     .ok()
@@ -421,6 +435,10 @@ pub struct Report {
     pub plan: crate::plan::Plan,
     /// The rewrites made.
     pub rewrites: Vec<String>,
+    /// How the model's inputs and outputs changed: a decoder's cache
+    /// entries removed or narrowed (absent when the interface is unchanged).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub interface: Vec<String>,
     /// Per sub-block measurements and decisions.
     pub candidates: Vec<crate::decide::Candidate>,
     /// `unstructured` mode: per linear layer, its ID, threshold and the
@@ -476,6 +494,8 @@ pub struct RunFacts<'a> {
     pub plan: &'a crate::plan::Plan,
     /// The rewrites made.
     pub rewrites: &'a [String],
+    /// How the interface changed.
+    pub interface: &'a [String],
     /// The decision, when made here.
     pub decision: Option<&'a crate::decide::Decision>,
     /// Decision and held-out samples, when calibrated.
@@ -547,6 +567,7 @@ impl Report {
             ],
             plan: facts.plan.clone(),
             rewrites: facts.rewrites.to_vec(),
+            interface: facts.interface.to_vec(),
             candidates: decision.map(|d| d.candidates.clone()).unwrap_or_default(),
             masks: decision.map(|d| d.masks.clone()).unwrap_or_default(),
             trials: decision.map(|d| d.trials.clone()).unwrap_or_default(),
@@ -702,6 +723,15 @@ impl Report {
         let _ = writeln!(out, "\n## Rewrites\n");
         for r in &self.rewrites {
             let _ = writeln!(out, "- {r}");
+        }
+        if !self.interface.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n## Interface changes\n\nA runtime feeding this model must follow these (every other input and output is as it was):\n"
+            );
+            for line in &self.interface {
+                let _ = writeln!(out, "- {line}");
+            }
         }
         out
     }

@@ -8,6 +8,7 @@
 //! | `zero_below` | zeroes small weights (unstructured masking), on the sliced weights |
 //! | `drop_sub_blocks` | removes attention or MLP sub-blocks from the residual stream |
 //! | `drop_blocks` | removes whole blocks |
+//! | `drop_cache` | removes the key/value cache inputs and outputs of layers whose attention went |
 //! | `unread_norms` | turns fused norms left computing for nobody into the plain sums they also give |
 //! | `cleanup` | removes what became dead, and declared shapes the slicing made stale |
 //!
@@ -20,7 +21,8 @@
 //! and shape constants) stays as it was for them.
 //!
 //! After every pass the graph is validated ([`crate::ir::Graph::check_edit`]):
-//! its invariants hold, its inputs and outputs are unchanged, every
+//! its invariants hold, its inputs and outputs are unchanged (but for the
+//! cache entries of pruned decoder layers, listed in [`Applied`]), every
 //! rerouted value has the element type and shape of the one it replaced,
 //! and after `cleanup` no initializer or `value_info` is orphaned.
 //! Validation is always on in debug builds (every test) and on request in
@@ -28,6 +30,7 @@
 
 mod cleanup;
 mod drop_blocks;
+mod drop_cache;
 mod drop_sub_blocks;
 mod prune_heads;
 pub mod repair;
@@ -39,7 +42,7 @@ mod zero_weights;
 
 use std::collections::{HashMap, HashSet};
 
-use crate::arch::{Architecture, Block};
+use crate::arch::{Architecture, Block, Cache};
 use crate::ir::{DeadCode, EditCheck, Graph, IrError, Model, NodeId, TensorError};
 use crate::plan::{BlockAction, Plan};
 
@@ -170,6 +173,11 @@ pub(crate) struct Edit<'g> {
     reroutes: HashMap<String, String>,
     /// The reroutes of the running pass, for its validation.
     pass_reroutes: Vec<(String, String)>,
+    /// Every layer's key/value cache, as discovered (the `drop_cache` pass
+    /// reads a kept layer's in place of a removed one).
+    pub caches: Vec<Cache>,
+    /// How the interface changed so far.
+    pub interface: Vec<String>,
 }
 
 impl Edit<'_> {
@@ -237,6 +245,11 @@ const PASSES: &[Pass] = &[
         leaves_orphans: true,
     },
     Pass {
+        name: "drop_cache",
+        run: drop_cache::run,
+        leaves_orphans: true,
+    },
+    Pass {
         name: "unread_norms",
         run: unread_norms::run,
         leaves_orphans: true,
@@ -260,6 +273,10 @@ pub struct Applied {
     pub rewrites: Vec<String>,
     /// What dead-code elimination removed afterwards.
     pub dead: DeadCode,
+    /// How the model's inputs and outputs changed: the key/value caches of
+    /// dropped layers removed, those of head-pruned layers narrowed (one
+    /// line each; empty for encoders, whose interface never changes).
+    pub interface: Vec<String>,
 }
 
 /// Applies `plan` to `model`, whose architecture is `arch` (discovered on
@@ -314,7 +331,15 @@ pub fn apply_with(
         compensation: compensation.clone(),
         reroutes: HashMap::new(),
         pass_reroutes: Vec::new(),
+        caches: arch
+            .towers
+            .iter()
+            .flat_map(|t| &t.blocks)
+            .filter_map(|b| b.attention.body.cache.clone())
+            .collect(),
+        interface: Vec::new(),
     };
+    let interface_changes = cache_interface(&targets);
     for pass in PASSES {
         let before = (validation == Validation::EveryPass).then(|| edit.graph.clone());
         edit.pass_reroutes.clear();
@@ -324,6 +349,7 @@ pub fn apply_with(
                 before,
                 reroutes: &edit.pass_reroutes,
                 orphans_allowed: pass.leaves_orphans,
+                interface_changes: &interface_changes,
             };
             edit.graph
                 .check_edit(&check)
@@ -354,12 +380,26 @@ pub fn apply_with(
     let applied = Applied {
         rewrites: edit.rewrites,
         dead: edit.dead,
+        interface: edit.interface,
     };
     if !plan.is_empty() {
         let compact = serde_json::to_string(&plan).expect("plans serialize");
         model.set_metadata(PLAN_METADATA_KEY, &compact);
     }
     Ok(applied)
+}
+
+/// The cache inputs and outputs of the layers a plan prunes heads of or
+/// removes attention from: the only interface entries an edit may change.
+fn cache_interface(targets: &[Target<'_>]) -> Vec<String> {
+    let mut out = Vec::new();
+    for Target { action, block } in targets {
+        let touched = action.drop || action.drop_attention || action.keep_heads.is_some();
+        if let (true, Some(cache)) = (touched, &block.attention.body.cache) {
+            out.extend(cache.names().into_iter().map(String::from));
+        }
+    }
+    out
 }
 
 /// Declared value types between the inputs and the end of every sub-block
@@ -416,6 +456,14 @@ fn locate<'a>(
                 "head {bad} does not exist: the block has {heads} heads"
             )));
         }
+        let a = &block.attention.body;
+        if a.kept_groups(keep).is_none() {
+            return Err(err(format!(
+                "the block's {heads} query heads share {} key/value heads in groups of {}: keep_heads must keep whole groups",
+                a.kv_heads,
+                a.group()
+            )));
+        }
     }
     if let Some(keep) = &action.keep_mlp {
         let width = block.mlp.body.width();
@@ -461,6 +509,7 @@ mod tests {
                 "zero_below",
                 "drop_sub_blocks",
                 "drop_blocks",
+                "drop_cache",
                 "unread_norms",
                 "cleanup"
             ]
@@ -481,6 +530,8 @@ mod tests {
             compensation: Compensation::new(),
             reroutes: HashMap::new(),
             pass_reroutes: Vec::new(),
+            caches: Vec::new(),
+            interface: Vec::new(),
         };
         // Block 0 removed: its output is carried by its input; block 1
         // removed after it: by block 0's input too.

@@ -24,13 +24,19 @@ pub(super) fn run(edit: &mut Edit<'_>, targets: &[Target<'_>]) -> Result<(), Rew
             keep.len(),
             target.block.attention.body.heads
         );
-        prune_heads(
-            edit.graph,
-            &target.block.attention.body,
-            keep,
-            edit.opset,
-            &label,
-        )?;
+        let attention = &target.block.attention.body;
+        prune_heads(edit.graph, attention, keep, edit.opset, &label)?;
+        if let (Some(cache), Some(groups)) = (&attention.cache, attention.kept_groups(keep))
+            && groups.len() < attention.kv_heads
+        {
+            for name in cache.names() {
+                edit.interface.push(format!(
+                    "'{name}' holds {} of {} key/value heads",
+                    groups.len(),
+                    attention.kv_heads
+                ));
+            }
+        }
         edit.rewrites.push(label);
     }
     Ok(())
@@ -103,14 +109,27 @@ fn prune_heads(
             ),
         });
     }
+    // Grouped-query attention keeps whole groups: the key/value heads of
+    // the kept query heads, every query head of each.
+    let groups = attention.kept_groups(keep).ok_or_else(|| RewriteError::Unsupported {
+        label: label.into(),
+        reason: format!(
+            "the block's {} query heads share {} key/value heads in groups of {}: keep_heads must keep whole groups",
+            heads,
+            attention.kv_heads,
+            attention.group()
+        ),
+    })?;
     let columns: Vec<usize> = head_columns(keep, dim, 0).collect();
+    let kv_columns: Vec<usize> = head_columns(&groups, dim, 0).collect();
     let packed: Vec<usize> = (0..3)
         .flat_map(|s| head_columns(keep, dim, s * heads * dim))
         .collect();
     match &attention.projections {
         Projections::Separate { q, k, v } => {
-            for linear in [q, k, v] {
-                slice_outputs(graph, linear, &columns, label)?;
+            slice_outputs(graph, q, &columns, label)?;
+            for linear in [k, v] {
+                slice_outputs(graph, linear, &kv_columns, label)?;
             }
         }
         Projections::Packed { qkv } => slice_outputs(graph, qkv, &packed, label)?,
@@ -149,8 +168,22 @@ fn prune_heads(
             .map_err(RewriteError::graph(label))?;
     }
     for site in &attention.shape_sites {
-        let value = shape_value(site, keep.len(), dim, label)?;
+        let value = shape_value(site, keep.len(), groups.len(), dim, label)?;
         set_shape_entry(graph, site, value, opset, label)?;
+    }
+    // The cache's declared shapes: [batch, kv_heads, sequence, head_dim].
+    if let Some(cache) = &attention.cache {
+        let names = [
+            Some(&cache.past_key),
+            Some(&cache.past_value),
+            cache.present_key.as_ref(),
+            cache.present_value.as_ref(),
+        ];
+        for name in names.into_iter().flatten() {
+            graph
+                .set_interface_dim(name, 1, groups.len() as i64)
+                .map_err(RewriteError::graph(label))?;
+        }
     }
     Ok(())
 }

@@ -435,11 +435,13 @@ pub(super) fn set_shape_entry(
 pub(super) fn shape_value(
     site: &ShapeSite,
     kept: usize,
+    kept_kv: usize,
     head_dim: usize,
     label: &str,
 ) -> Result<i64, RewriteError> {
     Ok(match site.role {
         ShapeRole::Heads => kept as i64,
+        ShapeRole::KvHeads => kept_kv as i64,
         ShapeRole::Width => (kept * head_dim) as i64,
         ShapeRole::HeadMultiple if !site.wildcard_elsewhere => -1,
         ShapeRole::HeadMultiple => {

@@ -1,6 +1,6 @@
 //! Pass `slim_mlp`: keeps the listed neurons of a block's MLP: fc1's
-//! columns and bias, fc2's rows, and any per-neuron constant inside the
-//! activation.
+//! columns and bias (and a gated MLP's up projection's), fc2's rows, and
+//! any per-neuron constant inside the activation.
 
 use super::prune_heads::{slice_inputs, slice_outputs};
 use super::slicing::slice_operand;
@@ -33,6 +33,9 @@ fn slim_mlp(graph: &mut Graph, mlp: &Mlp, keep: &[usize], label: &str) -> Result
         return Ok(());
     }
     slice_outputs(graph, &mlp.fc1, keep, label)?;
+    if let Some(up) = &mlp.up {
+        slice_outputs(graph, up, keep, label)?;
+    }
     slice_inputs(graph, &mlp.fc2, keep, label)?;
     // Per-neuron constants inside the activation (rare) shrink too.
     for &id in &mlp.activation {

@@ -82,6 +82,10 @@ pub struct Reference {
     samples: usize,
     fixed_batch: Option<usize>,
     batches: Vec<Vec<(String, Array)>>,
+    /// Outputs not compared: a decoder's present keys and values, state
+    /// for the next step rather than a result (a pruned model may narrow or
+    /// drop them; its logits carry what they change).
+    ignored: Vec<String>,
 }
 
 impl Reference {
@@ -105,8 +109,36 @@ impl Reference {
             samples,
             fixed_batch,
             batches,
+            ignored: Vec::new(),
         })
     }
+
+    /// The same reference, not comparing `outputs`.
+    pub fn ignoring(self, outputs: Vec<String>) -> Self {
+        Self {
+            ignored: outputs,
+            ..self
+        }
+    }
+}
+
+/// A decoder's present key/value outputs: graph outputs made by
+/// concatenating a graph input (the past) with this step's keys or values.
+pub fn cache_outputs(graph: &crate::ir::Graph) -> Vec<String> {
+    graph
+        .outputs
+        .iter()
+        .map(|o| o.name().to_string())
+        .filter(|name| {
+            graph.producer_node(name).is_some_and(|id| {
+                let node = graph.node(id);
+                node.op() == "Concat"
+                    && node.inputs().first().is_some_and(|past| {
+                        matches!(graph.producer(past), Some(crate::ir::Producer::Input))
+                    })
+            })
+        })
+        .collect()
 }
 
 /// As deployed: graph optimisations on.
@@ -150,7 +182,15 @@ pub fn compare_to(
         let (start, end, take) = (range.start, range.end, range.take);
         let feed = batching.feed(inputs, range);
         let rb = with_similarities(b.run(&feed)?);
-        for ((name, x), (_, y)) in ra.iter().zip(&rb) {
+        for (name, x) in ra {
+            if reference.ignored.contains(name) {
+                continue;
+            }
+            let Some((_, y)) = rb.iter().find(|(n, _)| n == name) else {
+                return Err(RuntimeError::Session(format!(
+                    "output '{name}' is missing from the pruned model"
+                )));
+            };
             let (Array::F32(x), Array::F32(y)) = (x, y) else {
                 continue;
             };

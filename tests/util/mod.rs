@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use onnx_idprune::calib::{Array, Runtime, RuntimeOptions, npz};
+
 /// Folder with the committed fixtures.
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
@@ -182,4 +184,53 @@ pub fn vision_query_weight(
         .iter_mut()
         .find(|t| t.name() == weight)
         .expect("the q_proj weight initializer")
+}
+
+/// The first `n` samples of the inputs the file takes.
+pub fn inputs(model: &Path, npz_path: &Path, n: usize) -> onnx_idprune::calib::Inputs {
+    let source = onnx_idprune::open(model).unwrap();
+    let (inputs, _) = npz::read_npz(npz_path, &source.model.graph).unwrap();
+    inputs.into_iter().map(|(k, v)| (k, v.rows(0, n))).collect()
+}
+
+pub fn read_outputs(path: &Path) -> Vec<(String, ndarray::ArrayD<f32>)> {
+    let mut npz = ndarray_npy::NpzReader::new(std::fs::File::open(path).unwrap()).unwrap();
+    let names = npz.names().unwrap();
+    names
+        .iter()
+        .map(|n| {
+            (
+                n.trim_end_matches(".npy").to_string(),
+                npz.by_name::<ndarray::OwnedRepr<f32>, ndarray::IxDyn>(n)
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Largest absolute difference relative to the reference's largest
+/// magnitude.
+pub fn relative_error(got: &ndarray::ArrayD<f32>, want: &ndarray::ArrayD<f32>) -> f32 {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    got.iter()
+        .zip(want.iter())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+/// Runs `model` on `inputs` and returns its float outputs.
+pub fn outputs_of(
+    model: &Path,
+    feed: &onnx_idprune::calib::Inputs,
+) -> Vec<(String, ndarray::ArrayD<f32>)> {
+    let mut runtime = Runtime::from_file(model, &RuntimeOptions::default()).unwrap();
+    runtime
+        .run(feed)
+        .unwrap()
+        .into_iter()
+        .filter_map(|(n, a)| match a {
+            Array::F32(a) => Some((n, a)),
+            _ => None,
+        })
+        .collect()
 }

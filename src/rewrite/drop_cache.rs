@@ -1,0 +1,113 @@
+//! Pass `drop_cache`: a decoder layer whose attention went (the layer
+//! dropped, or its attention) no longer reads or writes its key/value
+//! cache, so its `past_key_values.N.*` inputs and `present.N.*` outputs
+//! go; every other name stays. Exporters read the past length (and the
+//! batch size) off the first layer's past inputs with `Shape`; such reads
+//! move to the same input of a layer that keeps its cache, whose batch and
+//! sequence axes are the same.
+
+use super::{Edit, RewriteError, Target};
+use crate::arch::Cache;
+use crate::ir::{Graph, NodeId};
+
+/// Runs the pass over every target whose attention is removed.
+pub(super) fn run(edit: &mut Edit<'_>, targets: &[Target<'_>]) -> Result<(), RewriteError> {
+    let removed: Vec<&Cache> = targets
+        .iter()
+        .filter(|t| t.action.drop || t.action.drop_attention)
+        .filter_map(|t| t.block.attention.body.cache.as_ref())
+        .collect();
+    if removed.is_empty() {
+        return Ok(());
+    }
+    let label = "drop_cache";
+    let gone = |name: &str| {
+        removed
+            .iter()
+            .any(|c| c.past_key == name || c.past_value == name)
+    };
+    // Kept layers' caches whose head axis is unchanged (a Shape read of the
+    // whole past shape must see the same head count).
+    let narrowed: Vec<&str> = targets
+        .iter()
+        .filter(|t| t.action.keep_heads.is_some())
+        .filter_map(|t| t.block.attention.body.cache.as_ref())
+        .map(|c| c.past_key.as_str())
+        .collect();
+    let kept: Vec<&Cache> = edit.caches.iter().filter(|c| !gone(&c.past_key)).collect();
+    for cache in &removed {
+        for present in [&cache.present_key, &cache.present_value]
+            .into_iter()
+            .flatten()
+        {
+            edit.graph
+                .remove_output(present)
+                .map_err(RewriteError::graph(label))?;
+            edit.interface.push(format!("output '{present}' removed"));
+        }
+    }
+    // The concatenations with the past are unread now: remove them, so
+    // that what still reads a past input is what must move.
+    edit.graph.eliminate_dead_code();
+    for cache in &removed {
+        for (past, key) in [(&cache.past_key, true), (&cache.past_value, false)] {
+            let readers = edit.graph.consumers(past);
+            for reader in readers {
+                let node = edit.graph.node(reader);
+                if node.op() != "Shape" || !node.domain().is_empty() {
+                    return Err(RewriteError::Unsupported {
+                        label: label.into(),
+                        reason: format!(
+                            "'{past}' is read by {} outside its layer's attention, so the input cannot be removed",
+                            node.label()
+                        ),
+                    });
+                }
+                let reads_heads = shape_reads_axis(edit.graph, reader, 1);
+                let replacement = kept
+                    .iter()
+                    .filter(|c| !reads_heads || !narrowed.contains(&c.past_key.as_str()))
+                    .map(|c| if key { &c.past_key } else { &c.past_value })
+                    .next()
+                    .ok_or_else(|| RewriteError::Unsupported {
+                        label: label.into(),
+                        reason: format!(
+                            "the model reads the shape of '{past}', and no layer keeps a cache it could be read from instead"
+                        ),
+                    })?
+                    .clone();
+                let slot = edit
+                    .graph
+                    .node(reader)
+                    .inputs()
+                    .iter()
+                    .position(|i| i == past)
+                    .expect("a consumer reads the value");
+                edit.graph
+                    .set_input(reader, slot, &replacement)
+                    .map_err(RewriteError::graph(label))?;
+            }
+            edit.graph
+                .remove_input(past)
+                .map_err(RewriteError::graph(label))?;
+            edit.interface.push(format!("input '{past}' removed"));
+        }
+    }
+    edit.rewrites.push(format!(
+        "drop_cache ({} layer{})",
+        removed.len(),
+        if removed.len() == 1 { "" } else { "s" }
+    ));
+    Ok(())
+}
+
+/// Whether the `Shape` node `id` reports axis `axis` of its input (its
+/// `start`/`end` attributes, negative ones counted from a rank-4 end).
+fn shape_reads_axis(graph: &Graph, id: NodeId, axis: i64) -> bool {
+    let node = graph.node(id);
+    let rank = 4;
+    let norm = |v: i64| if v < 0 { v + rank } else { v };
+    let start = norm(node.attr_int("start").unwrap_or(0));
+    let end = norm(node.attr_int("end").unwrap_or(rank));
+    start <= axis && axis < end
+}

@@ -1,0 +1,250 @@
+//! Decoder language models (`fixtures/decoders/`, made by
+//! `fixtures/decoders/generate.py`: tiny Llama-, Qwen2- and Gemma-style
+//! causal LMs with transformers' default SDPA attention, exported by the
+//! torch exporter's defaults, with and without a key/value cache).
+//!
+//! Expectations come from the PyTorch models: `expected.json` holds each
+//! file's layers as the source modules have them (heads, key/value heads,
+//! head width, MLP width, gated, RMS norm, cache, parameters);
+//! `reference/<family>_<plan>[_cache].npz` the outputs of the PyTorch model
+//! pruned as the plan says, with the presents of the layers that keep their
+//! attention sliced to the kept key/value heads.
+//! See: issue 17.
+
+mod util;
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use util::{Sandbox, inputs, outputs_of, read_outputs, relative_error, run};
+
+fn corpus() -> PathBuf {
+    util::fixtures().join("decoders")
+}
+
+fn expected() -> Vec<(String, Value)> {
+    let text = std::fs::read_to_string(corpus().join("expected.json")).unwrap();
+    let json: serde_json::Map<String, Value> = serde_json::from_str(&text).unwrap();
+    let files: Vec<(String, Value)> = json.into_iter().collect();
+    assert_eq!(files.len(), 6, "three families, with and without a cache");
+    files
+}
+
+const BLOCK_KEYS: &[&str] = &[
+    "index",
+    "hidden",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "mlp",
+    "gated",
+    "norm",
+    "norm_kind",
+    "cross_attention",
+    "cache",
+    "params",
+];
+
+fn blocks(v: &Value) -> Vec<Value> {
+    v["towers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let blocks: Vec<Value> = t["blocks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    BLOCK_KEYS
+                        .iter()
+                        .map(|k| (k.to_string(), b[*k].clone()))
+                        .collect::<serde_json::Map<_, _>>()
+                        .into()
+                })
+                .collect();
+            serde_json::json!({"name": t["name"], "blocks": blocks})
+        })
+        .collect()
+}
+
+#[test]
+fn inspect_is_exact_on_every_decoder() {
+    let mut failures = Vec::new();
+    for (file, want) in expected() {
+        let path = corpus().join(&file);
+        let result = run(["inspect".as_ref(), path.as_os_str(), "--json".as_ref()]);
+        if result.code != 0 {
+            failures.push(format!("{file}: {}", result.stderr.trim()));
+            continue;
+        }
+        let got: Value = serde_json::from_str(&result.stdout).unwrap();
+        if blocks(&got) != blocks(&want) {
+            failures.push(format!(
+                "{file}:\n  got  {}\n  want {}",
+                serde_json::to_string(&blocks(&got)).unwrap(),
+                serde_json::to_string(&blocks(&want)).unwrap()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn plans_match_pytorch_on_every_decoder_with_and_without_cache() {
+    let sandbox = Sandbox::new();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for (file, want) in expected() {
+        let family = want["family"].as_str().unwrap();
+        let cached = want["cache"].as_bool().unwrap();
+        let path = corpus().join(&file);
+        // Two teacher-forced prompts; a cache file gets empty pasts.
+        let calib = corpus().join(want["inputs"].as_str().unwrap());
+        for plan in want["plans"].as_array().unwrap() {
+            let plan = plan.as_str().unwrap();
+            let label = format!("{file} with {plan}");
+            let plan_path = corpus().join(format!("plans/{family}_{plan}.json"));
+            let suffix = if cached { "_cache" } else { "" };
+            let reference = corpus().join(format!("reference/{family}_{plan}{suffix}.npz"));
+            let out = sandbox.path(&format!("{file}.{plan}.onnx"));
+            let result = run([
+                path.as_os_str(),
+                out.as_os_str(),
+                "--plan".as_ref(),
+                plan_path.as_os_str(),
+            ]);
+            if result.code != 0 {
+                failures.push(format!("{label}: {}", result.stderr.trim()));
+                continue;
+            }
+            let mut want_outputs = read_outputs(&reference);
+            // Read for the pruned file: its cache inputs (empty pasts) are
+            // fewer and narrower.
+            let mut got_outputs = outputs_of(&out, &inputs(&out, &calib, 2));
+            want_outputs.sort_by(|a, b| a.0.cmp(&b.0));
+            got_outputs.sort_by(|a, b| a.0.cmp(&b.0));
+            let names = |v: &[(String, ndarray::ArrayD<f32>)]| -> Vec<String> {
+                v.iter().map(|(n, _)| n.clone()).collect()
+            };
+            if names(&got_outputs) != names(&want_outputs) {
+                failures.push(format!(
+                    "{label}: outputs {:?}, PyTorch's pruned model gives {:?}",
+                    names(&got_outputs),
+                    names(&want_outputs)
+                ));
+                continue;
+            }
+            for ((name, got), (_, want)) in got_outputs.iter().zip(&want_outputs) {
+                if got.shape() != want.shape() {
+                    failures.push(format!(
+                        "{label}: {name} has shape {:?}, PyTorch {:?}",
+                        got.shape(),
+                        want.shape()
+                    ));
+                    continue;
+                }
+                let err = relative_error(got, want);
+                if err > 1e-4 {
+                    failures.push(format!(
+                        "{label}: {name} relative error {err:.2e} against PyTorch"
+                    ));
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(checked >= 40, "only {checked} outputs compared");
+}
+
+#[test]
+fn a_plan_splitting_a_key_value_group_is_refused() {
+    let sandbox = Sandbox::new();
+    let plan = sandbox.write(
+        "split.json",
+        r#"{"format": "onnx-idprune-plan", "version": 1,
+            "blocks": [{"tower": "text", "index": 0, "keep_heads": [0, 2, 3]}]}"#,
+    );
+    let out = sandbox.path("out.onnx");
+    let before = sandbox.listing();
+    run([
+        corpus().join("llama.onnx").as_os_str(),
+        out.as_os_str(),
+        "--plan".as_ref(),
+        plan.as_os_str(),
+    ])
+    .assert_error(1, "keep_heads must keep whole groups");
+    util::assert_no_output(&sandbox, &out, &before);
+}
+
+#[test]
+fn the_report_lists_the_cache_entries_a_plan_removes_or_narrows() {
+    let sandbox = Sandbox::new();
+    let out = sandbox.path("out.onnx");
+    let report = sandbox.path("report.json");
+    run([
+        corpus().join("llama_cache.onnx").as_os_str(),
+        out.as_os_str(),
+        "--plan".as_ref(),
+        corpus().join("plans/llama_mixed.json").as_os_str(),
+        "--report".as_ref(),
+        report.as_os_str(),
+    ])
+    .assert_ok();
+    let json: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let interface: Vec<&str> = json["interface"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    // Layer 1 dropped: its four entries go; layer 0 keeps one of two
+    // key/value heads: its four entries narrow.
+    for name in [
+        "past_key_values.1.key",
+        "past_key_values.1.value",
+        "present.1.key",
+        "present.1.value",
+    ] {
+        assert!(
+            interface.contains(&format!("input '{name}' removed").as_str())
+                || interface.contains(&format!("output '{name}' removed").as_str()),
+            "{name}: {interface:?}"
+        );
+    }
+    for name in ["past_key_values.0.key", "present.0.value"] {
+        assert!(
+            interface.contains(&format!("'{name}' holds 1 of 2 key/value heads").as_str()),
+            "{name}: {interface:?}"
+        );
+    }
+    assert_eq!(interface.len(), 8, "{interface:?}");
+}
+
+#[test]
+fn the_main_job_prunes_every_decoder() {
+    let sandbox = Sandbox::new();
+    for (file, want) in expected() {
+        let path = corpus().join(&file);
+        let calib = corpus().join(want["inputs"].as_str().unwrap());
+        let out = sandbox.path(&format!("auto-{file}"));
+        let report = sandbox.path(&format!("auto-{file}.json"));
+        run([
+            path.as_os_str(),
+            out.as_os_str(),
+            "--calib".as_ref(),
+            calib.as_os_str(),
+            "--keep-params".as_ref(),
+            "0.7".as_ref(),
+            "--report".as_ref(),
+            report.as_os_str(),
+        ])
+        .assert_ok();
+        let json: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let kept = json["params"]["blocks_kept"].as_f64().unwrap();
+        assert!(kept <= 0.7 + 1e-9 && kept > 0.5, "{file}: kept {kept}");
+        let fidelity = &json["fidelity"];
+        assert!(fidelity.is_object(), "{file}: {json}");
+    }
+}
