@@ -1,7 +1,8 @@
 //! Decoder language models (`fixtures/decoders/`, made by
 //! `fixtures/decoders/generate.py`: tiny Llama-, Qwen2- and Gemma-style
 //! causal LMs with transformers' default SDPA attention, exported by the
-//! torch exporter's defaults, with and without a key/value cache).
+//! torch exporter's defaults and by TorchScript as optimum exports them,
+//! with and without a key/value cache).
 //!
 //! Expectations come from the PyTorch models: `expected.json` holds each
 //! file's layers as the source modules have them (heads, key/value heads,
@@ -26,7 +27,11 @@ fn expected() -> Vec<(String, Value)> {
     let text = std::fs::read_to_string(corpus().join("expected.json")).unwrap();
     let json: serde_json::Map<String, Value> = serde_json::from_str(&text).unwrap();
     let files: Vec<(String, Value)> = json.into_iter().collect();
-    assert_eq!(files.len(), 6, "three families, with and without a cache");
+    assert_eq!(
+        files.len(),
+        12,
+        "three families, with and without a cache, by both exporters"
+    );
     files
 }
 

@@ -272,7 +272,7 @@ pub fn norm_producing(view: &View<'_>, value: &str) -> Option<LayerNorm> {
 }
 
 /// ```text
-/// x ─► Pow(·, 2) | Mul(x, x) ─► ReduceMean ─► Add(eps) ─► Sqrt ─► Reciprocal ─► Mul(x, ·) ─► Mul(scale)
+/// x ─► Pow(·, 2) | Mul(x, x) ─► ReduceMean ─► Add(eps) ─► Sqrt ─► Reciprocal | Div(1, ·) ─► Mul(x, ·) ─► Mul(scale)
 ///                                                         └─────────────────► Div(x, ·) ─┘
 /// scale: stored, or Add(stored, 1) (Gemma's `1 + weight`)
 /// ```
@@ -307,9 +307,15 @@ fn decomposed_rms_norm(view: &View<'_>, scale_mul: NodeId, value: &str) -> Optio
     // Mul(x, Reciprocal(Sqrt(v))) in either order, or Div(x, Sqrt(v)).
     let (x, inverse) = match normed_node.op() {
         "Mul" => {
+            // Reciprocal(s), or Div(1, s) as TorchScript writes rsqrt.
             let reciprocal = |v: &str| {
-                view.producer(v)
-                    .filter(|r| graph.node(*r).op() == "Reciprocal")
+                view.producer(v).filter(|r| {
+                    let n = graph.node(*r);
+                    n.op() == "Reciprocal"
+                        || (n.op() == "Div"
+                            && n.inputs().len() == 2
+                            && view.scalar(&n.inputs()[0]) == Some(1.0))
+                })
             };
             match (reciprocal(a), reciprocal(b)) {
                 (_, Some(r)) => (a.clone(), Some(r)),
@@ -321,7 +327,7 @@ fn decomposed_rms_norm(view: &View<'_>, scale_mul: NodeId, value: &str) -> Optio
         _ => return None,
     };
     let sqrt_in = match inverse {
-        Some(r) => graph.node(r).inputs()[0].clone(),
+        Some(r) => graph.node(r).inputs().last().cloned()?,
         None => b.clone(),
     };
     let sqrt = view

@@ -311,7 +311,10 @@ impl<'g> View<'g> {
             return false;
         }
         match node.op() {
+            // A Concat of one tensor is that tensor (TorchScript's export of
+            // a cache's past).
             "Identity" => true,
+            "Concat" => node.inputs().len() == 1,
             // At inference Dropout is the identity; its mask output must be
             // unused.
             "Dropout" => node

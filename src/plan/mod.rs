@@ -96,7 +96,7 @@ pub struct BlockAction {
 
 /// Names of a block's linear layers in `zero_below`: separate `q`, `k`, `v`
 /// projections or one packed/fused `qkv`, the attention output `out`, and
-/// the MLP's `fc1` and `fc2`.
+/// the MLP's `fc1`, `up` (a gated MLP's up projection) and `fc2`.
 pub const LINEAR_ROLES: &[&str] = &["q", "k", "v", "qkv", "out", "fc1", "up", "fc2"];
 
 impl BlockAction {

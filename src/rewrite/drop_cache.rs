@@ -2,9 +2,9 @@
 //! dropped, or its attention) no longer reads or writes its key/value
 //! cache, so its `past_key_values.N.*` inputs and `present.N.*` outputs
 //! go; every other name stays. Exporters read the past length (and the
-//! batch size) off the first layer's past inputs with `Shape`; such reads
-//! move to the same input of a layer that keeps its cache, whose batch and
-//! sequence axes are the same.
+//! batch size) off the first layer's past inputs with `Shape` (TorchScript
+//! through a one-input `Concat`); such reads move to the same input of a
+//! layer that keeps its cache, whose batch and sequence axes are the same.
 
 use super::{Edit, RewriteError, Target};
 use crate::arch::Cache;
@@ -54,7 +54,7 @@ pub(super) fn run(edit: &mut Edit<'_>, targets: &[Target<'_>]) -> Result<(), Rew
             let readers = edit.graph.consumers(past);
             for reader in readers {
                 let node = edit.graph.node(reader);
-                if node.op() != "Shape" || !node.domain().is_empty() {
+                if !only_shapes_read(edit.graph, reader) {
                     return Err(RewriteError::Unsupported {
                         label: label.into(),
                         reason: format!(
@@ -63,7 +63,7 @@ pub(super) fn run(edit: &mut Edit<'_>, targets: &[Target<'_>]) -> Result<(), Rew
                         ),
                     });
                 }
-                let reads_heads = shape_reads_axis(edit.graph, reader, 1);
+                let reads_heads = shape_reads(edit.graph, reader, 1);
                 let replacement = kept
                     .iter()
                     .filter(|c| !reads_heads || !narrowed.contains(&c.past_key.as_str()))
@@ -101,10 +101,42 @@ pub(super) fn run(edit: &mut Edit<'_>, targets: &[Target<'_>]) -> Result<(), Rew
     Ok(())
 }
 
-/// Whether the `Shape` node `id` reports axis `axis` of its input (its
-/// `start`/`end` attributes, negative ones counted from a rank-4 end).
-fn shape_reads_axis(graph: &Graph, id: NodeId, axis: i64) -> bool {
+/// Whether `id` is a `Shape`, or a copy of its input (`Identity`, a
+/// one-input `Concat`) read only by such nodes: whether what reads a past
+/// input reads only its size.
+fn only_shapes_read(graph: &Graph, id: NodeId) -> bool {
     let node = graph.node(id);
+    if !node.domain().is_empty() {
+        return false;
+    }
+    match node.op() {
+        "Shape" => true,
+        "Identity" => copies_read_only_shapes(graph, id),
+        "Concat" if node.inputs().len() == 1 => copies_read_only_shapes(graph, id),
+        _ => false,
+    }
+}
+
+fn copies_read_only_shapes(graph: &Graph, id: NodeId) -> bool {
+    let output = &graph.node(id).outputs()[0];
+    !graph.is_output(output)
+        && graph
+            .consumers(output)
+            .into_iter()
+            .all(|c| only_shapes_read(graph, c))
+}
+
+/// Whether the size reads behind `id` include axis `axis` (a `Shape`'s
+/// `start`/`end` attributes, negative ones counted from a rank-4 end).
+fn shape_reads(graph: &Graph, id: NodeId, axis: i64) -> bool {
+    let node = graph.node(id);
+    if node.op() != "Shape" {
+        let output = &node.outputs()[0];
+        return graph
+            .consumers(output)
+            .into_iter()
+            .any(|c| shape_reads(graph, c, axis));
+    }
     let rank = 4;
     let norm = |v: i64| if v < 0 { v + rank } else { v };
     let start = norm(node.attr_int("start").unwrap_or(0));
