@@ -251,5 +251,67 @@ fn the_main_job_prunes_every_decoder() {
         assert!(kept <= 0.7 + 1e-9 && kept > 0.5, "{file}: kept {kept}");
         let fidelity = &json["fidelity"];
         assert!(fidelity.is_object(), "{file}: {json}");
+        // Cache files are also verified by greedy generation with their
+        // caches against the original's.
+        let generations = &fidelity["generations"];
+        if want["cache"].as_bool().unwrap() {
+            assert!(
+                generations["prompts"].as_u64().unwrap() >= 1,
+                "{file}: {fidelity}"
+            );
+            let agreement = generations["token_agreement"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&agreement), "{file}: {fidelity}");
+        } else {
+            assert!(generations.is_null(), "{file}: {fidelity}");
+        }
+    }
+}
+
+#[test]
+fn an_unpruned_decoder_generates_with_its_cache_exactly_as_the_original() {
+    // The comparison itself: a model against itself agrees everywhere, and
+    // against a model with a dropped layer it does not.
+    for file in ["llama_cache.onnx", "qwen2_ts_cache.onnx"] {
+        let path = corpus().join(file);
+        let family = file.split('_').next().unwrap();
+        let calib = corpus().join(format!("inputs/{family}.npz"));
+        let source = onnx_idprune::open(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let feed = inputs(&path, &calib, 16);
+        let options = onnx_idprune::calib::RuntimeOptions::default();
+        let same = onnx_idprune::verify::compare_generations(
+            &bytes,
+            &bytes,
+            &source.model.graph,
+            &feed,
+            16,
+            "logits",
+            &options,
+        )
+        .unwrap()
+        .expect("a cache decoder");
+        assert!(same.prompts >= 8, "{file}: {same:?}");
+        assert_eq!((same.exact_match, same.token_agreement), (1.0, 1.0));
+        let sandbox = Sandbox::new();
+        let plan = sandbox.write(
+            "drop.json",
+            r#"{"format": "onnx-idprune-plan", "version": 1,
+                "blocks": [{"tower": "text", "index": 0, "drop": true},
+                           {"tower": "text", "index": 1, "drop": true}]}"#,
+        );
+        let out = sandbox.path("dropped.onnx");
+        util::run_plan(&path, &out, &plan, &[]).assert_ok();
+        let other = onnx_idprune::verify::compare_generations(
+            &bytes,
+            &std::fs::read(&out).unwrap(),
+            &source.model.graph,
+            &feed,
+            16,
+            "logits",
+            &options,
+        )
+        .unwrap()
+        .expect("a cache decoder");
+        assert!(other.token_agreement < 1.0, "{file}: {other:?}");
     }
 }

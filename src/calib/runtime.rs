@@ -354,6 +354,22 @@ impl Runtime {
             .collect()
     }
 
+    /// The model's inputs with their declared dims (-1 where dynamic), in
+    /// order.
+    pub fn input_dims(&self) -> Vec<(String, Vec<i64>)> {
+        self.session
+            .inputs()
+            .iter()
+            .map(|i| {
+                let dims = match i.dtype() {
+                    ValueType::Tensor { shape, .. } => shape.iter().copied().collect(),
+                    _ => Vec::new(),
+                };
+                (i.name().to_string(), dims)
+            })
+            .collect()
+    }
+
     /// Names of the model's outputs, in order.
     pub fn output_names(&self) -> Vec<String> {
         self.session
@@ -371,18 +387,7 @@ impl Runtime {
     /// the model does not take are left out, and an empty (zero-length)
     /// past is given the model's declared head count.
     pub fn run(&mut self, inputs: &Inputs) -> Result<Vec<(String, Array)>, RuntimeError> {
-        let declared: Vec<(String, Vec<i64>)> = self
-            .session
-            .inputs()
-            .iter()
-            .map(|i| {
-                let dims = match i.dtype() {
-                    ValueType::Tensor { shape, .. } => shape.iter().copied().collect(),
-                    _ => Vec::new(),
-                };
-                (i.name().to_string(), dims)
-            })
-            .collect();
+        let declared = self.input_dims();
         let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
             Vec::with_capacity(inputs.len());
         for (name, array) in inputs {

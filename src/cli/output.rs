@@ -43,6 +43,13 @@ pub fn pruned(output: &Path, outcome: &Outcome) -> String {
                 100.0 * c.token_agreement
             ));
         }
+        if let Some(g) = &f.generations {
+            line.push_str(&format!(
+                ", cached greedy generations {:.1}% identical ({:.1}% of tokens)",
+                100.0 * g.exact_match,
+                100.0 * g.token_agreement
+            ));
+        }
     }
     line.push(')');
     line

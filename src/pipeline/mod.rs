@@ -283,6 +283,31 @@ impl Verifier {
         }
     }
 
+    /// A decoder's greedy generations with its cache from `model` against
+    /// the original's (none for a model without a cache or logits).
+    pub fn generations(
+        &self,
+        source: &Source,
+        model: &Model,
+    ) -> Result<Option<verify::GenerationAgreement>, Error> {
+        let Some(logits) = verify::token_logits(&source.model.graph) else {
+            return Ok(None);
+        };
+        if self.fixed_batch.is_some() {
+            return Ok(None);
+        }
+        let candidate = onnx::encode_to_vec(&model.to_proto());
+        Ok(verify::compare_generations(
+            &self.original,
+            &candidate,
+            &source.model.graph,
+            &self.inputs,
+            self.samples,
+            &logits,
+            &self.runtime,
+        )?)
+    }
+
     /// How closely `model` follows the original.
     pub fn check(&self, model: &Model) -> Result<Fidelity, Error> {
         if self.reference.get().is_none() {

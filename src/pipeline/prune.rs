@@ -238,6 +238,7 @@ impl PruneJob {
                 // candidates runs the teacher-forced pass alone.
                 let clock = Instant::now();
                 (fidelity.captions, fidelity.captions_note) = verifier.captions(&candidate.model);
+                fidelity.generations = verifier.generations(&source, &candidate.model)?;
                 captions_time = clock.elapsed().as_secs_f64();
                 if let Some(required) = self.min_fidelity
                     && fidelity.min_cosine < required

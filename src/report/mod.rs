@@ -658,6 +658,17 @@ impl Report {
                     100.0 * c.token_agreement
                 );
             }
+            if let Some(g) = &f.generations {
+                let _ = writeln!(
+                    out,
+                    "- greedy generations with the cache ({} prompts of {} tokens, {} tokens each): {:.1}% identical, {:.1}% of tokens the same",
+                    g.prompts,
+                    g.prompt_tokens,
+                    g.tokens,
+                    100.0 * g.exact_match,
+                    100.0 * g.token_agreement
+                );
+            }
         }
         if !self.candidates.is_empty() {
             let _ = writeln!(

@@ -54,6 +54,204 @@ pub struct Fidelity {
     /// batch size, a failed generation step).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub captions_note: Option<String>,
+    /// Decoders with a key/value cache: greedy generations of both models,
+    /// step by step with their caches (see [`compare_generations`]);
+    /// measured by the final verification only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generations: Option<GenerationAgreement>,
+}
+
+/// Greedy generations of a pruned decoder against the original's, each
+/// model fed its own cache step by step as deployed: from the first
+/// [`PROMPT_TOKENS`] tokens of each held-out sequence, [`GENERATED_TOKENS`]
+/// tokens.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationAgreement {
+    /// Prompts generated from.
+    pub prompts: usize,
+    /// Tokens of each prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated per prompt.
+    pub tokens: usize,
+    /// Share of prompts the pruned model continues exactly as the original.
+    pub exact_match: f64,
+    /// Share of generated positions holding the original's token.
+    pub token_agreement: f64,
+}
+
+/// Tokens of each held-out sequence a generation starts from.
+pub const PROMPT_TOKENS: usize = 4;
+/// Tokens generated from each prompt.
+pub const GENERATED_TOKENS: usize = 8;
+
+/// A decoder's cache: (past input, present output) pairs, the present
+/// being `Concat(past, new)`.
+pub fn cache_pairs(graph: &crate::ir::Graph) -> Vec<(String, String)> {
+    graph
+        .outputs
+        .iter()
+        .filter_map(|o| {
+            let present = o.name();
+            let node = graph.node(graph.producer_node(present)?);
+            if node.op() != "Concat" || node.inputs().len() != 2 {
+                return None;
+            }
+            Some((copied_input(graph, &node.inputs()[0])?, present.to_string()))
+        })
+        .collect()
+}
+
+/// Greedy generation with the cache from both models on the prompts of
+/// `inputs` (none when `graph`, the original, has no cache, no
+/// `input_ids` or sequences shorter than a prompt).
+pub fn compare_generations(
+    original: &[u8],
+    pruned: &[u8],
+    graph: &crate::ir::Graph,
+    inputs: &Inputs,
+    samples: usize,
+    logits: &str,
+    options: &RuntimeOptions,
+) -> Result<Option<GenerationAgreement>, RuntimeError> {
+    let Some(Array::I64(ids)) = inputs.get("input_ids") else {
+        return Ok(None);
+    };
+    if cache_pairs(graph).is_empty() || ids.ndim() != 2 || ids.shape()[1] < PROMPT_TOKENS {
+        return Ok(None);
+    }
+    // Prompts of real tokens only (a padded sequence's prompt would be
+    // padding).
+    let real = text_mask(inputs, ids.shape()[0], ids.shape()[1]);
+    let rows: Vec<usize> = (0..samples.min(ids.shape()[0]))
+        .filter(|&r| {
+            real.as_ref().is_none_or(|m| {
+                let width = ids.shape()[1];
+                m[r * width..r * width + PROMPT_TOKENS]
+                    .iter()
+                    .all(|&v| v != 0)
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let prompts =
+        ndarray::Array2::from_shape_fn((rows.len(), PROMPT_TOKENS), |(r, p)| ids[[rows[r], p]]);
+    let mut a = Runtime::from_bytes(original, &deployed(options))?;
+    let mut b = Runtime::from_bytes(pruned, &deployed(options))?;
+    // The rewrite keeps every name: the original's pairs name the pruned
+    // model's (those it still has).
+    let pairs = cache_pairs(graph);
+    // An original this loop cannot drive (another cache interface) is not
+    // compared; a pruned model that cannot generate with its cache is
+    // broken, and that is an error.
+    let Ok(ga) = generate_cached(&mut a, &prompts, logits, &pairs) else {
+        return Ok(None);
+    };
+    let gb = generate_cached(&mut b, &prompts, logits, &pairs)?;
+    let exact = ga.iter().zip(&gb).filter(|(x, y)| x == y).count();
+    let same: usize = ga
+        .iter()
+        .zip(&gb)
+        .map(|(x, y)| x.iter().zip(y).filter(|(p, q)| p == q).count())
+        .sum();
+    Ok(Some(GenerationAgreement {
+        prompts: rows.len(),
+        prompt_tokens: PROMPT_TOKENS,
+        tokens: GENERATED_TOKENS,
+        exact_match: exact as f64 / rows.len() as f64,
+        token_agreement: same as f64 / (rows.len() * GENERATED_TOKENS) as f64,
+    }))
+}
+
+/// [`GENERATED_TOKENS`] greedy tokens after each prompt row, the cache fed
+/// back step by step (it starts empty); `CAPTION_BATCH` prompts at a time.
+fn generate_cached(
+    model: &mut Runtime,
+    prompts: &ndarray::Array2<i64>,
+    logits: &str,
+    pairs: &[(String, String)],
+) -> Result<Vec<Vec<i64>>, RuntimeError> {
+    let inputs = model.input_dims();
+    let takes = |name: &str| inputs.iter().any(|(n, _)| n == name);
+    // The past inputs this model takes, with their declared dims.
+    let pasts: Vec<(String, Vec<i64>, String)> = pairs
+        .iter()
+        .filter_map(|(past, present)| {
+            let (_, dims) = inputs.iter().find(|(n, _)| n == past)?;
+            (dims.len() == 4).then(|| (past.clone(), dims.clone(), present.clone()))
+        })
+        .collect();
+    let mut out = Vec::with_capacity(prompts.nrows());
+    for start in (0..prompts.nrows()).step_by(CAPTION_BATCH) {
+        let end = (start + CAPTION_BATCH).min(prompts.nrows());
+        let rows = end - start;
+        let mut step_ids = prompts.slice(ndarray::s![start..end, ..]).to_owned();
+        let mut cache: Vec<(String, Array, String)> = pasts
+            .iter()
+            .map(|(name, dims, present)| {
+                let d = |i: usize| usize::try_from(dims[i]).unwrap_or(0);
+                let empty = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[rows, d(1), 0, d(3)]));
+                (name.clone(), Array::F32(empty), present.clone())
+            })
+            .collect();
+        let mut done = 0usize;
+        let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); rows];
+        for _ in 0..GENERATED_TOKENS {
+            let new = step_ids.ncols();
+            let mut feed = Inputs::new();
+            feed.insert("input_ids".into(), Array::I64(step_ids.clone().into_dyn()));
+            if takes("attention_mask") {
+                let ones = ndarray::Array2::<i64>::ones((rows, done + new));
+                feed.insert("attention_mask".into(), Array::I64(ones.into_dyn()));
+            }
+            if takes("position_ids") {
+                let positions =
+                    ndarray::Array2::from_shape_fn((rows, new), |(_, p)| (done + p) as i64);
+                feed.insert("position_ids".into(), Array::I64(positions.into_dyn()));
+            }
+            for (name, value, _) in &cache {
+                feed.insert(name.clone(), value.clone());
+            }
+            let outputs = model.run(&feed)?;
+            let Some((_, Array::F32(scores))) = outputs.iter().find(|(n, _)| n == logits) else {
+                return Err(RuntimeError::Session(format!(
+                    "generation: output '{logits}' is missing or not float"
+                )));
+            };
+            if scores.ndim() != 3 || scores.shape()[0] != rows || scores.shape()[1] != new {
+                return Err(RuntimeError::Session(format!(
+                    "generation: '{logits}' has shape {:?} for {rows} sequences of {new} tokens",
+                    scores.shape()
+                )));
+            }
+            let vocab = scores.shape()[2];
+            let scores = scores.as_standard_layout();
+            let flat = scores.as_slice().expect("standard layout");
+            let next: Vec<i64> = (0..rows)
+                .map(|r| {
+                    let at = (r * new + new - 1) * vocab;
+                    argmax(&flat[at..at + vocab]) as i64
+                })
+                .collect();
+            for (t, n) in tokens.iter_mut().zip(&next) {
+                t.push(*n);
+            }
+            // Each past input takes the present the model wrote for it.
+            for (past, value, present) in cache.iter_mut() {
+                let Some((_, written)) = outputs.iter().find(|(n, _)| n == present) else {
+                    return Err(RuntimeError::Session(format!(
+                        "generation: no output '{present}' to feed '{past}' with"
+                    )));
+                };
+                *value = written.clone();
+            }
+            done += new;
+            step_ids = ndarray::Array2::from_shape_vec((rows, 1), next).expect("one per row");
+        }
+        out.extend(tokens);
+    }
+    Ok(out)
 }
 
 /// Greedy captions of the pruned model against the original's, on the
@@ -125,20 +323,29 @@ impl Reference {
 /// A decoder's present key/value outputs: graph outputs made by
 /// concatenating a graph input (the past) with this step's keys or values.
 pub fn cache_outputs(graph: &crate::ir::Graph) -> Vec<String> {
-    graph
-        .outputs
-        .iter()
-        .map(|o| o.name().to_string())
-        .filter(|name| {
-            graph.producer_node(name).is_some_and(|id| {
-                let node = graph.node(id);
-                node.op() == "Concat"
-                    && node.inputs().first().is_some_and(|past| {
-                        matches!(graph.producer(past), Some(crate::ir::Producer::Input))
-                    })
-            })
-        })
-        .collect()
+    cache_pairs(graph).into_iter().map(|(_, p)| p).collect()
+}
+
+/// The graph input `value` copies (through `Identity` and one-input
+/// `Concat`, as TorchScript exports read a past), if any.
+fn copied_input(graph: &crate::ir::Graph, value: &str) -> Option<String> {
+    let mut value = value.to_string();
+    for _ in 0..8 {
+        match graph.producer(&value) {
+            Some(crate::ir::Producer::Input) => return Some(value),
+            Some(crate::ir::Producer::Node(..)) => {
+                let node = graph.node(graph.producer_node(&value)?);
+                let copy =
+                    node.op() == "Identity" || (node.op() == "Concat" && node.inputs().len() == 1);
+                if !copy {
+                    return None;
+                }
+                value = node.inputs()[0].clone();
+            }
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// As deployed: graph optimisations on.
@@ -279,6 +486,7 @@ pub fn compare_to(
             .then(|| tokens_agree as f64 / tokens_compared as f64),
         captions: None,
         captions_note: None,
+        generations: None,
     })
 }
 
@@ -310,7 +518,18 @@ fn text_mask(feed: &Inputs, take: usize, positions: usize) -> Option<Vec<i64>> {
 /// output, when `graph` is one.
 pub fn captioner_logits(graph: &crate::ir::Graph) -> Option<String> {
     let reads = |name: &str| graph.inputs.iter().any(|i| i.name() == name);
-    if !reads("pixel_values") || !reads("input_ids") {
+    if !reads("pixel_values") {
+        return None;
+    }
+    token_logits(graph)
+}
+
+/// A token predictor: a model reading `input_ids` with a sequence axis it
+/// may grow and giving 3-D `logits` (a captioner, a decoder language
+/// model). The name of its logits output.
+pub fn token_logits(graph: &crate::ir::Graph) -> Option<String> {
+    let reads = |name: &str| graph.inputs.iter().any(|i| i.name() == name);
+    if !reads("input_ids") {
         return None;
     }
     let shape = graph.value_type("input_ids")?.shape?;
