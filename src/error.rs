@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::{arch, calib, decide, folder, ir, measure, onnx, plan, rewrite};
+use crate::{arch, calib, decide, folder, ir, measure, merged, onnx, plan, rewrite};
 
 /// Everything that can stop a run.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +16,14 @@ pub enum Error {
     /// A folder's files cannot be pruned as one model.
     #[error(transparent)]
     Folder(#[from] folder::FolderError),
+    /// A merged decoder's branches cannot be pruned alike.
+    #[error("{}: {error}", path.display())]
+    Merged {
+        /// The model.
+        path: PathBuf,
+        /// What is wrong.
+        error: merged::MergedError,
+    },
     /// The model's graph is malformed.
     #[error("{}: {error}", path.display())]
     Graph {

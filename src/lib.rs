@@ -41,6 +41,7 @@ pub mod id;
 pub mod ir;
 mod linalg;
 pub mod measure;
+pub mod merged;
 pub mod onnx;
 pub mod pipeline;
 pub mod plan;

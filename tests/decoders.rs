@@ -16,6 +16,7 @@ mod util;
 
 use std::path::PathBuf;
 
+use onnx_idprune::calib::Array;
 use serde_json::Value;
 use util::{Sandbox, inputs, outputs_of, read_outputs, relative_error, run};
 
@@ -29,8 +30,8 @@ fn expected() -> Vec<(String, Value)> {
     let files: Vec<(String, Value)> = json.into_iter().collect();
     assert_eq!(
         files.len(),
-        12,
-        "three families, with and without a cache, by both exporters"
+        15,
+        "three families, with and without a cache, by both exporters, and merged"
     );
     files
 }
@@ -123,44 +124,77 @@ fn plans_match_pytorch_on_every_decoder_with_and_without_cache() {
                 failures.push(format!("{label}: {}", result.stderr.trim()));
                 continue;
             }
-            let mut want_outputs = read_outputs(&reference);
             // Read for the pruned file: its cache inputs (empty pasts) are
-            // fewer and narrower.
-            let mut got_outputs = outputs_of(&out, &inputs(&out, &calib, 2));
-            want_outputs.sort_by(|a, b| a.0.cmp(&b.0));
-            got_outputs.sort_by(|a, b| a.0.cmp(&b.0));
-            let names = |v: &[(String, ndarray::ArrayD<f32>)]| -> Vec<String> {
-                v.iter().map(|(n, _)| n.clone()).collect()
+            // fewer and narrower. A merged decoder runs both branches.
+            let feed = inputs(&out, &calib, 2);
+            let flags: &[Option<bool>] = if file.contains("merged") {
+                &[Some(false), Some(true)]
+            } else {
+                &[None]
             };
-            if names(&got_outputs) != names(&want_outputs) {
-                failures.push(format!(
-                    "{label}: outputs {:?}, PyTorch's pruned model gives {:?}",
-                    names(&got_outputs),
-                    names(&want_outputs)
-                ));
-                continue;
-            }
-            for ((name, got), (_, want)) in got_outputs.iter().zip(&want_outputs) {
-                if got.shape() != want.shape() {
-                    failures.push(format!(
-                        "{label}: {name} has shape {:?}, PyTorch {:?}",
-                        got.shape(),
-                        want.shape()
-                    ));
-                    continue;
+            for flag in flags {
+                let mut feed = feed.clone();
+                if let Some(flag) = flag {
+                    feed.insert(
+                        "use_cache_branch".into(),
+                        Array::Bool(ndarray::arr1(&[*flag]).into_dyn()),
+                    );
                 }
-                let err = relative_error(got, want);
-                if err > 1e-4 {
-                    failures.push(format!(
-                        "{label}: {name} relative error {err:.2e} against PyTorch"
-                    ));
-                }
-                checked += 1;
+                let got = outputs_of(&out, &feed);
+                checked += compare(
+                    &format!("{label} ({flag:?})"),
+                    got,
+                    &reference,
+                    &mut failures,
+                );
             }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert!(checked >= 40, "only {checked} outputs compared");
+    assert!(checked >= 60, "only {checked} outputs compared");
+}
+
+/// Compares `got` with the PyTorch reference; the number of outputs
+/// compared.
+fn compare(
+    label: &str,
+    mut got_outputs: Vec<(String, ndarray::ArrayD<f32>)>,
+    reference: &std::path::Path,
+    failures: &mut Vec<String>,
+) -> usize {
+    let mut want_outputs = read_outputs(reference);
+    want_outputs.sort_by(|a, b| a.0.cmp(&b.0));
+    got_outputs.sort_by(|a, b| a.0.cmp(&b.0));
+    let names = |v: &[(String, ndarray::ArrayD<f32>)]| -> Vec<String> {
+        v.iter().map(|(n, _)| n.clone()).collect()
+    };
+    if names(&got_outputs) != names(&want_outputs) {
+        failures.push(format!(
+            "{label}: outputs {:?}, PyTorch's pruned model gives {:?}",
+            names(&got_outputs),
+            names(&want_outputs)
+        ));
+        return 0;
+    }
+    let mut checked = 0;
+    for ((name, got), (_, want)) in got_outputs.iter().zip(&want_outputs) {
+        if got.shape() != want.shape() {
+            failures.push(format!(
+                "{label}: {name} has shape {:?}, PyTorch {:?}",
+                got.shape(),
+                want.shape()
+            ));
+            continue;
+        }
+        let err = relative_error(got, want);
+        if err > 1e-4 {
+            failures.push(format!(
+                "{label}: {name} relative error {err:.2e} against PyTorch"
+            ));
+        }
+        checked += 1;
+    }
+    checked
 }
 
 #[test]
@@ -314,4 +348,56 @@ fn an_unpruned_decoder_generates_with_its_cache_exactly_as_the_original() {
         .expect("a cache decoder");
         assert!(other.token_agreement < 1.0, "{file}: {other:?}");
     }
+}
+
+#[test]
+fn an_empty_plan_gives_every_decoder_back_byte_for_byte() {
+    // Merged decoders too: the branches lifted out and put back.
+    let sandbox = Sandbox::new();
+    let plan = sandbox.empty_plan();
+    for (file, _) in expected() {
+        let path = corpus().join(&file);
+        let out = sandbox.path(&format!("rt-{file}"));
+        util::run_plan(&path, &out, &plan, &[]).assert_ok();
+        assert!(
+            std::fs::read(&path).unwrap() == std::fs::read(&out).unwrap(),
+            "{file}: the empty plan changed the file"
+        );
+    }
+}
+
+#[test]
+fn a_merged_decoder_prunes_both_branches_alike() {
+    // The main job decides on the with-past branch; the no-past branch
+    // gets the same plan and the same (refitted) weights, stored once.
+    let sandbox = Sandbox::new();
+    let path = corpus().join("qwen2_merged.onnx");
+    let out = sandbox.path("merged.onnx");
+    run([
+        path.as_os_str(),
+        out.as_os_str(),
+        "--calib".as_ref(),
+        corpus().join("inputs/qwen2.npz").as_os_str(),
+        "--keep-params".as_ref(),
+        "0.6".as_ref(),
+    ])
+    .assert_ok();
+    let feed = inputs(&out, &corpus().join("inputs/qwen2.npz"), 4);
+    let run_branch = |flag: bool| {
+        let mut feed = feed.clone();
+        feed.insert(
+            "use_cache_branch".into(),
+            Array::Bool(ndarray::arr1(&[flag]).into_dyn()),
+        );
+        outputs_of(&out, &feed)
+    };
+    let (without, with) = (run_branch(false), run_branch(true));
+    assert_eq!(without.len(), with.len());
+    for ((name, a), (_, b)) in without.iter().zip(&with) {
+        assert!(relative_error(a, b) < 1e-5, "{name}: the branches differ");
+    }
+    assert!(
+        std::fs::metadata(&out).unwrap().len() < std::fs::metadata(&path).unwrap().len(),
+        "the pruned merged decoder is not smaller"
+    );
 }

@@ -104,13 +104,14 @@ pub struct ShapeSite {
 
 /// A layer's key/value cache: the graph inputs holding the past keys and
 /// values (`[batch, kv_heads, past, head_dim]`) and the outputs holding them
-/// with this step's appended.
+/// with this step's appended. A decoder without past (the first step of a
+/// merged decoder) only writes the presents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cache {
-    /// Past keys (a graph input).
-    pub past_key: String,
-    /// Past values (a graph input).
-    pub past_value: String,
+    /// Past keys (a graph input), when the model reads a past.
+    pub past_key: Option<String>,
+    /// Past values (a graph input), when the model reads a past.
+    pub past_value: Option<String>,
     /// Present keys (a graph output), when the model returns them.
     pub present_key: Option<String>,
     /// Present values (a graph output), when the model returns them.
@@ -120,7 +121,9 @@ pub struct Cache {
 impl Cache {
     /// The past inputs, then the present outputs there are.
     pub fn names(&self) -> Vec<&str> {
-        let mut out = vec![self.past_key.as_str(), self.past_value.as_str()];
+        let mut out: Vec<&str> = Vec::new();
+        out.extend(self.past_key.as_deref());
+        out.extend(self.past_value.as_deref());
         out.extend(self.present_key.as_deref());
         out.extend(self.present_value.as_deref());
         out
@@ -283,6 +286,9 @@ struct Trace {
     /// Where in `path` the grouped-query repeat (`Expand`) sits: nodes
     /// after it are between the projection and the repeat.
     repeat: Option<usize>,
+    /// The first value on the way that is also a graph output (a present
+    /// written without a past).
+    present: Option<String>,
 }
 
 fn from_softmax(view: &View<'_>, softmax: NodeId) -> Result<Attention, Miss> {
@@ -686,8 +692,12 @@ fn trace_to_linear(view: &View<'_>, value: &str) -> Result<Trace, Miss> {
     let mut scale = 1.0f64;
     let mut cache = None;
     let mut repeat = None;
+    let mut present = None;
     let mut current = value.to_string();
     for _ in 0..24 {
+        if present.is_none() {
+            present = present_output(view, &current);
+        }
         if let Some(linear) = linear_producing(view, &current) {
             return Ok(Trace {
                 linear,
@@ -695,6 +705,7 @@ fn trace_to_linear(view: &View<'_>, value: &str) -> Result<Trace, Miss> {
                 scale,
                 cache,
                 repeat,
+                present,
             });
         }
         let Some(id) = view.producer(&current) else {
@@ -925,14 +936,22 @@ fn repeat_site(view: &View<'_>, expand: NodeId, kv_heads: usize) -> Option<Shape
 
 /// The cache of a layer whose key and value paths both concatenate a past.
 fn cache_of(view: &View<'_>, k: &Trace, v: &Trace) -> Option<Cache> {
-    let (past_key, key) = k.cache.clone()?;
-    let (past_value, value) = v.cache.clone()?;
-    Some(Cache {
-        past_key,
-        past_value,
-        present_key: present_output(view, &key),
-        present_value: present_output(view, &value),
-    })
+    match (&k.cache, &v.cache) {
+        (Some((past_key, key)), Some((past_value, value))) => Some(Cache {
+            past_key: Some(past_key.clone()),
+            past_value: Some(past_value.clone()),
+            present_key: present_output(view, key),
+            present_value: present_output(view, value),
+        }),
+        // No past: the keys and values themselves are the presents.
+        (None, None) if k.present.is_some() || v.present.is_some() => Some(Cache {
+            past_key: None,
+            past_value: None,
+            present_key: k.present.clone(),
+            present_value: v.present.clone(),
+        }),
+        _ => None,
+    }
 }
 
 /// The graph output carrying `value` (itself or a transparent copy).

@@ -53,6 +53,9 @@ pub struct Source {
     pub model: Model,
     /// For a folder: its files and how they were joined.
     pub folder: Option<FolderSource>,
+    /// For a merged decoder (`If` on `use_cache_branch`): `model` is its
+    /// with-past branch, and this the rest, to put it back together.
+    pub merged: Option<crate::merged::Merged>,
 }
 
 /// A folder read as one model.
@@ -100,6 +103,19 @@ pub fn open(path: &Path) -> Result<Source, Error> {
     }
     let mut file = onnx::load(path)?;
     let proto = std::mem::take(&mut file.proto);
+    if crate::merged::is_merged(&proto) {
+        let merged_error = |error| Error::Merged {
+            path: path.to_path_buf(),
+            error,
+        };
+        let (model, merged) = crate::merged::split(proto).map_err(merged_error)?;
+        return Ok(Source {
+            file,
+            model,
+            folder: None,
+            merged: Some(merged),
+        });
+    }
     let model = Model::from_proto(proto).map_err(|error| Error::Graph {
         path: path.to_path_buf(),
         error,
@@ -108,6 +124,7 @@ pub fn open(path: &Path) -> Result<Source, Error> {
         file,
         model,
         folder: None,
+        merged: None,
     })
 }
 
@@ -132,6 +149,7 @@ pub fn open_folder(root: &Path, files: Option<&[PathBuf]>) -> Result<Source, Err
         file,
         model,
         folder: Some(FolderSource { layout, joined }),
+        merged: None,
     })
 }
 
@@ -341,6 +359,9 @@ pub struct Candidate {
     pub rewrites: Vec<String>,
     /// How the model's inputs and outputs changed (decoder caches).
     pub interface: Vec<String>,
+    /// The means added in place of removed branches (a merged decoder's
+    /// other branch gets the same).
+    pub compensation: rewrite::Compensation,
     /// The least-squares refits made.
     pub refits: Vec<repair::Refit>,
     /// Seconds spent in each step.
@@ -360,11 +381,11 @@ pub fn apply_plan(
     let mut model = source.model.clone();
     let mut rewrites = Vec::new();
     let mut interface = Vec::new();
+    let mut compensation = rewrite::Compensation::new();
     if let (false, Some(arch)) = (plan.is_empty(), arch) {
-        let compensation = match statistics {
-            Some(s) => repair::compensation(&source.model.graph, arch, plan, s),
-            None => rewrite::Compensation::new(),
-        };
+        if let Some(s) = statistics {
+            compensation = repair::compensation(&source.model.graph, arch, plan, s);
+        }
         let applied = rewrite::apply_with(
             &mut model,
             arch,
@@ -387,6 +408,7 @@ pub fn apply_plan(
         model,
         rewrites,
         interface,
+        compensation,
         refits,
         timings,
     })

@@ -287,7 +287,32 @@ impl PruneJob {
         };
         let (saved, written) = match &source.folder {
             None => {
-                let pruned = candidate.model.to_proto();
+                let pruned = match &source.merged {
+                    // Both branches pruned alike, under the `If` again.
+                    Some(merged) => {
+                        let found;
+                        let arch = match arch.as_ref() {
+                            Some(arch) => arch,
+                            None => {
+                                found = source.discover()?;
+                                &found
+                            }
+                        };
+                        merged
+                            .reassemble(
+                                &source.model,
+                                arch,
+                                &candidate.model,
+                                &plan,
+                                &candidate.compensation,
+                            )
+                            .map_err(|error| Error::Merged {
+                                path: self.input.clone(),
+                                error,
+                            })?
+                    }
+                    None => candidate.model.to_proto(),
+                };
                 (onnx::save(&pruned, &self.output, &options)?, Vec::new())
             }
             Some(folder) => crate::folder::write(

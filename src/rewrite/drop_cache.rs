@@ -1,7 +1,8 @@
 //! Pass `drop_cache`: a decoder layer whose attention went (the layer
 //! dropped, or its attention) no longer reads or writes its key/value
 //! cache, so its `past_key_values.N.*` inputs and `present.N.*` outputs
-//! go; every other name stays. Exporters read the past length (and the
+//! go (a decoder without past: its presents); every other name stays.
+//! Exporters read the past length (and the
 //! batch size) off the first layer's past inputs with `Shape` (TorchScript
 //! through a one-input `Concat`); such reads move to the same input of a
 //! layer that keeps its cache, whose batch and sequence axes are the same.
@@ -21,20 +22,22 @@ pub(super) fn run(edit: &mut Edit<'_>, targets: &[Target<'_>]) -> Result<(), Rew
         return Ok(());
     }
     let label = "drop_cache";
-    let gone = |name: &str| {
-        removed
-            .iter()
-            .any(|c| c.past_key == name || c.past_value == name)
-    };
+    let gone = |c: &Cache| removed.contains(&c);
     // Kept layers' caches whose head axis is unchanged (a Shape read of the
     // whole past shape must see the same head count).
     let narrowed: Vec<&str> = targets
         .iter()
         .filter(|t| t.action.keep_heads.is_some())
         .filter_map(|t| t.block.attention.body.cache.as_ref())
-        .map(|c| c.past_key.as_str())
+        .filter_map(|c| c.past_key.as_deref())
         .collect();
-    let kept: Vec<&Cache> = edit.caches.iter().filter(|c| !gone(&c.past_key)).collect();
+    // Layers that keep a past to read sizes from.
+    let kept: Vec<(&str, &str)> = edit
+        .caches
+        .iter()
+        .filter(|c| !gone(c))
+        .filter_map(|c| Some((c.past_key.as_deref()?, c.past_value.as_deref()?)))
+        .collect();
     for cache in &removed {
         for present in [&cache.present_key, &cache.present_value]
             .into_iter()
@@ -50,7 +53,11 @@ pub(super) fn run(edit: &mut Edit<'_>, targets: &[Target<'_>]) -> Result<(), Rew
     // that what still reads a past input is what must move.
     edit.graph.eliminate_dead_code();
     for cache in &removed {
-        for (past, key) in [(&cache.past_key, true), (&cache.past_value, false)] {
+        let pasts = [(&cache.past_key, true), (&cache.past_value, false)];
+        for (past, key) in pasts
+            .into_iter()
+            .filter_map(|(p, k)| Some((p.as_ref()?, k)))
+        {
             let readers = edit.graph.consumers(past);
             for reader in readers {
                 let node = edit.graph.node(reader);
@@ -66,8 +73,8 @@ pub(super) fn run(edit: &mut Edit<'_>, targets: &[Target<'_>]) -> Result<(), Rew
                 let reads_heads = shape_reads(edit.graph, reader, 1);
                 let replacement = kept
                     .iter()
-                    .filter(|c| !reads_heads || !narrowed.contains(&c.past_key.as_str()))
-                    .map(|c| if key { &c.past_key } else { &c.past_value })
+                    .filter(|(k, _)| !reads_heads || !narrowed.contains(k))
+                    .map(|&(k, v)| if key { k } else { v })
                     .next()
                     .ok_or_else(|| RewriteError::Unsupported {
                         label: label.into(),
@@ -75,7 +82,7 @@ pub(super) fn run(edit: &mut Edit<'_>, targets: &[Target<'_>]) -> Result<(), Rew
                             "the model reads the shape of '{past}', and no layer keeps a cache it could be read from instead"
                         ),
                     })?
-                    .clone();
+                    .to_string();
                 let slot = edit
                     .graph
                     .node(reader)

@@ -173,13 +173,7 @@ fn prune_heads(
     }
     // The cache's declared shapes: [batch, kv_heads, sequence, head_dim].
     if let Some(cache) = &attention.cache {
-        let names = [
-            Some(&cache.past_key),
-            Some(&cache.past_value),
-            cache.present_key.as_ref(),
-            cache.present_value.as_ref(),
-        ];
-        for name in names.into_iter().flatten() {
+        for name in cache.names() {
             graph
                 .set_interface_dim(name, 1, groups.len() as i64)
                 .map_err(RewriteError::graph(label))?;

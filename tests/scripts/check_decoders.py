@@ -11,7 +11,8 @@ For each pair:
     of the first prompts, once step by step with the cache (each step fed
     the previous step's presents) and once without it (the whole sequence
     again, with an empty past), must give the same tokens, and next-token
-    logits within 1e-4 of each other;
+    logits within 1e-4 of each other (a merged decoder takes its no-past
+    branch for an empty past, its with-past branch after: both are run);
   * for a file without a cache: it runs on the prompts.
 
 Prints one line per pair ending in ": ok"; exits 1 if any check fails.
@@ -57,6 +58,8 @@ def run(sess, ids, past):
         feeds["attention_mask"] = np.ones((batch, past_len + seq), np.int64)
     if "position_ids" in names:
         feeds["position_ids"] = np.arange(past_len, past_len + seq, dtype=np.int64)[None].repeat(batch, 0)
+    if "use_cache_branch" in names:  # a merged decoder: the with-past branch once there is a past
+        feeds["use_cache_branch"] = np.array([past_len > 0])
     feeds.update(past)
     outputs = sess.run(None, feeds)
     named = dict(zip([o.name for o in sess.get_outputs()], outputs))
