@@ -19,8 +19,8 @@ use std::collections::{HashMap, HashSet};
 
 use prost::Message;
 
-use crate::arch::{self, Architecture, Block};
-use crate::ir::{IrError, Model};
+use crate::arch::{self, Architecture, Block, TowerKind};
+use crate::ir::{Graph, IrError, Model, NodeId};
 use crate::onnx::proto::{GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 use crate::plan::Plan;
 use crate::rewrite::{self, Compensation, RewriteError, Validation};
@@ -230,6 +230,34 @@ fn check_branches(with_past: &Architecture, no_past: &Architecture) -> Result<()
     Ok(())
 }
 
+/// The compensation keyed by the first block's join nodes of each pair,
+/// keyed by the second's.
+fn map_compensation<'a>(
+    pairs: impl IntoIterator<Item = (&'a Block, &'a Block)>,
+    compensation: &Compensation,
+) -> Compensation {
+    let mut mapped = Compensation::new();
+    for (a, b) in pairs {
+        for (ja, jb) in [
+            (&a.attention.join, &b.attention.join),
+            (&a.mlp.join, &b.mlp.join),
+        ] {
+            if let Some(v) = compensation.get(&ja.node) {
+                mapped.insert(jb.node, v.clone());
+            }
+        }
+    }
+    mapped
+}
+
+/// A plan with actions reached reassembly without the architecture it was
+/// decided on.
+fn undiscovered() -> MergedError {
+    MergedError::Branches(
+        "the plan has actions, and the with-past branch was not discovered".into(),
+    )
+}
+
 /// Every block of both architectures, paired in order.
 fn paired<'a>(a: &'a Architecture, b: &'a Architecture) -> Vec<(&'a Block, &'a Block)> {
     a.towers
@@ -244,32 +272,24 @@ impl Merged {
     /// branch (`with_past`, discovered as `arch` before the edit, pruned by
     /// `plan` with `compensation` and refits): the same plan is applied to
     /// the no-past branch and its block weights are taken from `with_past`.
-    /// An empty plan gives the original back.
+    /// An empty plan gives the original back (and needs no `arch`, which
+    /// a run with an empty plan does not discover).
     pub fn reassemble(
         &self,
         original_with_past: &Model,
-        arch: &Architecture,
+        arch: Option<&Architecture>,
         with_past: &Model,
         plan: &Plan,
         compensation: &Compensation,
     ) -> Result<ModelProto, MergedError> {
         let mut no_past = self.no_past.clone();
         if !plan.is_empty() {
+            let arch = arch.ok_or_else(undiscovered)?;
             let no_past_arch = arch::discover(&no_past.graph)?;
             check_branches(arch, &no_past_arch)?;
             // Bias compensation is keyed by the join nodes of the with-past
             // branch: the no-past branch's joins of the same blocks.
-            let mut mapped = Compensation::new();
-            for (a, b) in paired(arch, &no_past_arch) {
-                for (ja, jb) in [
-                    (&a.attention.join, &b.attention.join),
-                    (&a.mlp.join, &b.mlp.join),
-                ] {
-                    if let Some(v) = compensation.get(&ja.node) {
-                        mapped.insert(jb.node, v.clone());
-                    }
-                }
-            }
+            let mapped = map_compensation(paired(arch, &no_past_arch), compensation);
             rewrite::apply_with(
                 &mut no_past,
                 &no_past_arch,
@@ -277,9 +297,133 @@ impl Merged {
                 &mapped,
                 Validation::default(),
             )?;
-            share_weights(arch, with_past, &no_past_arch, &mut no_past)?;
+            // The rewrite keeps node ids: a node of `arch` is the same
+            // node of `with_past`, if it is still there.
+            let same = |id: NodeId| with_past.graph.get_node(id).map(|_| id);
+            share_weights(arch, with_past, &same, &no_past_arch, &mut no_past)?;
         }
         self.assemble(original_with_past, with_past, &no_past)
+    }
+
+    /// [`Merged::reassemble`] for a merged decoder that is a file of a
+    /// folder: `original_with_past` is its with-past branch as joined,
+    /// `pruned` the file's part of the pruned folder, `joined` and
+    /// `joined_arch` the folder's joined graph and its architecture before
+    /// the edit, in which the file's values carry `prefix`, and `plan` and
+    /// `compensation` the folder's. The file's blocks are its blocks of the
+    /// joined graph in order; nodes of the pruned branch are found by name.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reassemble_part(
+        &self,
+        original_with_past: &Model,
+        pruned: ModelProto,
+        joined: &Graph,
+        joined_arch: Option<&Architecture>,
+        prefix: &str,
+        plan: &Plan,
+        compensation: &Compensation,
+    ) -> Result<ModelProto, MergedError> {
+        let with_past = Model::from_proto(pruned).map_err(|source| MergedError::Graph {
+            branch: THEN,
+            source,
+        })?;
+        if plan.is_empty() {
+            return self.assemble(original_with_past, &with_past, &self.no_past);
+        }
+        let joined_arch = joined_arch.ok_or_else(undiscovered)?;
+        let arch = arch::discover(&original_with_past.graph)?;
+        let blocks = |a: &'_ Architecture| -> Vec<(TowerKind, Block)> {
+            a.towers
+                .iter()
+                .flat_map(|t| t.blocks.iter().map(move |b| (t.kind, b.clone())))
+                .collect()
+        };
+        let mine: Vec<(TowerKind, Block)> = blocks(joined_arch)
+            .into_iter()
+            .filter(|(_, b)| {
+                joined
+                    .node(b.attention.join.node)
+                    .outputs()
+                    .iter()
+                    .any(|o| o.starts_with(prefix))
+            })
+            .collect();
+        let alone = blocks(&arch);
+        if mine.len() != alone.len() {
+            return Err(MergedError::Branches(format!(
+                "the folder's graph holds {} blocks of the merged decoder, and the file alone {}",
+                mine.len(),
+                alone.len()
+            )));
+        }
+        let mut file_plan = Plan {
+            blocks: Vec::new(),
+            ..plan.clone()
+        };
+        for ((kind, a), (own_kind, b)) in mine.iter().zip(&alone) {
+            for action in plan
+                .blocks
+                .iter()
+                .filter(|x| x.tower == *kind && x.index == a.index)
+            {
+                let mut action = action.clone();
+                action.tower = *own_kind;
+                action.index = b.index;
+                file_plan.blocks.push(action);
+            }
+        }
+        if file_plan.is_empty() {
+            return self.assemble(original_with_past, &with_past, &self.no_past);
+        }
+        let mapped = map_compensation(
+            mine.iter().zip(&alone).map(|((_, a), (_, b))| (a, b)),
+            compensation,
+        );
+        let mut no_past = self.no_past.clone();
+        let no_past_arch = arch::discover(&no_past.graph)?;
+        check_branches(&arch, &no_past_arch)?;
+        let remapped = map_compensation(paired(&arch, &no_past_arch), &mapped);
+        rewrite::apply_with(
+            &mut no_past,
+            &no_past_arch,
+            &file_plan,
+            &remapped,
+            Validation::default(),
+        )?;
+        // Split and rebuilt, the pruned branch has node ids of its own:
+        // the nodes are paired by name (an exporter names every node).
+        let by_name: HashMap<&str, NodeId> = with_past
+            .graph
+            .nodes()
+            .into_iter()
+            .map(|id| (with_past.graph.node(id).name(), id))
+            .filter(|(name, _)| !name.is_empty())
+            .collect();
+        let unnamed = arch
+            .towers
+            .iter()
+            .flat_map(|t| &t.blocks)
+            .flat_map(|b| b.linears())
+            .find(|l| {
+                original_with_past
+                    .graph
+                    .node(l.weight.reader)
+                    .name()
+                    .is_empty()
+            });
+        if let Some(linear) = unnamed {
+            return Err(MergedError::Branches(format!(
+                "the with-past branch's {} projection has no node name, and a folder's branches are paired by name",
+                linear.role
+            )));
+        }
+        let find = |id: NodeId| {
+            by_name
+                .get(original_with_past.graph.node(id).name())
+                .copied()
+        };
+        share_weights(&arch, &with_past, &find, &no_past_arch, &mut no_past)?;
+        self.assemble(original_with_past, &with_past, &no_past)
     }
 
     /// The merged model with `with_past` and `no_past` as its branches.
@@ -439,6 +583,7 @@ fn same_content(a: &TensorProto, b: &TensorProto) -> bool {
 fn share_weights(
     arch: &Architecture,
     with_past: &Model,
+    in_with_past: &dyn Fn(NodeId) -> Option<NodeId>,
     no_past_arch: &Architecture,
     no_past: &mut Model,
 ) -> Result<(), MergedError> {
@@ -471,9 +616,10 @@ fn share_weights(
             }
             for (rx, ry, slot) in reads {
                 // Removed sub-blocks' layers are gone from both.
-                let (Some(nx), Some(_)) =
-                    (with_past.graph.get_node(rx), no_past.graph.get_node(ry))
-                else {
+                let (Some(nx), Some(_)) = (
+                    in_with_past(rx).map(|id| with_past.graph.node(id)),
+                    no_past.graph.get_node(ry),
+                ) else {
                     continue;
                 };
                 let Some(value) = nx.inputs().get(slot).cloned() else {

@@ -51,27 +51,8 @@ const BLOCK_KEYS: &[&str] = &[
     "params",
 ];
 
-fn blocks(v: &Value) -> Vec<Value> {
-    v["towers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            let blocks: Vec<Value> = t["blocks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|b| {
-                    BLOCK_KEYS
-                        .iter()
-                        .map(|k| (k.to_string(), b[*k].clone()))
-                        .collect::<serde_json::Map<_, _>>()
-                        .into()
-                })
-                .collect();
-            serde_json::json!({"name": t["name"], "blocks": blocks})
-        })
-        .collect()
+fn blocks(v: &Value) -> Vec<(String, Vec<Value>)> {
+    util::towers(&v["towers"], BLOCK_KEYS)
 }
 
 #[test]
@@ -88,8 +69,8 @@ fn inspect_is_exact_on_every_decoder() {
         if blocks(&got) != blocks(&want) {
             failures.push(format!(
                 "{file}:\n  got  {}\n  want {}",
-                serde_json::to_string(&blocks(&got)).unwrap(),
-                serde_json::to_string(&blocks(&want)).unwrap()
+                serde_json::to_value(blocks(&got)).unwrap(),
+                serde_json::to_value(blocks(&want)).unwrap()
             ));
         }
     }

@@ -4,11 +4,10 @@
 
 mod util;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use util::{Sandbox, run};
+use util::{Sandbox, contents, run};
 
 const CLIP: &str = "clip_tiny_torchscript_op17.onnx";
 const CLIP_VISION: &str = "clip_tiny_vision_torchscript_op17.onnx";
@@ -57,24 +56,6 @@ fn blip_folder(sandbox: &Sandbox) -> PathBuf {
     );
     std::fs::write(dir.join("config.json"), br#"{"model_type": "blip"}"#).unwrap();
     dir
-}
-
-/// Every file under `dir`: relative path → bytes.
-fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut found = BTreeMap::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(d) = pending.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                pending.push(path);
-            } else {
-                let bytes = std::fs::read(&path).unwrap();
-                found.insert(path.strip_prefix(dir).unwrap().to_path_buf(), bytes);
-            }
-        }
-    }
-    found
 }
 
 /// The float tensors of more than one element stored in `models`, as

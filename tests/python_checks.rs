@@ -530,3 +530,45 @@ fn pruned_decoders_generate_with_their_cache_as_without_it() {
     }
     run_check("check_decoders.py", &args, pairs);
 }
+
+/// The LLaVA-style folder pruned by a plan over both towers equals the
+/// PyTorch LLaVA pruned the same way, its three files chained as
+/// transformers.js chains them; pruned by the main job, it generates with
+/// its cache exactly as without it (check_llava.py).
+#[test]
+fn the_pruned_llava_folder_matches_pytorch_and_generates_with_its_cache_as_without_it() {
+    let sandbox = Sandbox::new();
+    let corpus = util::fixtures().join("llava");
+    let model = corpus.join("model");
+    let calib = corpus.join("inputs/llava.npz");
+    let planned = sandbox.path("planned");
+    util::run_plan(
+        &model,
+        &planned,
+        &corpus.join("plans/llava_mixed.json"),
+        &[],
+    )
+    .assert_ok();
+    let args: Vec<std::ffi::OsString> = vec![
+        "--calib".into(),
+        calib.clone().into(),
+        "--reference".into(),
+        corpus.join("reference/llava_mixed.npz").into(),
+        model.clone().into(),
+        planned.into(),
+    ];
+    run_check("check_llava.py", &args, 3);
+    let decided = sandbox.path("decided");
+    run([
+        model.as_os_str(),
+        decided.as_os_str(),
+        "--calib".as_ref(),
+        calib.as_os_str(),
+        "--keep-params".as_ref(),
+        "0.6".as_ref(),
+    ])
+    .assert_ok();
+    let args: Vec<std::ffi::OsString> =
+        vec!["--calib".into(), calib.into(), model.into(), decided.into()];
+    run_check("check_llava.py", &args, 2);
+}

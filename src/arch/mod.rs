@@ -1088,7 +1088,9 @@ fn tower_inputs(view: &View<'_>) -> (Vec<String>, Vec<String>) {
             }
             frontier = next;
         }
-        if embeds && matches!(elem, 6 | 7) {
+        // `inputs_embeds` (a decoder language model's embedded tokens, by
+        // the name transformers gives them) is text too.
+        if (embeds && matches!(elem, 6 | 7)) || (name == "inputs_embeds" && dtype::is_float(elem)) {
             text.push(name.to_string());
         } else if dtype::is_float(elem) {
             other.push(name.to_string());

@@ -72,7 +72,10 @@ pub fn folder(folder: &crate::pipeline::FolderInspection, json: bool) -> String 
             .files
             .iter()
             .map(|f| {
-                let mut entry = f.architecture.to_json();
+                let mut entry = f
+                    .architecture
+                    .as_ref()
+                    .map_or_else(|| serde_json::json!({"towers": []}), Architecture::to_json);
                 entry["path"] = serde_json::json!(f.path);
                 entry["role"] = serde_json::json!(f.role.name());
                 entry
@@ -91,7 +94,10 @@ pub fn folder(folder: &crate::pipeline::FolderInspection, json: bool) -> String 
             "## {} ({})\n\n{}\n",
             f.path.display(),
             f.role.describe(),
-            report::architecture_table(&f.architecture)
+            f.architecture.as_ref().map_or_else(
+                || "no transformer blocks (an embedding table, joined to the model that reads it)\n".to_string(),
+                report::architecture_table
+            )
         ));
     }
     for u in &folder.unpruned {

@@ -10,6 +10,19 @@
 //! graph is then what a single-file export of the same model would be, up
 //! to names: the towers' outputs are its outputs, the interface is an edge.
 //!
+//! A decoder language model reading `inputs_embeds` (transformers.js's
+//! LLaVA-style layout) gets them from the token embedding file, after the
+//! vision encoder's image features when the folder has one: the image
+//! tokens first, then the text's (the layout of a prompt whose image comes
+//! first). Its attention mask is then the text's with the image tokens
+//! marked real in front, and its positions count the real tokens from 0,
+//! as the generation loops of transformers and transformers.js make them.
+//! These few nodes belong to no file.
+//!
+//! A merged decoder (`If` on `use_cache_branch`) is joined as its with-past
+//! branch ([`crate::merged`]); its member keeps the rest, and the pipeline
+//! puts the pruned branch back under the `If`.
+//!
 //! Splitting takes, for each file, every node its outputs need back to the
 //! values it reads from outside, and renames them back. What no rewrite may
 //! change is checked there: the type (width) of a value one file gives
@@ -24,14 +37,23 @@ use super::FolderError;
 use super::layout::{Part, Role, tensor_kind};
 use crate::ir::Model;
 use crate::onnx::proto::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, ValueInfoProto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    ValueInfoProto, type_proto,
 };
 
 /// The name of a decoder input that the vision encoder's output feeds.
 const ENCODER_STATES: &str = "encoder_hidden_states";
 
+/// The input of a decoder language model the token embeddings feed.
+const INPUT_EMBEDS: &str = "inputs_embeds";
+
 /// Name suffix of the `Identity` node that carries a wire.
 const WIRE_NODE: &str = "/wire";
+
+/// Prefix of the values and nodes that put image features before the
+/// text's embeddings (no file's prefix can be it: file prefixes end in
+/// `/` after a path, this one holds a `:`).
+const PREFIX_GLUE: &str = "join:image_prefix/";
 
 /// One file of a joined folder.
 #[derive(Debug, Clone)]
@@ -54,12 +76,30 @@ pub struct Member {
     boundary: HashMap<String, String>,
     /// Joined names of its outputs, in order.
     outputs: Vec<String>,
+    /// For a merged decoder: the with-past branch that was joined (before
+    /// any rewrite) and the rest of the file.
+    pub merged: Option<Box<MergedMember>>,
+}
+
+/// A merged decoder of the folder, of which the with-past branch is joined.
+#[derive(Debug, Clone)]
+pub struct MergedMember {
+    /// The with-past branch as read.
+    pub with_past: Model,
+    /// The rest of the file.
+    pub merged: crate::merged::Merged,
 }
 
 impl Member {
     /// Name in the joined graph of this file's value `name`.
     pub fn joined_name(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
+    }
+
+    /// Whether `value`, a name in the joined graph, is one of this file's
+    /// own values.
+    pub fn owns(&self, value: &str) -> bool {
+        value.starts_with(&self.prefix)
     }
 }
 
@@ -99,11 +139,33 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
         root: root.to_path_buf(),
         reason,
     };
+    // A merged decoder is joined as its with-past branch.
+    let mut merged: Vec<Option<Box<MergedMember>>> = Vec::new();
+    let mut lifted: Vec<Option<ModelProto>> = Vec::new();
+    for part in parts {
+        if crate::merged::is_merged(&part.file.proto) {
+            let (with_past, rest) = crate::merged::split(part.file.proto.clone())
+                .map_err(|e| misfit(format!("{}: {e}", part.path.display())))?;
+            lifted.push(Some(with_past.to_proto()));
+            merged.push(Some(Box::new(MergedMember {
+                with_past,
+                merged: rest,
+            })));
+        } else {
+            lifted.push(None);
+            merged.push(None);
+        }
+    }
+    let protos: Vec<&ModelProto> = parts
+        .iter()
+        .zip(&lifted)
+        .map(|(p, l)| l.as_ref().unwrap_or(&p.file.proto))
+        .collect();
     let graphs: Vec<&GraphProto> = parts
         .iter()
-        .map(|p| {
-            p.file
-                .proto
+        .zip(&protos)
+        .map(|(p, proto)| {
+            proto
                 .graph
                 .as_ref()
                 .ok_or_else(|| misfit(format!("{} has no graph", p.path.display())))
@@ -124,24 +186,17 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
 
     let prefixes: Vec<String> = parts.iter().map(|p| prefix_of(&p.path)).collect();
 
+    // Nodes of no file that make a member's inputs from other files'
+    // outputs (placed before its nodes), the constants they read, and the
+    // inputs so made, per member.
+    let mut glue: Vec<Vec<NodeProto>> = vec![Vec::new(); parts.len()];
+    let mut glue_tensors: Vec<TensorProto> = Vec::new();
+    let mut made: Vec<HashSet<String>> = vec![HashSet::new(); parts.len()];
+
     // A decoder's encoder states come from the vision encoder's output.
     let mut wires = Vec::new();
-    for (to, part) in parts.iter().enumerate() {
-        if part.role != Role::Decoder {
-            continue;
-        }
-        let Some(input) = real_inputs[to].iter().find(|i| i.name() == ENCODER_STATES) else {
-            continue;
-        };
-        let from = parts
-            .iter()
-            .position(|p| p.role == Role::Vision)
-            .ok_or_else(|| {
-                misfit(format!(
-                    "{} reads {ENCODER_STATES}, and no vision encoder gives them",
-                    part.path.display()
-                ))
-            })?;
+    for (to, part, input) in readers(parts, &real_inputs, Role::Decoder, ENCODER_STATES) {
+        let from = giver(parts, Role::Vision, part, ENCODER_STATES).map_err(misfit)?;
         let output = encoder_output(graphs[from]).ok_or_else(|| {
             misfit(format!(
                 "which output of {} is {}'s {ENCODER_STATES}? It has no last_hidden_state and not exactly one 3-D float output",
@@ -157,14 +212,118 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
                 output.name()
             ))
         })?;
-        wires.push(Wire {
+        let wire = Wire {
             value: format!("{}{}", prefixes[from], output.name()),
             from,
             to,
             input: ENCODER_STATES.to_string(),
             joined_input: format!("{}{ENCODER_STATES}", prefixes[to]),
             ty: output.r#type.clone(),
+        };
+        glue[to].push(identity(&wire.value, &wire.joined_input));
+        made[to].insert(ENCODER_STATES.to_string());
+        wires.push(wire);
+    }
+
+    // A language model's input embeddings: the image features, if the
+    // folder has a vision encoder, then the token embeddings.
+    let mut text_mask: Option<ValueInfoProto> = None;
+    for (to, part, input) in readers(parts, &real_inputs, Role::Language, INPUT_EMBEDS) {
+        let table = giver(parts, Role::Embeddings, part, INPUT_EMBEDS).map_err(misfit)?;
+        let embeds = graphs[table]
+            .output
+            .iter()
+            .find(|o| o.name() == INPUT_EMBEDS)
+            .ok_or_else(|| {
+                misfit(format!(
+                    "{} gives no {INPUT_EMBEDS}",
+                    parts[table].path.display()
+                ))
+            })?;
+        check_fits(embeds, input).map_err(|reason| {
+            misfit(format!(
+                "files do not fit together: {}'s {INPUT_EMBEDS} {reason} {}'s",
+                part.path.display(),
+                parts[table].path.display()
+            ))
+        })?;
+        let joined_input = format!("{}{INPUT_EMBEDS}", prefixes[to]);
+        let text = format!("{}{INPUT_EMBEDS}", prefixes[table]);
+        made[to].insert(INPUT_EMBEDS.to_string());
+        wires.push(Wire {
+            value: text.clone(),
+            from: table,
+            to,
+            input: INPUT_EMBEDS.to_string(),
+            joined_input: joined_input.clone(),
+            ty: embeds.r#type.clone(),
         });
+        let Some(from) = parts.iter().position(|p| p.role == Role::Vision) else {
+            glue[to].push(identity(&text, &joined_input));
+            continue;
+        };
+        let image = image_output(graphs[from]).ok_or_else(|| {
+            misfit(format!(
+                "which output of {} are the image features {} reads before the text? It has no image_features and not exactly one 3-D float output",
+                parts[from].path.display(),
+                part.path.display()
+            ))
+        })?;
+        check_widths(image, embeds).map_err(|reason| {
+            misfit(format!(
+                "files do not fit together: {}'s {} {reason} {}'s {INPUT_EMBEDS}",
+                parts[from].path.display(),
+                image.name(),
+                parts[table].path.display()
+            ))
+        })?;
+        let image_value = format!("{}{}", prefixes[from], image.name());
+        wires.push(Wire {
+            value: image_value.clone(),
+            from,
+            to,
+            input: INPUT_EMBEDS.to_string(),
+            joined_input: joined_input.clone(),
+            ty: image.r#type.clone(),
+        });
+        // The token ids the embeddings read (classified by them).
+        let ids = real_inputs[table]
+            .iter()
+            .find(|i| i.name() == "input_ids")
+            .or(real_inputs[table].first())
+            .copied();
+        let mask = real_inputs[to]
+            .iter()
+            .find(|i| i.name() == "attention_mask")
+            .copied();
+        let positions = real_inputs[to]
+            .iter()
+            .find(|i| i.name() == "position_ids")
+            .copied();
+        let prefix = ImagePrefix {
+            image: &image_value,
+            text: &text,
+            embeds: &joined_input,
+            mask: mask.map(|m| (format!("{}attention_mask", prefixes[to]), tensor_kind(m).0)),
+            positions: positions
+                .map(|p| (format!("{}position_ids", prefixes[to]), tensor_kind(p).0)),
+        };
+        let (nodes, tensors) = prefix.nodes();
+        glue[to].extend(nodes);
+        glue_tensors.extend(tensors);
+        if mask.is_some() {
+            made[to].insert("attention_mask".into());
+        }
+        if positions.is_some() {
+            made[to].insert("position_ids".into());
+        }
+        if mask.is_some() || positions.is_some() {
+            // The text's mask, as long as its token ids.
+            let mut declared = ids.cloned().unwrap_or_default();
+            declared.name = Some(TEXT_MASK.into());
+            set_elem_type(&mut declared, prefix.mask_type());
+            text_mask = Some(declared);
+        }
     }
 
     // Shared inputs: one per name, the same element type in every file.
@@ -172,7 +331,7 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
     let mut shared_from: HashMap<String, usize> = HashMap::new();
     for (i, inputs) in real_inputs.iter().enumerate() {
         for input in inputs {
-            if wires.iter().any(|w| w.to == i && w.input == input.name()) {
+            if made[i].contains(input.name()) {
                 continue;
             }
             match shared_from.get(input.name()) {
@@ -194,9 +353,23 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
         }
     }
 
+    if let Some(mask) = text_mask {
+        match shared_from.get(TEXT_MASK) {
+            Some(&i) if tensor_kind(&shared[i]).0 != tensor_kind(&mask).0 => {
+                return Err(misfit(format!(
+                    "the text's {TEXT_MASK} is read with element type {} by one file and {} by the language model",
+                    tensor_kind(&shared[i]).0,
+                    tensor_kind(&mask).0
+                )));
+            }
+            Some(_) => {}
+            None => shared.push(mask),
+        }
+    }
     let mut joined = GraphProto {
         name: Some("joined".into()),
         input: shared.clone(),
+        initializer: glue_tensors,
         ..Default::default()
     };
     let mut members = Vec::new();
@@ -207,20 +380,15 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
         // prefix like its other values (an Identity of the wire makes it).
         let mut outside: HashMap<String, String> = HashMap::new();
         for input in &real_inputs[i] {
-            let joined_name = match wires.iter().find(|w| w.to == i && w.input == input.name()) {
-                Some(wire) => wire.joined_input.clone(),
-                None => {
-                    outside.insert(input.name().to_string(), input.name().to_string());
-                    input.name().to_string()
-                }
+            let joined_name = if made[i].contains(input.name()) {
+                format!("{prefix}{}", input.name())
+            } else {
+                outside.insert(input.name().to_string(), input.name().to_string());
+                input.name().to_string()
             };
             boundary.insert(joined_name, input.name().to_string());
         }
-        let wired: HashSet<&str> = wires
-            .iter()
-            .filter(|w| w.to == i)
-            .map(|w| w.input.as_str())
-            .collect();
+        let wired = &made[i];
         let rename = |name: &str| -> String {
             if name.is_empty() {
                 String::new()
@@ -250,15 +418,7 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
             input.name = Some(rename(input.name()));
             joined.input.push(input);
         }
-        for wire in wires.iter().filter(|w| w.to == i) {
-            joined.node.push(NodeProto {
-                op_type: Some("Identity".into()),
-                name: Some(format!("{}{WIRE_NODE}", wire.joined_input)),
-                input: vec![wire.value.clone()],
-                output: vec![wire.joined_input.clone()],
-                ..Default::default()
-            });
-        }
+        joined.node.append(&mut glue[i]);
         joined.node.append(&mut graph.node);
         joined.initializer.append(&mut graph.initializer);
         joined
@@ -269,7 +429,7 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
             .quantization_annotation
             .append(&mut graph.quantization_annotation);
         joined.output.append(&mut graph.output);
-        let mut header = part.file.proto.clone();
+        let mut header = protos[i].clone();
         header.graph = None;
         members.push(Member {
             path: part.path.clone(),
@@ -280,6 +440,7 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
             shell,
             boundary,
             outputs,
+            merged: merged[i].take(),
         });
     }
 
@@ -297,6 +458,225 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
     Ok((model, Joined { members, wires }))
 }
 
+/// Each part of `role` that reads `input`: its index, the part and the
+/// input.
+fn readers<'a>(
+    parts: &'a [Part],
+    real_inputs: &'a [Vec<&'a ValueInfoProto>],
+    role: Role,
+    input: &'a str,
+) -> impl Iterator<Item = (usize, &'a Part, &'a ValueInfoProto)> {
+    parts
+        .iter()
+        .enumerate()
+        .filter(move |(_, p)| p.role == role)
+        .filter_map(move |(i, p)| {
+            let found = real_inputs[i].iter().find(|v| v.name() == input)?;
+            Some((i, p, *found))
+        })
+}
+
+/// The index of the part of `role` that gives `reader` its `input`.
+fn giver(parts: &[Part], role: Role, reader: &Part, input: &str) -> Result<usize, String> {
+    parts.iter().position(|p| p.role == role).ok_or_else(|| {
+        format!(
+            "{} reads {input}, and no {} gives them",
+            reader.path.display(),
+            role.describe()
+        )
+    })
+}
+
+/// The joined graph's input holding the text's attention mask.
+const TEXT_MASK: &str = "attention_mask";
+
+/// An `Identity` carrying `value` into a file as `joined_input`.
+fn identity(value: &str, joined_input: &str) -> NodeProto {
+    NodeProto {
+        op_type: Some("Identity".into()),
+        name: Some(format!("{joined_input}{WIRE_NODE}")),
+        input: vec![value.to_string()],
+        output: vec![joined_input.to_string()],
+        ..Default::default()
+    }
+}
+
+/// The values a language model reads when image features come before the
+/// text (joined names), and the element types of its mask and positions.
+struct ImagePrefix<'a> {
+    /// The vision encoder's image features `[batch, image tokens, width]`.
+    image: &'a str,
+    /// The token embeddings `[batch, text tokens, width]`.
+    text: &'a str,
+    /// The language model's `inputs_embeds`.
+    embeds: &'a str,
+    /// Its `attention_mask`, if it reads one, and the mask's element type.
+    mask: Option<(String, i32)>,
+    /// Its `position_ids`, if it reads them, and their element type.
+    positions: Option<(String, i32)>,
+}
+
+impl ImagePrefix<'_> {
+    /// Element type of the text's mask: the language model's, else int64.
+    fn mask_type(&self) -> i32 {
+        self.mask.as_ref().map_or(7, |(_, t)| *t)
+    }
+
+    /// The nodes and constants: embeddings `Concat(image, text)` along the
+    /// tokens; mask `Concat(ones[batch, image tokens], text mask)`;
+    /// positions `CumSum(mask) - 1` (a padded token repeats the last real
+    /// position; it is masked anyway).
+    fn nodes(&self) -> (Vec<NodeProto>, Vec<TensorProto>) {
+        let name = |n: &str| format!("{PREFIX_GLUE}{n}");
+        let node =
+            |op: &str, inputs: Vec<String>, output: String, attribute: Vec<AttributeProto>| {
+                NodeProto {
+                    op_type: Some(op.into()),
+                    name: Some(format!("{output}/{op}")),
+                    input: inputs,
+                    output: vec![output],
+                    attribute,
+                    ..Default::default()
+                }
+            };
+        let axis = |a: i64| AttributeProto {
+            name: Some("axis".into()),
+            r#type: Some(2),
+            i: Some(a),
+            ..Default::default()
+        };
+        let int64 = |n: &str, dims: Vec<i64>, values: Vec<i64>| TensorProto {
+            name: Some(name(n)),
+            dims,
+            data_type: Some(7),
+            int64_data: values,
+            ..Default::default()
+        };
+        let one = |elem: i32, n: Option<String>| TensorProto {
+            name: n,
+            dims: vec![1],
+            data_type: Some(elem),
+            int64_data: if elem == 7 { vec![1] } else { Vec::new() },
+            int32_data: if elem == 7 { Vec::new() } else { vec![1] },
+            ..Default::default()
+        };
+        let mut nodes = vec![node(
+            "Concat",
+            vec![self.image.to_string(), self.text.to_string()],
+            self.embeds.to_string(),
+            vec![axis(1)],
+        )];
+        let mut tensors = Vec::new();
+        if self.mask.is_none() && self.positions.is_none() {
+            return (nodes, tensors);
+        }
+        let mask_type = self.mask_type();
+        tensors.push(int64("starts", vec![1], vec![0]));
+        tensors.push(int64("ends", vec![1], vec![2]));
+        nodes.push(node(
+            "Shape",
+            vec![self.image.to_string()],
+            name("image_shape"),
+            vec![],
+        ));
+        nodes.push(node(
+            "Slice",
+            vec![name("image_shape"), name("starts"), name("ends")],
+            name("image_tokens"),
+            vec![],
+        ));
+        nodes.push(node(
+            "ConstantOfShape",
+            vec![name("image_tokens")],
+            name("image_mask"),
+            vec![AttributeProto {
+                name: Some("value".into()),
+                r#type: Some(4),
+                t: Some(one(mask_type, None)),
+                ..Default::default()
+            }],
+        ));
+        let full_mask = self
+            .mask
+            .as_ref()
+            .map_or_else(|| name("attention_mask"), |(m, _)| m.clone());
+        nodes.push(node(
+            "Concat",
+            vec![name("image_mask"), TEXT_MASK.to_string()],
+            full_mask.clone(),
+            vec![axis(1)],
+        ));
+        if let Some((positions, elem)) = &self.positions {
+            tensors.push(int64("axis", vec![], vec![1]));
+            tensors.push(one(*elem, Some(name("one"))));
+            nodes.push(node(
+                "Cast",
+                vec![full_mask],
+                name("mask_counts"),
+                vec![AttributeProto {
+                    name: Some("to".into()),
+                    r#type: Some(2),
+                    i: Some(i64::from(*elem)),
+                    ..Default::default()
+                }],
+            ));
+            nodes.push(node(
+                "CumSum",
+                vec![name("mask_counts"), name("axis")],
+                name("real_tokens"),
+                vec![],
+            ));
+            nodes.push(node(
+                "Sub",
+                vec![name("real_tokens"), name("one")],
+                positions.clone(),
+                vec![],
+            ));
+        }
+        (nodes, tensors)
+    }
+}
+
+/// Sets the element type of a tensor-typed value.
+fn set_elem_type(info: &mut ValueInfoProto, elem: i32) {
+    if let Some(type_proto::Value::TensorType(t)) =
+        info.r#type.as_mut().and_then(|t| t.value.as_mut())
+    {
+        t.elem_type = Some(elem);
+    }
+}
+
+/// The vision encoder's output a language model reads before the text:
+/// `image_features`, or the only 3-D float output.
+fn image_output(graph: &GraphProto) -> Option<&ValueInfoProto> {
+    named_or_only_sequence(graph, "image_features")
+}
+
+/// Whether image features can go before token embeddings: the same
+/// element type and rank, and widths that do not differ where static.
+fn check_widths(image: &ValueInfoProto, embeds: &ValueInfoProto) -> Result<(), String> {
+    let (a, b) = (tensor_kind(image).0, tensor_kind(embeds).0);
+    if a != b && a != 0 && b != 0 {
+        return Err(format!("have element type {a}, not the type {b} of"));
+    }
+    let (Some(x), Some(y)) = (static_dims(image), static_dims(embeds)) else {
+        return Ok(());
+    };
+    if x.len() != 3 || y.len() != 3 {
+        return Err(format!(
+            "have rank {}, not the rank {} of",
+            x.len(),
+            y.len()
+        ));
+    }
+    if let (Some(w), Some(v)) = (x[2], y[2])
+        && w != v
+    {
+        return Err(format!("are {w} wide, not the {v} of"));
+    }
+    Ok(())
+}
+
 /// `onnx/vision_model.onnx` → `onnx/vision_model/`.
 fn prefix_of(path: &Path) -> String {
     let mut prefix = path.with_extension("").to_string_lossy().into_owned();
@@ -307,11 +687,13 @@ fn prefix_of(path: &Path) -> String {
 /// The vision encoder's output a decoder reads: `last_hidden_state`, or
 /// the only 3-D float output.
 fn encoder_output(graph: &GraphProto) -> Option<&ValueInfoProto> {
-    if let Some(o) = graph
-        .output
-        .iter()
-        .find(|o| o.name() == "last_hidden_state")
-    {
+    named_or_only_sequence(graph, "last_hidden_state")
+}
+
+/// The output called `name`, or else the only 3-D float output (a
+/// sequence of token vectors) when there is exactly one.
+fn named_or_only_sequence<'a>(graph: &'a GraphProto, name: &str) -> Option<&'a ValueInfoProto> {
+    if let Some(o) = graph.output.iter().find(|o| o.name() == name) {
         return Some(o);
     }
     let mut three_d = graph.output.iter().filter(|o| {
@@ -555,7 +937,14 @@ impl Joined {
                 let mut tensors: Vec<usize> = Vec::new();
                 let mut sparse_tensors: Vec<usize> = Vec::new();
                 let mut seen: HashSet<String> = HashSet::new();
-                let mut pending: Vec<String> = member.outputs.clone();
+                // Outputs a rewrite removed (a dropped layer's cache
+                // entries; the report lists them) go from the file too.
+                let outputs: Vec<&String> = member
+                    .outputs
+                    .iter()
+                    .filter(|o| graph.output.iter().any(|g| g.name() == o.as_str()))
+                    .collect();
+                let mut pending: Vec<String> = outputs.iter().map(|o| o.to_string()).collect();
                 while let Some(value) = pending.pop() {
                     if member.boundary.contains_key(&value) || !seen.insert(value.clone()) {
                         continue;
@@ -619,20 +1008,29 @@ impl Joined {
                     .filter(|a| seen.contains(a.tensor_name()))
                     .cloned()
                     .collect();
-                // Inputs: the ones read from outside, and constant inputs
-                // the rewrite kept.
-                part.input.retain(|i| {
-                    member.boundary.values().any(|o| o == i.name())
-                        || inputs.contains(member.joined_name(i.name()).as_str())
-                });
-                part.output = member
-                    .outputs
+                // Inputs: the ones other files' outputs make, those shared
+                // that the rewrite kept (as it declares them now: a cache
+                // narrowed to fewer heads), and constant inputs it kept.
+                let made = |name: &str| member.boundary.contains_key(&member.joined_name(name));
+                part.input = part
+                    .input
+                    .iter()
+                    .filter_map(|i| {
+                        if made(i.name()) || inputs.contains(member.joined_name(i.name()).as_str())
+                        {
+                            Some(i.clone())
+                        } else {
+                            graph.input.iter().find(|g| g.name() == i.name()).cloned()
+                        }
+                    })
+                    .collect();
+                part.output = outputs
                     .iter()
                     .map(|name| {
                         graph
                             .output
                             .iter()
-                            .find(|o| o.name() == name)
+                            .find(|o| o.name() == name.as_str())
                             .cloned()
                             .ok_or_else(|| fail(format!("output '{}' is gone", back(name))))
                     })

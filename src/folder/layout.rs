@@ -5,9 +5,13 @@
 //! their names (a captioner's pair has no standard names): a file taking
 //! images and token ids is a whole model, images only a vision encoder,
 //! token ids only a text encoder, token ids and `encoder_hidden_states` a
-//! text decoder. Files reading a KV cache or input embeddings are decoder
-//! language models this build does not prune; they are copied unchanged
-//! like every other file.
+//! text decoder. A file giving `inputs_embeds` from token ids is a token
+//! embedding table, and one reading `inputs_embeds` or a KV cache (without
+//! `encoder_hidden_states`) a decoder language model: beside a vision
+//! encoder and the embedding table (transformers.js's LLaVA-style layout)
+//! it reads the image features followed by the text's embeddings. A
+//! captioner's decoder reading `encoder_hidden_states` through a KV cache is
+//! not pruned.
 //!
 //! transformers.js keeps reduced-precision siblings (`vision_model_fp16.onnx`,
 //! `…_quantized.onnx`, …): the full-precision file is the tower pruned, the
@@ -31,6 +35,12 @@ pub enum Role {
     Text,
     /// Text decoder reading the vision encoder's `encoder_hidden_states`.
     Decoder,
+    /// Token embedding table (`input_ids` → `inputs_embeds`) of a decoder
+    /// language model.
+    Embeddings,
+    /// Decoder language model: reads `inputs_embeds` (or token ids) and,
+    /// usually, a KV cache.
+    Language,
 }
 
 impl Role {
@@ -41,6 +51,8 @@ impl Role {
             Role::Whole => "whole model (vision and text)",
             Role::Text => "text encoder",
             Role::Decoder => "text decoder",
+            Role::Embeddings => "token embeddings",
+            Role::Language => "decoder language model",
         }
     }
 
@@ -51,6 +63,8 @@ impl Role {
             Role::Whole => "model",
             Role::Text => "text",
             Role::Decoder => "decoder",
+            Role::Embeddings => "embeddings",
+            Role::Language => "language_model",
         }
     }
 
@@ -59,7 +73,9 @@ impl Role {
         match self {
             Role::Vision => (true, false),
             Role::Whole => (true, true),
-            Role::Text | Role::Decoder => (false, true),
+            Role::Text | Role::Decoder | Role::Language => (false, true),
+            // No tower of its own; two of them are refused by `add_part`.
+            Role::Embeddings => (false, false),
         }
     }
 }
@@ -220,6 +236,28 @@ pub fn scan(root: &Path, choice: Option<&[PathBuf]>) -> Result<Layout, FolderErr
         });
     }
     parts.sort_by(|a, b| a.role.cmp(&b.role).then(a.path.cmp(&b.path)));
+    let misfit = |reason: String| FolderError::Misfit {
+        root: root.to_path_buf(),
+        reason,
+    };
+    let has = |role: Role| parts.iter().find(|p| p.role == role);
+    if let Some(lm) = has(Role::Language)
+        && reads_input(lm, "inputs_embeds")
+        && has(Role::Embeddings).is_none()
+    {
+        return Err(misfit(format!(
+            "{} reads inputs_embeds, and no file of the folder gives them (the token embeddings, embed_tokens.onnx in transformers.js's layout; add it to --files)",
+            lm.path.display()
+        )));
+    }
+    if let Some(table) = has(Role::Embeddings)
+        && !has(Role::Language).is_some_and(|lm| reads_input(lm, "inputs_embeds"))
+    {
+        return Err(misfit(format!(
+            "{} gives inputs_embeds, and no decoder language model of the folder reads them (add it to --files)",
+            table.path.display()
+        )));
+    }
     let has_vision = parts.iter().any(|p| p.role.towers().0);
     if parts.iter().any(|p| p.role == Role::Decoder) && !has_vision {
         return Err(FolderError::Misfit {
@@ -248,9 +286,11 @@ fn add_part(
     let (vision, text) = role.towers();
     if let Some(other) = parts.iter().find(|p| {
         let (v, t) = p.role.towers();
-        (vision && v) || (text && t)
+        (vision && v) || (text && t) || (role == Role::Embeddings && p.role == role)
     }) {
-        let tower = if vision && other.role.towers().0 {
+        let tower = if role == Role::Embeddings {
+            "token embeddings"
+        } else if vision && other.role.towers().0 {
             "vision tower"
         } else {
             "text tower"
@@ -340,22 +380,35 @@ fn classify(graph: Option<&GraphProto>) -> Result<Role, String> {
         .filter(|i| !constants.contains(i.name()))
         .collect();
     let (mut image, mut ids, mut encoded) = (false, false, false);
+    let (mut cache, mut embeds) = (None, false);
     for input in &inputs {
         let name = input.name();
+        // A cache entry is 4-D float too, and no image.
         if name.starts_with("past_key_values") || name.starts_with("past_") {
-            return Err(format!(
-                "reads a KV cache ('{name}'); decoders with a cache are not pruned by this build"
-            ));
+            cache.get_or_insert(name);
+            continue;
         }
-        if name == "inputs_embeds" {
-            return Err("reads input embeddings ('inputs_embeds'), a decoder language model this build does not prune".into());
-        }
+        embeds |= name == "inputs_embeds";
         let (elem, rank) = tensor_kind(input);
         let float = matches!(elem, 1 | 10 | 11 | 16);
         let integer = matches!(elem, 6 | 7);
         image |= name == "pixel_values" || (float && rank == Some(4));
         ids |= name == "input_ids" || (integer && rank == Some(2) && !name.contains("mask"));
         encoded |= name == "encoder_hidden_states";
+    }
+    if let Some(name) = cache
+        && encoded
+    {
+        return Err(format!(
+            "reads a KV cache ('{name}') and encoder_hidden_states; a captioner's decoder with a cache is not pruned by this build"
+        ));
+    }
+    if (cache.is_some() || embeds) && !image {
+        return Ok(Role::Language);
+    }
+    let gives_embeddings = graph.output.iter().any(|o| o.name() == "inputs_embeds");
+    if ids && !image && !encoded && gives_embeddings {
+        return Ok(Role::Embeddings);
     }
     match (image, ids, encoded) {
         (true, true, _) => Ok(Role::Whole),
@@ -370,6 +423,15 @@ fn classify(graph: Option<&GraphProto>) -> Result<Role, String> {
             ))
         }
     }
+}
+
+/// Whether the part's graph has the input `name`.
+fn reads_input(part: &Part, name: &str) -> bool {
+    part.file
+        .proto
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.input.iter().any(|i| i.name() == name))
 }
 
 /// Whether a graph reads `encoder_hidden_states` (a decoder of the vision

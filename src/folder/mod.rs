@@ -1,13 +1,16 @@
 //! A folder of model files pruned as one model: optimum's and
 //! transformers.js's layouts (`vision_model.onnx` + `text_model.onnx`, with
-//! `_fp16`/`_quantized` siblings), and a captioner's vision encoder beside a
-//! text decoder that reads `encoder_hidden_states`.
+//! `_fp16`/`_quantized` siblings), a captioner's vision encoder beside a
+//! text decoder that reads `encoder_hidden_states`, and a LLaVA-style
+//! vision encoder, token embeddings and (merged) decoder language model.
 //!
 //! - [`layout`]: which files are the towers (by their graph inputs, one
 //!   variant per tower) and which are copied unchanged;
 //! - [`join`]: the chosen files made into one graph — every name prefixed by
 //!   its file, inputs of the same name shared, a decoder's
-//!   `encoder_hidden_states` wired to the vision encoder's output — so that
+//!   `encoder_hidden_states` wired to the vision encoder's output, a
+//!   language model's `inputs_embeds` made of the image features and the
+//!   token embeddings — so that
 //!   discovery, calibration, one decision across both towers, rewriting and
 //!   verification see what a single-file export would give them;
 //!   [`join::Joined::split`] cuts the rewritten graph back into the files.
@@ -39,7 +42,7 @@ pub enum FolderError {
         error: std::io::Error,
     },
     /// No file of the folder is a model tower.
-    #[error("{}: no model file in this folder (looked for *.onnx in it and in onnx/ reading pixel_values, input_ids or encoder_hidden_states)", path.display())]
+    #[error("{}: no model file in this folder (looked for *.onnx in it and in onnx/ reading pixel_values, input_ids, inputs_embeds or encoder_hidden_states)", path.display())]
     NoModels {
         /// The folder.
         path: PathBuf,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::{FolderError, Joined, Layout};
-use crate::ir::Model;
+use crate::onnx::proto::ModelProto;
 use crate::onnx::{self, ExternalData, SaveOptions, SaveSummary};
 
 /// One pruned file as written.
@@ -57,13 +57,14 @@ pub fn check_destination(out: &Path) -> Result<(), FolderError> {
     }
 }
 
-/// Writes `model` (the joined model, pruned) as the folder `out`: each part
-/// split back and saved at its path (external data like the original, or
-/// as `external` says), every other file copied. On error nothing is left.
+/// Writes `files` (the joined model, pruned and split back by
+/// [`Joined::split`], in member order) as the folder `out`: each part saved
+/// at its path (external data like the original, or as `external` says),
+/// every other file copied. On error nothing is left.
 pub fn write(
     layout: &Layout,
     joined: &Joined,
-    model: &Model,
+    files: &[(PathBuf, ModelProto)],
     out: &Path,
     external: Option<ExternalData>,
 ) -> Result<(SaveSummary, Vec<WrittenFile>), FolderError> {
@@ -72,7 +73,6 @@ pub fn write(
         let path = path.to_path_buf();
         move |error| FolderError::Io { path, error }
     };
-    let files = joined.split(model)?;
     let staged = onnx::StagedDir::beside(out).map_err(io(out))?;
     let mut summary = SaveSummary {
         model_bytes: 0,

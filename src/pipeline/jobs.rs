@@ -26,8 +26,9 @@ pub struct FolderFile {
     pub path: PathBuf,
     /// What it is.
     pub role: crate::folder::Role,
-    /// Its towers and blocks, discovered in the file alone.
-    pub architecture: Architecture,
+    /// Its towers and blocks, discovered in the file alone (a merged
+    /// decoder's in its with-past branch); none for token embeddings.
+    pub architecture: Option<Architecture>,
 }
 
 /// The model files of a folder: the ones pruned together (in the order
@@ -52,14 +53,28 @@ pub fn inspect_folder(root: &Path, files: Option<&[PathBuf]>) -> Result<FolderIn
         .iter()
         .map(|part| {
             let path = root.join(&part.path);
-            let model = crate::ir::Model::from_proto(part.file.proto.clone()).map_err(|error| {
-                Error::Graph {
+            let proto = part.file.proto.clone();
+            let model = if crate::merged::is_merged(&proto) {
+                crate::merged::split(proto)
+                    .map_err(|error| Error::Merged {
+                        path: path.clone(),
+                        error,
+                    })?
+                    .0
+            } else {
+                crate::ir::Model::from_proto(proto).map_err(|error| Error::Graph {
                     path: path.clone(),
                     error,
-                }
-            })?;
-            let architecture = crate::arch::discover(&model.graph)
-                .map_err(|error| Error::Discover { path, error })?;
+                })?
+            };
+            let architecture = if part.role == crate::folder::Role::Embeddings {
+                None
+            } else {
+                Some(
+                    crate::arch::discover(&model.graph)
+                        .map_err(|error| Error::Discover { path, error })?,
+                )
+            };
             Ok(FolderFile {
                 path: part.path.clone(),
                 role: part.role,

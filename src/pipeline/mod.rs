@@ -311,7 +311,11 @@ impl Verifier {
         let Some(logits) = verify::token_logits(&source.model.graph) else {
             return Ok(None);
         };
-        if self.fixed_batch.is_some() {
+        // A folder's decoder is driven through its files' own loop (image
+        // features once, then one token's embedding a step), which the
+        // joined graph cannot run: its greedy output is compared without a
+        // cache, as a captioner's.
+        if self.fixed_batch.is_some() || source.folder.is_some() {
             return Ok(None);
         }
         let candidate = onnx::encode_to_vec(&model.to_proto());

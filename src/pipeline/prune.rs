@@ -289,39 +289,53 @@ impl PruneJob {
             None => {
                 let pruned = match &source.merged {
                     // Both branches pruned alike, under the `If` again.
-                    Some(merged) => {
-                        let found;
-                        let arch = match arch.as_ref() {
-                            Some(arch) => arch,
-                            None => {
-                                found = source.discover()?;
-                                &found
-                            }
-                        };
-                        merged
-                            .reassemble(
-                                &source.model,
-                                arch,
-                                &candidate.model,
-                                &plan,
-                                &candidate.compensation,
-                            )
-                            .map_err(|error| Error::Merged {
-                                path: self.input.clone(),
-                                error,
-                            })?
-                    }
+                    Some(merged) => merged
+                        .reassemble(
+                            &source.model,
+                            arch.as_ref(),
+                            &candidate.model,
+                            &plan,
+                            &candidate.compensation,
+                        )
+                        .map_err(|error| Error::Merged {
+                            path: self.input.clone(),
+                            error,
+                        })?,
                     None => candidate.model.to_proto(),
                 };
                 (onnx::save(&pruned, &self.output, &options)?, Vec::new())
             }
-            Some(folder) => crate::folder::write(
-                &folder.layout,
-                &folder.joined,
-                &candidate.model,
-                &self.output,
-                self.external_data,
-            )?,
+            Some(folder) => {
+                let mut files = folder.joined.split(&candidate.model)?;
+                for ((path, proto), member) in files.iter_mut().zip(&folder.joined.members) {
+                    // A merged decoder's pruned branch goes back under its `If`.
+                    let Some(part) = &member.merged else {
+                        continue;
+                    };
+                    *proto = part
+                        .merged
+                        .reassemble_part(
+                            &part.with_past,
+                            std::mem::take(proto),
+                            &source.model.graph,
+                            arch.as_ref(),
+                            &member.joined_name(""),
+                            &plan,
+                            &candidate.compensation,
+                        )
+                        .map_err(|error| Error::Merged {
+                            path: self.input.join(&*path),
+                            error,
+                        })?;
+                }
+                crate::folder::write(
+                    &folder.layout,
+                    &folder.joined,
+                    &files,
+                    &self.output,
+                    self.external_data,
+                )?
+            }
         };
         timings.push(("save", clock.elapsed().as_secs_f64()));
         let plan = plan.normalized();

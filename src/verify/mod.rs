@@ -659,17 +659,19 @@ fn greedy(
                     "captioning: output '{logits}' is missing or not float"
                 )));
             };
-            if scores.ndim() != 3 || scores.shape()[0] != rows || scores.shape()[1] != step {
+            // A language model reading image features before the text
+            // gives logits for those positions too: the text's come last.
+            if scores.ndim() != 3 || scores.shape()[0] != rows || scores.shape()[1] < step {
                 return Err(RuntimeError::Session(format!(
                     "captioning: '{logits}' has shape {:?} for {rows} captions of {step} tokens",
                     scores.shape()
                 )));
             }
-            let vocab = scores.shape()[2];
+            let (positions, vocab) = (scores.shape()[1], scores.shape()[2]);
             let scores = scores.as_standard_layout();
             let flat = scores.as_slice().expect("standard layout");
             for (r, caption) in tokens.iter_mut().enumerate() {
-                let at = (r * step + step - 1) * vocab;
+                let at = (r * positions + positions - 1) * vocab;
                 caption.push(argmax(&flat[at..at + vocab]) as i64);
             }
         }

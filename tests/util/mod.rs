@@ -234,3 +234,45 @@ pub fn outputs_of(
         })
         .collect()
 }
+
+/// `inspect --json`'s `towers` (or an expectation of the same form) as
+/// `(tower name, blocks)`, each block reduced to `keys`.
+pub fn towers(towers: &serde_json::Value, keys: &[&str]) -> Vec<(String, Vec<serde_json::Value>)> {
+    towers
+        .as_array()
+        .expect("towers is an array")
+        .iter()
+        .map(|t| {
+            let blocks = t["blocks"]
+                .as_array()
+                .expect("blocks is an array")
+                .iter()
+                .map(|b| {
+                    keys.iter()
+                        .map(|k| (k.to_string(), b[*k].clone()))
+                        .collect::<serde_json::Map<_, _>>()
+                        .into()
+                })
+                .collect();
+            (t["name"].as_str().unwrap_or_default().to_string(), blocks)
+        })
+        .collect()
+}
+
+/// Every file under `dir`: relative path → bytes.
+pub fn contents(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut found = std::collections::BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                found.insert(path.strip_prefix(dir).unwrap().to_path_buf(), bytes);
+            }
+        }
+    }
+    found
+}
