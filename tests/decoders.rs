@@ -2,7 +2,8 @@
 //! `fixtures/decoders/generate.py`: tiny Llama-, Qwen2- and Gemma-style
 //! causal LMs with transformers' default SDPA attention, exported by the
 //! torch exporter's defaults and by TorchScript as optimum exports them,
-//! with and without a key/value cache).
+//! with and without a key/value cache, merged, and by onnxruntime-genai's
+//! model builder: GroupQueryAttention, SkipSimplifiedLayerNormalization).
 //!
 //! Expectations come from the PyTorch models: `expected.json` holds each
 //! file's layers as the source modules have them (heads, key/value heads,
@@ -30,8 +31,8 @@ fn expected() -> Vec<(String, Value)> {
     let files: Vec<(String, Value)> = json.into_iter().collect();
     assert_eq!(
         files.len(),
-        15,
-        "three families, with and without a cache, by both exporters, and merged"
+        18,
+        "three families, with and without a cache, by both exporters, merged, and by onnxruntime-genai's builder"
     );
     files
 }
@@ -286,7 +287,11 @@ fn the_main_job_prunes_every_decoder() {
 fn an_unpruned_decoder_generates_with_its_cache_exactly_as_the_original() {
     // The comparison itself: a model against itself agrees everywhere, and
     // against a model with a dropped layer it does not.
-    for file in ["llama_cache.onnx", "qwen2_ts_cache.onnx"] {
+    for file in [
+        "llama_cache.onnx",
+        "qwen2_ts_cache.onnx",
+        "gemma_genai.onnx",
+    ] {
         let path = corpus().join(file);
         let family = file.split('_').next().unwrap();
         let calib = corpus().join(format!("inputs/{family}.npz"));

@@ -500,7 +500,7 @@ fn pruned_decoders_generate_with_their_cache_as_without_it() {
         vec!["--calib".into(), corpus.join("inputs/llama.npz").into()];
     let mut pairs = 0;
     for family in ["llama", "qwen2", "gemma"] {
-        let forms = ["", "_cache", "_ts", "_ts_cache", "_merged"];
+        let forms = ["", "_cache", "_ts", "_ts_cache", "_merged", "_genai"];
         for file in forms.map(|form| format!("{family}{form}.onnx")) {
             let model = corpus.join(&file);
             let planned = sandbox.path(&format!("mixed-{file}"));

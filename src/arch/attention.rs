@@ -13,6 +13,8 @@
 //!   x ─► com.microsoft Attention(x, W_qkv, b_qkv; num_heads) ─► Linear out
 //!   q, k, v ─► com.microsoft MultiHeadAttention(q, k, v[, bias]; num_heads) ─► Linear out
 //!   q, k, v ─► Attention(Q, K, V; q_num_heads, kv_num_heads) ─► Linear out
+//!   x ─► Linear [q|k|v] ─► com.microsoft GroupQueryAttention(packed, ∅, ∅, past_k, past_v, …;
+//!        num_heads, kv_num_heads, do_rotary) ─► Linear out      (onnxruntime-genai's builder)
 //! ```
 //! Decoder language models add three things on the q/k paths, all followed:
 //! rotary position embeddings (`Add(Mul(x, cos), Mul(rotate_half(x), sin))`
@@ -269,6 +271,7 @@ pub fn match_attention(view: &View<'_>, anchor: NodeId) -> Result<Attention, Mis
         ("MultiHeadAttention", "com.microsoft") | ("Attention", "" | "ai.onnx") => {
             from_separate_operator(view, anchor)
         }
+        ("GroupQueryAttention", "com.microsoft") => from_group_query_operator(view, anchor),
         _ => Err(Miss::new(view, anchor, "an attention operator")),
     }
 }
@@ -678,6 +681,123 @@ fn from_separate_operator(view: &View<'_>, id: NodeId) -> Result<Attention, Miss
         opaque_sites,
         head_attributes,
         packed_bias,
+        query_input,
+        key_input,
+    })
+}
+
+/// com.microsoft `GroupQueryAttention` (onnxruntime-genai's model builder):
+/// `query` the packed projection `[q (H·D) | k (KV·D) | v (KV·D)]` with
+/// `key` and `value` empty, or three projections; rotary embeddings inside
+/// (`do_rotary`); the cache its inputs 3-4 (`past_key`, `past_value`) and
+/// outputs 1-2 (`present_key`, `present_value`).
+fn from_group_query_operator(view: &View<'_>, id: NodeId) -> Result<Attention, Miss> {
+    let graph = view.graph;
+    let node = graph.node(id);
+    let inputs = node.inputs();
+    let count = |name: &str| {
+        node.attr_int(name)
+            .and_then(|h| usize::try_from(h).ok())
+            .filter(|h| *h > 0)
+            .ok_or_else(|| Miss::new(view, id, "num_heads and kv_num_heads attributes"))
+    };
+    let (heads, kv_heads) = (count("num_heads")?, count("kv_num_heads")?);
+    if !heads.is_multiple_of(kv_heads) {
+        return Err(Miss::new(
+            view,
+            id,
+            "a query head count that is a multiple of the key/value head count",
+        ));
+    }
+    let separate = inputs.get(1).is_some_and(|k| !k.is_empty());
+    let q = trace_to_linear(view, &inputs[0]).map_err(|m| m.context("query path"))?;
+    let (projections, head_dim) = if separate {
+        let value = inputs
+            .get(2)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| Miss::new(view, id, "a value input beside the key input"))?;
+        let k = trace_to_linear(view, &inputs[1]).map_err(|m| m.context("key path"))?;
+        let v = trace_to_linear(view, value).map_err(|m| m.context("value path"))?;
+        let width = q.linear.out_features;
+        if !width.is_multiple_of(heads) {
+            return Err(Miss::new(view, id, "a query width the head count divides"));
+        }
+        (
+            Projections::Separate {
+                q: q.linear.clone(),
+                k: k.linear,
+                v: v.linear,
+            },
+            width / heads,
+        )
+    } else {
+        let width = q.linear.out_features;
+        let parts = heads + 2 * kv_heads;
+        if !width.is_multiple_of(parts) {
+            return Err(Miss::new(
+                view,
+                id,
+                "a packed projection of (num_heads + 2·kv_num_heads) heads",
+            ));
+        }
+        (
+            Projections::Packed {
+                qkv: q.linear.clone(),
+            },
+            width / parts,
+        )
+    };
+    if !q.path.is_empty() {
+        return Err(Miss::new(
+            view,
+            id,
+            "the projection read directly (no layout operators before GroupQueryAttention)",
+        ));
+    }
+    let (out, out_path) = forward_to_linear(view, &node.outputs()[0])?;
+    if !out_path.is_empty() {
+        return Err(Miss::new(
+            view,
+            id,
+            "the output projection reading the operator's output directly",
+        ));
+    }
+    let graph_input = |slot: usize| {
+        inputs
+            .get(slot)
+            .filter(|v| !v.is_empty() && matches!(graph.producer(v), Some(Producer::Input)))
+            .cloned()
+    };
+    let graph_output = |slot: usize| {
+        node.outputs()
+            .get(slot)
+            .filter(|v| !v.is_empty())
+            .and_then(|v| present_output(view, v))
+    };
+    let cache = Cache {
+        past_key: graph_input(3),
+        past_value: graph_input(4),
+        present_key: graph_output(1),
+        present_value: graph_output(2),
+    };
+    let has_cache = !cache.names().is_empty();
+    let query_input = q.linear.input.clone();
+    let key_input = match &projections {
+        Projections::Separate { k, .. } => k.input.clone(),
+        _ => query_input.clone(),
+    };
+    Ok(Attention {
+        projections,
+        out,
+        anchor: id,
+        heads,
+        kv_heads,
+        cache: has_cache.then_some(cache),
+        head_dim,
+        shape_sites: Vec::new(),
+        opaque_sites: Vec::new(),
+        head_attributes: vec![(id, "num_heads"), (id, "kv_num_heads")],
+        packed_bias: None,
         query_input,
         key_input,
     })

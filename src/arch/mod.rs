@@ -443,7 +443,10 @@ fn find_sub_blocks(view: &View<'_>, order: &HashMap<NodeId, usize>) -> Found {
             (node.op(), node.domain()),
             ("Softmax", "")
                 | ("Attention", "com.microsoft" | "" | "ai.onnx")
-                | ("MultiHeadAttention", "com.microsoft")
+                | (
+                    "MultiHeadAttention" | "GroupQueryAttention",
+                    "com.microsoft"
+                )
         );
         if !anchor {
             continue;
@@ -453,7 +456,7 @@ fn find_sub_blocks(view: &View<'_>, order: &HashMap<NodeId, usize>) -> Found {
         let matched = attention::match_attention(view, id).and_then(|body| {
             let join = raw_join(view, &body.out.output).ok_or_else(|| Miss {
                 at: format!("value '{}'", body.out.output),
-                expected: "the output projection's output joining a residual stream (an Add or SkipLayerNormalization, through an optional layer-scale Mul)".into(),
+                expected: "the output projection's output joining a residual stream (an Add or a Skip(Simplified)LayerNormalization, through an optional layer-scale Mul)".into(),
             })?;
             Ok((body, join))
         });
@@ -522,7 +525,7 @@ fn find_sub_blocks(view: &View<'_>, order: &HashMap<NodeId, usize>) -> Found {
         let matched = mlp::match_mlp(view, &fc1, order).and_then(|body| {
             let join = raw_join(view, &body.fc2.output).ok_or_else(|| Miss {
                 at: format!("value '{}'", body.fc2.output),
-                expected: "fc2's output joining a residual stream (an Add or SkipLayerNormalization, through an optional layer-scale Mul)".into(),
+                expected: "fc2's output joining a residual stream (an Add or a Skip(Simplified)LayerNormalization, through an optional layer-scale Mul)".into(),
             })?;
             Ok((body, join))
         });
@@ -958,7 +961,11 @@ fn raw_join(view: &View<'_>, output: &str) -> Option<Join> {
                     layer_scale,
                 });
             }
-            ("SkipLayerNormalization", "com.microsoft") if inputs.len() >= 3 => {
+            // SkipSimplifiedLayerNormalization (the RMS form) has no beta:
+            // its bias is input 3, SkipLayerNormalization's input 4.
+            ("SkipLayerNormalization" | "SkipSimplifiedLayerNormalization", "com.microsoft")
+                if inputs.len() >= 3 =>
+            {
                 if inputs[0] != read && inputs[1] != read {
                     return None;
                 }
@@ -970,10 +977,15 @@ fn raw_join(view: &View<'_>, output: &str) -> Option<Join> {
                 let outputs = node.outputs();
                 let sum = outputs.get(3).filter(|s| !s.is_empty()).cloned();
                 let normed = patterns::norm_producing(view, &outputs[0]);
+                let bias_slot = if node.op() == "SkipLayerNormalization" {
+                    4
+                } else {
+                    3
+                };
                 let bias = inputs
-                    .get(4)
+                    .get(bias_slot)
                     .filter(|b| !b.is_empty())
-                    .and_then(|_| view.operand(id, 4));
+                    .and_then(|_| view.operand(id, bias_slot));
                 let stream_out = sum.clone().unwrap_or_else(|| outputs[0].clone());
                 return Some(Join {
                     node: id,

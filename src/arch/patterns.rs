@@ -265,6 +265,17 @@ pub fn norm_producing(view: &View<'_>, value: &str) -> Option<LayerNorm> {
                 nodes: vec![id],
             })
         }
+        ("SkipSimplifiedLayerNormalization", "com.microsoft") if node.outputs()[0] == origin => {
+            Some(LayerNorm {
+                kind: NormKind::Skip,
+                rms: true,
+                input: inputs[0].clone(),
+                output: origin.clone(),
+                scale: optional(2),
+                bias: None,
+                nodes: vec![id],
+            })
+        }
         ("Add", "") => decomposed_norm(view, id, &origin),
         ("Mul", "") => decomposed_rms_norm(view, id, &origin),
         _ => None,

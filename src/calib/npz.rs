@@ -304,23 +304,63 @@ pub fn read_npz(path: &Path, graph: &Graph) -> Result<(Inputs, usize), DataError
 /// `(kv_heads, head_dim)` when graph input `name` is a key/value cache's
 /// past: float, `[batch, kv_heads, past, head_dim]` with the two widths
 /// fixed, concatenated with the new keys or values along the sequence.
-fn cache_input(graph: &Graph, name: &str) -> Option<[usize; 2]> {
+pub fn cache_input(graph: &Graph, name: &str) -> Option<[usize; 2]> {
     let declared = graph.value_type(name)?;
     if !dtype::is_float(declared.elem_type) {
         return None;
     }
     let shape = declared.shape?;
-    let [_, Dim::Fixed(heads), past, Dim::Fixed(width)] = shape.as_slice() else {
+    let [_, Dim::Fixed(heads), past, width] = shape.as_slice() else {
         return None;
     };
     if matches!(past, Dim::Fixed(_)) {
         return None;
     }
-    let concatenated = graph.consumers(name).iter().any(|&c| {
+    let heads = usize::try_from(*heads).ok()?;
+    for c in graph.consumers(name) {
         let node = graph.node(c);
-        node.op() == "Concat" && node.inputs().first().map(String::as_str) == Some(name)
-    });
-    concatenated.then(|| Some([usize::try_from(*heads).ok()?, usize::try_from(*width).ok()?]))?
+        let slot = node.inputs().iter().position(|i| i == name);
+        let width = match (node.op(), slot, width) {
+            ("Concat", Some(0), Dim::Fixed(w)) => usize::try_from(*w).ok(),
+            // GroupQueryAttention reads the past at inputs 3 and 4; the
+            // builder leaves the head width symbolic.
+            ("GroupQueryAttention", Some(3 | 4), Dim::Fixed(w)) => usize::try_from(*w).ok(),
+            ("GroupQueryAttention", Some(3 | 4), _) => group_query_head_dim(graph, node),
+            _ => None,
+        };
+        if let Some(width) = width {
+            return Some([heads, width]);
+        }
+    }
+    None
+}
+
+/// The head width of a `GroupQueryAttention` node: its query projection's
+/// width over `num_heads` (or, packed with keys and values, over
+/// `num_heads + 2 · kv_num_heads`).
+fn group_query_head_dim(graph: &Graph, node: &crate::ir::Node) -> Option<usize> {
+    let heads = usize::try_from(node.attr_int("num_heads")?).ok()?;
+    let kv = usize::try_from(node.attr_int("kv_num_heads")?).ok()?;
+    let packed = node.inputs().get(1).is_none_or(|k| k.is_empty());
+    let mut value = node.inputs().first()?.clone();
+    // Through a bias Add to the projection's MatMul.
+    for _ in 0..2 {
+        let producer = graph.node(graph.producer_node(&value)?);
+        match producer.op() {
+            "MatMul" => {
+                let dims = graph
+                    .initializer(producer.inputs().get(1)?)?
+                    .dims()
+                    .to_vec();
+                let width = usize::try_from(*dims.last()?).ok()?;
+                let parts = if packed { heads + 2 * kv } else { heads };
+                return (parts > 0 && width % parts == 0).then(|| width / parts);
+            }
+            "Add" => value = producer.inputs().first()?.clone(),
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// A 2-D matrix from an `.npy` file: float32 files are memory-mapped (no

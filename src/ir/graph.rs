@@ -1026,7 +1026,7 @@ fn arity_problem(node: &Node) -> Option<String> {
             | "Dropout" | "Shape" | "Size" | "Neg" | "Exp" | "ReduceMean" | "Abs" | "Reciprocal"
             | "Floor" | "Ceil" | "Not" | "ConstantOfShape" | "Max" | "Min" | "Sum" | "Mean",
         ) => 1,
-        ("com.microsoft", "SkipLayerNormalization") => 3,
+        ("com.microsoft", "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization") => 3,
         ("com.microsoft", "Attention" | "BiasGelu") => 2,
         ("com.microsoft", "FastGelu") => 1,
         _ => 0,

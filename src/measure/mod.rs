@@ -176,7 +176,10 @@ pub fn residual_value(
 ) -> Result<String, IrError> {
     match &join.sum {
         None if !block.norm_after_join
-            && model.graph.node(join.node).op() == "SkipLayerNormalization" =>
+            && matches!(
+                model.graph.node(join.node).op(),
+                "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization"
+            ) =>
         {
             let name = model
                 .graph

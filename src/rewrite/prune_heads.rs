@@ -122,8 +122,11 @@ fn prune_heads(
     })?;
     let columns: Vec<usize> = head_columns(keep, dim, 0).collect();
     let kv_columns: Vec<usize> = head_columns(&groups, dim, 0).collect();
-    let packed: Vec<usize> = (0..3)
-        .flat_map(|s| head_columns(keep, dim, s * heads * dim))
+    // Packed [q (heads) | k (kv heads) | v (kv heads)] columns.
+    let kv = attention.kv_heads;
+    let packed: Vec<usize> = head_columns(keep, dim, 0)
+        .chain(head_columns(&groups, dim, heads * dim))
+        .chain(head_columns(&groups, dim, (heads + kv) * dim))
         .collect();
     match &attention.projections {
         Projections::Separate { q, k, v } => {
@@ -156,10 +159,15 @@ fn prune_heads(
                 ..Default::default()
             }
         } else {
+            let count = if name == "kv_num_heads" {
+                groups.len()
+            } else {
+                keep.len()
+            };
             AttributeProto {
                 name: Some(name.into()),
                 r#type: Some(2),
-                i: Some(keep.len() as i64),
+                i: Some(count as i64),
                 ..Default::default()
             }
         };

@@ -70,6 +70,11 @@ fn add_constant(
     Ok(output)
 }
 
+/// Whether the join's node is `op`.
+fn node_op_is(edit: &Edit<'_>, join: &Join, op: &str) -> bool {
+    edit.graph.node(join.node).op() == op
+}
+
 /// Makes the residual branch joined at `join` contribute nothing (or, with
 /// `shift`, only its mean), the stream continuing from `stream` (a name
 /// from the discovered architecture, resolved through earlier edits).
@@ -113,7 +118,11 @@ pub(super) fn bypass_join(
     if block.norm_after_join && !keep_norm {
         return edit.reroute(normed, &stream, label);
     }
-    if edit.opset < 17 {
+    // The RMS form becomes ONNX Runtime's SimplifiedLayerNormalization,
+    // the operator such models already use for their first norm (ONNX has
+    // RMSNormalization only from opset 23).
+    let rms = node_op_is(edit, join, "SkipSimplifiedLayerNormalization");
+    if edit.opset < 17 && !rms {
         return Err(RewriteError::Unsupported {
             label: label.into(),
             reason: format!(
@@ -138,12 +147,17 @@ pub(super) fn bypass_join(
         });
     }
     let mut norm_inputs = vec![stream.clone(), inputs[2].clone()];
-    if let Some(beta) = inputs.get(3).filter(|b| !b.is_empty()) {
+    if let Some(beta) = inputs.get(3).filter(|b| !b.is_empty() && !rms) {
         norm_inputs.push(beta.clone());
     }
+    let op = if rms {
+        "SimplifiedLayerNormalization"
+    } else {
+        "LayerNormalization"
+    };
     edit.graph
         .add_node(NodeProto {
-            op_type: Some("LayerNormalization".into()),
+            op_type: Some(op.into()),
             name: Some(edit.graph.fresh_node_name(&format!("{node_name}/bypass"))),
             input: norm_inputs,
             output: vec![output.clone()],

@@ -28,7 +28,10 @@ pub(super) fn run(edit: &mut Edit<'_>, _targets: &[Target<'_>]) -> Result<(), Re
         .into_iter()
         .filter(|&id| {
             let node = edit.graph.node(id);
-            node.op() == "SkipLayerNormalization" && node.domain() == "com.microsoft"
+            matches!(
+                node.op(),
+                "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization"
+            ) && node.domain() == "com.microsoft"
         })
         .collect();
     for id in candidates {
@@ -36,6 +39,12 @@ pub(super) fn run(edit: &mut Edit<'_>, _targets: &[Target<'_>]) -> Result<(), Re
         let outputs = node.outputs().to_vec();
         let inputs = node.inputs().to_vec();
         let name = node.name().to_string();
+        // SkipLayerNormalization's bias is input 4, the simplified form's 3.
+        let bias_slot = if node.op() == "SkipLayerNormalization" {
+            4
+        } else {
+            3
+        };
         let Some(sum) = outputs.get(3).filter(|s| !s.is_empty()).cloned() else {
             continue;
         };
@@ -60,7 +69,7 @@ pub(super) fn run(edit: &mut Edit<'_>, _targets: &[Target<'_>]) -> Result<(), Re
             Ok(output)
         };
         let mut value = add(&inputs[0], &inputs[1], "sum")?;
-        if let Some(bias) = inputs.get(4).filter(|b| !b.is_empty()) {
+        if let Some(bias) = inputs.get(bias_slot).filter(|b| !b.is_empty()) {
             value = add(&value, bias, "bias")?;
         }
         edit.reroute(&sum, &value, &label)?;

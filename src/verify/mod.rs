@@ -93,6 +93,16 @@ pub fn cache_pairs(graph: &crate::ir::Graph) -> Vec<(String, String)> {
         .filter_map(|o| {
             let present = o.name();
             let node = graph.node(graph.producer_node(present)?);
+            // GroupQueryAttention writes the presents at outputs 1 and 2
+            // from the pasts at inputs 3 and 4.
+            if node.op() == "GroupQueryAttention" {
+                let slot = node.outputs().iter().position(|v| v == present)?;
+                let past = node
+                    .inputs()
+                    .get(slot + 2)
+                    .filter(|_| slot == 1 || slot == 2)?;
+                return Some((copied_input(graph, past)?, present.to_string()));
+            }
             if node.op() != "Concat" || node.inputs().len() != 2 {
                 return None;
             }
@@ -145,10 +155,15 @@ pub fn compare_generations(
     // An original this loop cannot drive (another cache interface) is not
     // compared; a pruned model that cannot generate with its cache is
     // broken, and that is an error.
-    let Ok(ga) = generate_cached(&mut a, &prompts, logits, &pairs) else {
+    // The head width of each past (a model may declare it symbolically).
+    let widths: Vec<Option<usize>> = pairs
+        .iter()
+        .map(|(past, _)| crate::calib::npz::cache_input(graph, past).map(|[_, w]| w))
+        .collect();
+    let Ok(ga) = generate_cached(&mut a, &prompts, logits, &pairs, &widths) else {
         return Ok(None);
     };
-    let gb = generate_cached(&mut b, &prompts, logits, &pairs)?;
+    let gb = generate_cached(&mut b, &prompts, logits, &pairs, &widths)?;
     let exact = ga.iter().zip(&gb).filter(|(x, y)| x == y).count();
     let same: usize = ga
         .iter()
@@ -171,15 +186,24 @@ fn generate_cached(
     prompts: &ndarray::Array2<i64>,
     logits: &str,
     pairs: &[(String, String)],
+    widths: &[Option<usize>],
 ) -> Result<Vec<Vec<i64>>, RuntimeError> {
     let inputs = model.input_dims();
     let takes = |name: &str| inputs.iter().any(|(n, _)| n == name);
-    // The past inputs this model takes, with their declared dims.
+    // The past inputs this model takes, with their declared dims (a head
+    // width declared symbolically taken from `widths`).
     let pasts: Vec<(String, Vec<i64>, String)> = pairs
         .iter()
-        .filter_map(|(past, present)| {
+        .zip(widths)
+        .filter_map(|((past, present), width)| {
             let (_, dims) = inputs.iter().find(|(n, _)| n == past)?;
-            (dims.len() == 4).then(|| (past.clone(), dims.clone(), present.clone()))
+            let mut dims = dims.clone();
+            if let (4, Some(w)) = (dims.len(), width)
+                && dims[3] < 0
+            {
+                dims[3] = *w as i64;
+            }
+            (dims.len() == 4).then(|| (past.clone(), dims, present.clone()))
         })
         .collect();
     let mut out = Vec::with_capacity(prompts.nrows());
