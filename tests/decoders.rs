@@ -380,3 +380,58 @@ fn a_merged_decoder_prunes_both_branches_alike() {
         "the pruned merged decoder is not smaller"
     );
 }
+
+#[test]
+fn a_merged_decoder_alone_in_a_folder_prunes_as_the_file_does() {
+    // transformers.js's layout of a language model: onnx/decoder_model_merged.onnx.
+    let sandbox = Sandbox::new();
+    let folder = sandbox.path("llm");
+    std::fs::create_dir_all(folder.join("onnx")).unwrap();
+    std::fs::copy(
+        corpus().join("llama_merged.onnx"),
+        folder.join("onnx/decoder_model_merged.onnx"),
+    )
+    .unwrap();
+    let out = sandbox.path("pruned");
+    let report = sandbox.path("report.json");
+    run([
+        folder.as_os_str(),
+        out.as_os_str(),
+        "--calib".as_ref(),
+        corpus().join("inputs/llama.npz").as_os_str(),
+        "--keep-params".as_ref(),
+        "0.6".as_ref(),
+        "--report".as_ref(),
+        report.as_os_str(),
+    ])
+    .assert_ok();
+    let json: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(json["files"]["pruned"][0]["role"], "language_model");
+    // Verified by cached generation as the single file is.
+    let generations = &json["fidelity"]["generations"];
+    assert!(generations["prompts"].as_u64().unwrap() >= 1, "{json}");
+    let written = onnx_idprune::onnx::load(&out.join("onnx/decoder_model_merged.onnx")).unwrap();
+    let graph = written.proto.graph.unwrap();
+    assert!(graph.node.len() == 1 && graph.node[0].op_type() == "If");
+    // The same plan applied to the file alone gives the same graph.
+    let plan = sandbox.path("plan.json");
+    std::fs::write(&plan, serde_json::to_vec(&json["plan"]).unwrap()).unwrap();
+    let single = sandbox.path("single.onnx");
+    let calib = corpus().join("inputs/llama.npz");
+    util::run_plan(
+        &corpus().join("llama_merged.onnx"),
+        &single,
+        &plan,
+        &["--calib", calib.to_str().unwrap()],
+    )
+    .assert_ok();
+    let single = onnx_idprune::onnx::load(&single)
+        .unwrap()
+        .proto
+        .graph
+        .unwrap();
+    assert!(
+        single == graph,
+        "the folder's decoder differs from the file pruned alone"
+    );
+}

@@ -302,8 +302,10 @@ pub fn read_npz(path: &Path, graph: &Graph) -> Result<(Inputs, usize), DataError
 }
 
 /// `(kv_heads, head_dim)` when graph input `name` is a key/value cache's
-/// past: float, `[batch, kv_heads, past, head_dim]` with the two widths
-/// fixed, concatenated with the new keys or values along the sequence.
+/// past: float, `[batch, kv_heads, past, head_dim]` with the head count
+/// fixed, concatenated with the new keys or values along the sequence (the
+/// head width declared), or read by `GroupQueryAttention` (the head width
+/// declared or, symbolic, taken from its projection).
 pub fn cache_input(graph: &Graph, name: &str) -> Option<[usize; 2]> {
     let declared = graph.value_type(name)?;
     if !dtype::is_float(declared.elem_type) {
@@ -356,7 +358,14 @@ fn group_query_head_dim(graph: &Graph, node: &crate::ir::Node) -> Option<usize> 
                 let parts = if packed { heads + 2 * kv } else { heads };
                 return (parts > 0 && width % parts == 0).then(|| width / parts);
             }
-            "Add" => value = producer.inputs().first()?.clone(),
+            // The bias may be either operand.
+            "Add" => {
+                value = producer
+                    .inputs()
+                    .iter()
+                    .find(|i| graph.initializer(i).is_none())?
+                    .clone()
+            }
             _ => return None,
         }
     }

@@ -300,6 +300,19 @@ pub fn join(root: &Path, parts: &[Part]) -> Result<(Model, Joined), FolderError>
             .iter()
             .find(|i| i.name() == "position_ids")
             .copied();
+        // The glue writes ones of the mask's type and counts positions in
+        // theirs: integer tensors, as exporters declare them.
+        for (what, info) in [("attention_mask", mask), ("position_ids", positions)] {
+            if let Some(info) = info
+                && !matches!(tensor_kind(info).0, 6 | 7)
+            {
+                return Err(misfit(format!(
+                    "{}'s {what} has element type {}; image features are put before the text for int32 or int64 {what} only",
+                    part.path.display(),
+                    tensor_kind(info).0
+                )));
+            }
+        }
         let prefix = ImagePrefix {
             image: &image_value,
             text: &text,
@@ -937,12 +950,19 @@ impl Joined {
                 let mut tensors: Vec<usize> = Vec::new();
                 let mut sparse_tensors: Vec<usize> = Vec::new();
                 let mut seen: HashSet<String> = HashSet::new();
-                // Outputs a rewrite removed (a dropped layer's cache
-                // entries; the report lists them) go from the file too.
+                // Cache presents a rewrite removed (a dropped layer's; the
+                // report lists them) go from the file too; any other
+                // output gone is an error below.
                 let outputs: Vec<&String> = member
                     .outputs
                     .iter()
-                    .filter(|o| graph.output.iter().any(|g| g.name() == o.as_str()))
+                    .filter(|o| {
+                        graph.output.iter().any(|g| g.name() == o.as_str())
+                            || !o
+                                .strip_prefix(member.prefix.as_str())
+                                .unwrap_or(o)
+                                .starts_with("present")
+                    })
                     .collect();
                 let mut pending: Vec<String> = outputs.iter().map(|o| o.to_string()).collect();
                 while let Some(value) = pending.pop() {

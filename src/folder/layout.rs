@@ -384,7 +384,9 @@ fn classify(graph: Option<&GraphProto>) -> Result<Role, String> {
     for input in &inputs {
         let name = input.name();
         // A cache entry is 4-D float too, and no image.
-        if name.starts_with("past_key_values") || name.starts_with("past_") {
+        // optimum's and onnxruntime-genai's cache names (`past_values` of a
+        // time-series model is no cache).
+        if name.starts_with("past_key_values") {
             cache.get_or_insert(name);
             continue;
         }
@@ -403,8 +405,21 @@ fn classify(graph: Option<&GraphProto>) -> Result<Role, String> {
             "reads a KV cache ('{name}') and encoder_hidden_states; a captioner's decoder with a cache is not pruned by this build"
         ));
     }
-    if (cache.is_some() || embeds) && !image {
+    // A language model: a cache, or embeddings in and logits out (an
+    // encoder reading `inputs_embeds`, Florence-2's, is none).
+    let gives_logits = graph.output.iter().any(|o| o.name() == "logits");
+    if let Some(name) = cache
+        && image
+    {
+        return Err(format!(
+            "reads a KV cache ('{name}') and images; a whole model with a cache is not pruned by this build"
+        ));
+    }
+    if cache.is_some() || (embeds && gives_logits) {
         return Ok(Role::Language);
+    }
+    if embeds {
+        return Err("reads inputs_embeds without a cache and gives no logits (an encoder of embeddings), which this build does not prune".into());
     }
     let gives_embeddings = graph.output.iter().any(|o| o.name() == "inputs_embeds");
     if ids && !image && !encoded && gives_embeddings {

@@ -1028,6 +1028,7 @@ fn arity_problem(node: &Node) -> Option<String> {
         ) => 1,
         ("com.microsoft", "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization") => 3,
         ("com.microsoft", "Attention" | "BiasGelu") => 2,
+        ("com.microsoft", "GroupQueryAttention") => 1,
         ("com.microsoft", "FastGelu") => 1,
         _ => 0,
     };

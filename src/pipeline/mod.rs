@@ -311,11 +311,21 @@ impl Verifier {
         let Some(logits) = verify::token_logits(&source.model.graph) else {
             return Ok(None);
         };
-        // A folder's decoder is driven through its files' own loop (image
-        // features once, then one token's embedding a step), which the
-        // joined graph cannot run: its greedy output is compared without a
-        // cache, as a captioner's.
-        if self.fixed_batch.is_some() || source.folder.is_some() {
+        // A language model reading image features before the text is
+        // driven through its files' own loop (image features once, then one
+        // token's embedding a step), which the joined graph cannot run: its
+        // greedy output is compared without a cache, as a captioner's.
+        let image_prefix = source.folder.as_ref().is_some_and(|f| {
+            f.joined
+                .members
+                .iter()
+                .any(|m| m.role == crate::folder::Role::Language)
+                && f.joined
+                    .members
+                    .iter()
+                    .any(|m| m.role == crate::folder::Role::Vision)
+        });
+        if self.fixed_batch.is_some() || image_prefix {
             return Ok(None);
         }
         let candidate = onnx::encode_to_vec(&model.to_proto());
