@@ -1006,7 +1006,7 @@ fn reshape_head_dim(view: &View<'_>, path: &[NodeId], width: usize) -> Option<us
         if node.op() != "Reshape" {
             continue;
         }
-        let target = view.shapes.ints(&node.inputs()[1])?;
+        let target = view.shapes.ints(node.inputs().get(1)?)?;
         if target.len() < 3 {
             continue;
         }
@@ -1032,7 +1032,7 @@ fn reshape_head_dim(view: &View<'_>, path: &[NodeId], width: usize) -> Option<us
 /// (with its group axis unsqueezed to 1) has the key/value heads.
 fn repeat_site(view: &View<'_>, expand: NodeId, kv_heads: usize) -> Option<ShapeSite> {
     let node = view.graph.node(expand);
-    let target = view.shapes.ints(&node.inputs()[1])?;
+    let target = view.shapes.ints(node.inputs().get(1)?)?;
     let input = view.shapes.shape(&node.inputs()[0]);
     let n = target.len();
     let kv = kv_heads as i64;
@@ -1109,7 +1109,8 @@ fn classify(
     head_dim: usize,
     merge: bool,
 ) -> Option<Vec<ShapeSite>> {
-    let target = view.shapes.ints(&view.graph.node(id).inputs()[1])?;
+    // A Reshape of another domain may have one input.
+    let target = view.shapes.ints(view.graph.node(id).inputs().get(1)?)?;
     let (h, w) = (heads as i64, (heads * head_dim) as i64);
     let n = target.len();
     let site = |position: usize, role: ShapeRole| ShapeSite {
