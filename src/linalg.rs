@@ -120,32 +120,58 @@ pub fn product<T: Element>(
     out
 }
 
-/// `x · xᵀ`, computed as the tiles on and above the diagonal (in parallel,
-/// one thread each) and mirrored: about half a general product's work.
-/// `x` may be a transposed view (the Gram of a matrix's columns).
-pub fn gram<T: Element>(x: ArrayView2<'_, T>) -> Array2<T> {
+/// `sum ← sum + x · xᵀ` on the tiles on and above the diagonal: each
+/// tile's product in f32 (in parallel, one thread each), added in f64.
+/// About half a general product's work, and no full-size f32 matrix per
+/// call; the tiles below the diagonal are left for [`mirror_tiles`], once
+/// the sum is complete. `x` may be a transposed view (the Gram of a
+/// matrix's columns).
+pub fn add_gram(x: ArrayView2<'_, f32>, sum: &mut Array2<f64>) {
     let n = x.nrows();
+    assert_eq!(sum.dim(), (n, n), "the sum is not n × n");
     let blocks = n.div_ceil(GRAM_TILE);
     let tiles: Vec<(usize, usize)> = (0..blocks)
         .flat_map(|a| (a..blocks).map(move |b| (a, b)))
         .collect();
     let span = |t: usize| t * GRAM_TILE..((t + 1) * GRAM_TILE).min(n);
-    let products: Vec<((usize, usize), Array2<T>)> = tiles
+    let mut products: Vec<(usize, Array2<f32>)> = tiles
         .into_par_iter()
         .map(|(a, b)| {
             let rows = x.slice(s![span(a), ..]);
             let cols = x.slice(s![span(b), ..]);
-            ((a, b), product(rows, cols.t(), Threads::One))
+            (b, product(rows, cols.t(), Threads::One))
         })
         .collect();
-    let mut out = Array2::from_elem((n, n), T::ZERO);
-    for ((a, b), tile) in products {
-        out.slice_mut(s![span(a), span(b)]).assign(&tile);
-        if a != b {
-            out.slice_mut(s![span(b), span(a)]).assign(&tile.t());
+    // Tiles of row strip a are consecutive (a major), each strip of the sum
+    // is added to by one thread.
+    let mut strips: Vec<Vec<(usize, Array2<f32>)>> = Vec::with_capacity(blocks);
+    for a in 0..blocks {
+        strips.push(products.drain(..blocks - a).collect());
+    }
+    sum.axis_chunks_iter_mut(Axis(0), GRAM_TILE)
+        .into_par_iter()
+        .zip(strips)
+        .for_each(|(mut strip, tiles)| {
+            for (b, tile) in tiles {
+                strip
+                    .slice_mut(s![.., span(b)])
+                    .zip_mut_with(&tile, |acc, &v| *acc += v as f64);
+            }
+        });
+}
+
+/// Completes a sum of [`add_gram`]: every tile below the diagonal becomes
+/// the transpose of its mirror above (the diagonal tiles were summed whole).
+pub fn mirror_tiles(sum: &mut Array2<f64>) {
+    let n = sum.nrows();
+    let blocks = n.div_ceil(GRAM_TILE);
+    let span = |t: usize| t * GRAM_TILE..((t + 1) * GRAM_TILE).min(n);
+    for a in 0..blocks {
+        for b in a + 1..blocks {
+            let upper = sum.slice(s![span(a), span(b)]).t().to_owned();
+            sum.slice_mut(s![span(b), span(a)]).assign(&upper);
         }
     }
-    out
 }
 
 /// Σᵢⱼ aᵢⱼ bᵢⱼ, each row summed in eight lanes (so the loop vectorises),
@@ -188,20 +214,26 @@ fn subtract_scaled(row: &mut [f64], other: &[f64], factor: f64) {
 /// Solves (A + ridge·I) X = B for symmetric positive definite A by
 /// Cholesky factorisation; `None` if A + ridge·I is not positive definite
 /// (a pivot that is zero, negative or NaN). Only A's lower triangle is read.
-pub fn solve_spd(mut a: Array2<f64>, mut b: Array2<f64>, ridge: f64) -> Option<Array2<f64>> {
+/// The products run on `threads` (the result is the same either way).
+pub fn solve_spd(
+    mut a: Array2<f64>,
+    mut b: Array2<f64>,
+    ridge: f64,
+    threads: Threads,
+) -> Option<Array2<f64>> {
     let n = a.nrows();
     assert_eq!(a.ncols(), n, "A is not square");
     assert_eq!(b.nrows(), n, "B has another number of rows than A");
     for i in 0..n {
         a[[i, i]] += ridge;
     }
-    factorise(&mut a)?;
+    factorise(&mut a, threads)?;
     if b.ncols() > 0 {
         if !b.is_standard_layout() {
             b = b.as_standard_layout().into_owned();
         }
-        forward(a.view(), b.view_mut());
-        backward(a.view(), b.view_mut());
+        forward(a.view(), b.view_mut(), threads);
+        backward(a.view(), b.view_mut(), threads);
     }
     Some(b)
 }
@@ -209,7 +241,7 @@ pub fn solve_spd(mut a: Array2<f64>, mut b: Array2<f64>, ridge: f64) -> Option<A
 /// A = L Lᵀ in place (L in the lower triangle; the upper one is left as
 /// scratch), right-looking by blocks: factor the diagonal block, solve the
 /// panel below it, subtract the panel's outer product from what remains.
-fn factorise(a: &mut Array2<f64>) -> Option<()> {
+fn factorise(a: &mut Array2<f64>, threads: Threads) -> Option<()> {
     let n = a.nrows();
     let mut k0 = 0;
     while k0 < n {
@@ -242,7 +274,7 @@ fn factorise(a: &mut Array2<f64>) -> Option<()> {
                 panel.t(),
                 -1.0,
                 true,
-                Threads::All,
+                threads,
             );
         }
         k0 = k1;
@@ -276,7 +308,7 @@ fn factorise_small(mut a: ArrayViewMut2<'_, f64>) -> Option<()> {
 
 /// L Y = B in place, by blocks of rows: solve a block against its diagonal
 /// block, subtract its contribution from every row below with one product.
-fn forward(l: ArrayView2<'_, f64>, mut b: ArrayViewMut2<'_, f64>) {
+fn forward(l: ArrayView2<'_, f64>, mut b: ArrayViewMut2<'_, f64>, threads: Threads) {
     let n = l.nrows();
     let mut i0 = 0;
     while i0 < n {
@@ -302,7 +334,7 @@ fn forward(l: ArrayView2<'_, f64>, mut b: ArrayViewMut2<'_, f64>) {
                 block.view(),
                 -1.0,
                 true,
-                Threads::All,
+                threads,
             );
         }
         i0 = i1;
@@ -312,7 +344,7 @@ fn forward(l: ArrayView2<'_, f64>, mut b: ArrayViewMut2<'_, f64>) {
 /// Lᵀ X = Y in place, by blocks of rows from the last: subtract what the
 /// solved rows below contribute (one product with a transposed panel of
 /// L), then solve the block against its diagonal block.
-fn backward(l: ArrayView2<'_, f64>, mut b: ArrayViewMut2<'_, f64>) {
+fn backward(l: ArrayView2<'_, f64>, mut b: ArrayViewMut2<'_, f64>, threads: Threads) {
     let n = l.nrows();
     let blocks = n.div_ceil(BLOCK);
     for index in (0..blocks).rev() {
@@ -326,7 +358,7 @@ fn backward(l: ArrayView2<'_, f64>, mut b: ArrayViewMut2<'_, f64>) {
                 bottom.view(),
                 -1.0,
                 true,
-                Threads::All,
+                threads,
             );
         }
         let width = i1 - i0;
@@ -381,11 +413,21 @@ mod tests {
     #[test]
     fn the_gram_of_rows_and_of_columns_is_the_full_product() {
         // Sizes across the tile edge; small integers keep every sum exact.
+        // Two calls summed, then mirrored: twice the full product.
         for n in [1, GRAM_TILE - 1, GRAM_TILE + 3, 2 * GRAM_TILE + 17] {
             let x = Array2::from_shape_fn((n, 41), |(i, j)| ((i * 7 + j * 3) % 13) as f32 - 6.0);
-            assert_eq!(gram(x.view()), x.dot(&x.t()), "rows, n = {n}");
+            let expected = x.dot(&x.t()).mapv(|v| 2.0 * v as f64);
+            let mut rows = Array2::zeros((n, n));
+            add_gram(x.view(), &mut rows);
+            add_gram(x.view(), &mut rows);
+            mirror_tiles(&mut rows);
+            assert_eq!(rows, expected, "rows, n = {n}");
             let y = x.t().to_owned();
-            assert_eq!(gram(y.t()), x.dot(&x.t()), "columns, n = {n}");
+            let mut columns = Array2::zeros((n, n));
+            add_gram(y.t(), &mut columns);
+            add_gram(y.t(), &mut columns);
+            mirror_tiles(&mut columns);
+            assert_eq!(columns, expected, "columns, n = {n}");
         }
     }
 
@@ -396,7 +438,7 @@ mod tests {
             let a = spd(n);
             let x = Array2::from_shape_fn((n, 5), |(i, j)| (i as f64).sin() - j as f64 * 0.5);
             let b = a.dot(&x);
-            let got = solve_spd(a.clone(), b, 0.0).unwrap();
+            let got = solve_spd(a.clone(), b, 0.0, Threads::All).unwrap();
             let worst = got
                 .iter()
                 .zip(x.iter())
@@ -419,7 +461,7 @@ mod tests {
                 garbage[[i, j]] = f64::NAN;
             }
         }
-        let got = solve_spd(garbage, b, ridge).unwrap();
+        let got = solve_spd(garbage, b, ridge, Threads::All).unwrap();
         for (g, e) in got.iter().zip(x.iter()) {
             assert!((g - e).abs() < 1e-9, "{g} vs {e}");
         }
@@ -427,14 +469,22 @@ mod tests {
 
     #[test]
     fn indefinite_or_nan_systems_have_no_solution() {
-        assert!(solve_spd(-Array2::<f64>::eye(3), Array2::zeros((3, 1)), 0.0).is_none());
+        assert!(
+            solve_spd(
+                -Array2::<f64>::eye(3),
+                Array2::zeros((3, 1)),
+                0.0,
+                Threads::All
+            )
+            .is_none()
+        );
         // The failing pivot in a later block, after a trailing update.
         let n = BLOCK + 20;
         let mut a = spd(n);
         a[[n - 3, n - 3]] = -1e6;
-        assert!(solve_spd(a.clone(), Array2::zeros((n, 2)), 0.0).is_none());
+        assert!(solve_spd(a.clone(), Array2::zeros((n, 2)), 0.0, Threads::All).is_none());
         a[[n - 3, n - 3]] = f64::NAN;
-        assert!(solve_spd(a, Array2::zeros((n, 2)), 0.0).is_none());
+        assert!(solve_spd(a, Array2::zeros((n, 2)), 0.0, Threads::All).is_none());
     }
 
     #[test]
@@ -442,9 +492,12 @@ mod tests {
         let n = 3 * BLOCK + 5;
         let a = spd(n);
         let b = Array2::from_shape_fn((n, 70), |(i, j)| ((i * 3 + j) % 23) as f64 - 11.0);
-        let first = solve_spd(a.clone(), b.clone(), 1e-3).unwrap();
-        let second = solve_spd(a.clone(), b.clone(), 1e-3).unwrap();
+        let first = solve_spd(a.clone(), b.clone(), 1e-3, Threads::All).unwrap();
+        let second = solve_spd(a.clone(), b.clone(), 1e-3, Threads::All).unwrap();
         assert_eq!(first, second);
+        // One thread sums every element in the same order as all of them.
+        let alone = solve_spd(a.clone(), b.clone(), 1e-3, Threads::One).unwrap();
+        assert_eq!(first, alone);
         let residual = (&a + &(Array2::<f64>::eye(n) * 1e-3)).dot(&first) - &b;
         let worst = residual.iter().map(|r| r.abs()).fold(0.0, f64::max);
         assert!(worst < 1e-8, "residual {worst}");

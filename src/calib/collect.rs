@@ -189,6 +189,7 @@ pub fn run_batches(
         ..options.clone()
     };
     let mut runtime = Runtime::from_bytes(&bytes, &options)?;
+    drop(bytes);
     let batching = Batching::for_model(model, samples)?;
     let progress = crate::progress::bar(
         samples as u64,
@@ -196,29 +197,50 @@ pub fn run_batches(
         "{msg} {bar:30} {pos}/{len} samples ({eta})",
     );
     let names: Vec<String> = taps.iter().map(|t| tap_output(&t.value)).collect();
-    for range in batching.ranges() {
-        let feed = batching.feed(inputs, range);
-        let outputs = runtime.run(&feed)?;
-        let mut tapped = Vec::with_capacity(taps.len());
-        for (tap, name) in taps.iter().zip(&names) {
-            let Some((_, Array::F32(values))) = outputs.iter().find(|(n, _)| n == name) else {
-                return Err(RuntimeError::Session(format!(
-                    "tap '{}' produced no float output",
-                    tap.value
-                )));
-            };
-            tapped.push(tap.layout.batch_first(values, range.take)?);
+    // ONNX Runtime runs the next batch while this thread consumes the last
+    // one (second moments, features): the two overlap instead of taking
+    // turns. The batches are consumed in order, so what is gathered does not
+    // change; at most one finished batch waits.
+    let ranges: Vec<BatchRange> = batching.ranges().collect();
+    std::thread::scope(|scope| {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(0);
+        let runner = scope.spawn(move || {
+            for range in ranges {
+                let feed = batching.feed(inputs, range);
+                let outputs = runtime.run(&feed);
+                let failed = outputs.is_err();
+                // A consumer that stopped (an error) hangs up: stop too.
+                if sender.send((range, feed, outputs)).is_err() || failed {
+                    break;
+                }
+            }
+            runtime.provider
+        });
+        for (range, feed, outputs) in receiver {
+            let outputs = outputs?;
+            let mut tapped = Vec::with_capacity(taps.len());
+            for (tap, name) in taps.iter().zip(&names) {
+                let Some((_, Array::F32(values))) = outputs.iter().find(|(n, _)| n == name) else {
+                    return Err(RuntimeError::Session(format!(
+                        "tap '{}' produced no float output",
+                        tap.value
+                    )));
+                };
+                tapped.push(tap.layout.batch_first(values, range.take)?);
+            }
+            consume(Batch {
+                start: range.start,
+                end: range.end,
+                taps: tapped,
+                feed: &feed,
+            })?;
+            progress.inc((range.end - range.start) as u64);
         }
-        consume(Batch {
-            start: range.start,
-            end: range.end,
-            taps: tapped,
-            feed: &feed,
-        })?;
-        progress.inc((range.end - range.start) as u64);
-    }
-    progress.finish_and_clear();
-    Ok(runtime.provider)
+        progress.finish_and_clear();
+        runner
+            .join()
+            .map_err(|_| RuntimeError::Session("the calibration runner panicked".into()))
+    })
 }
 
 /// What one calibration pass gathered.
@@ -259,6 +281,10 @@ pub struct Request<'a> {
     pub means: &'a [usize],
     /// Pooling of the features.
     pub pooling: Pooling,
+    /// Bytes the features may take: learnt from the first batch's widths,
+    /// features over it are not kept at all ([`Collected::features`] is
+    /// empty then) and the caller measures them in smaller passes.
+    pub feature_budget: Option<u64>,
 }
 
 /// One pass over the first `samples` samples gathering what `request` asks.
@@ -277,6 +303,7 @@ pub fn collect_all(
         grams: gram_taps,
         means: mean_taps,
         pooling,
+        feature_budget,
     } = request;
     let mut means: Vec<stats::Mean> = vec![stats::Mean::default(); mean_taps.len()];
     let mut grams: Vec<SecondMoment> = vec![SecondMoment::default(); gram_taps.len()];
@@ -290,11 +317,34 @@ pub fn collect_all(
     // batch) and filled in place: no second copy.
     let mut features: Vec<Option<Array2<f32>>> = vec![None; feature_taps.len()];
     let mut sums = vec![(0f64, 0f64); pairs.len()];
+    let mut keep_features = true;
     let provider = run_batches(model, inputs, samples, taps, options, |batch| {
         let rows = batch.end - batch.start;
+        // The first batch tells the features' widths, so whether they fit.
+        let mut first: Vec<Option<Array2<f32>>> = Vec::new();
+        if keep_features && batch.start == 0 {
+            first = feature_taps
+                .iter()
+                .map(|&t| {
+                    stats::pool(&batch.taps[t], mask_in(&taps[t], batch.feed), pooling).map(Some)
+                })
+                .collect::<Result<_, _>>()?;
+            let bytes: u64 = first
+                .iter()
+                .flatten()
+                .map(|p| (p.ncols() * samples * 4) as u64)
+                .sum();
+            keep_features = feature_budget.is_none_or(|budget| bytes <= budget);
+        }
         for (slot, &t) in feature_taps.iter().enumerate() {
+            if !keep_features {
+                break;
+            }
             let tap = &taps[t];
-            let pooled = stats::pool(&batch.taps[t], mask_in(tap, batch.feed), pooling)?;
+            let pooled = match first.get_mut(slot).and_then(Option::take) {
+                Some(pooled) => pooled,
+                None => stats::pool(&batch.taps[t], mask_in(tap, batch.feed), pooling)?,
+            };
             let matrix =
                 features[slot].get_or_insert_with(|| Array2::zeros((samples, pooled.ncols())));
             if matrix.ncols() != pooled.ncols() {
@@ -338,10 +388,14 @@ pub fn collect_all(
         Ok(())
     })?;
     Ok(Collected {
-        features: features
-            .into_iter()
-            .map(|f| f.unwrap_or_else(|| Array2::zeros((0, 0))))
-            .collect(),
+        features: if keep_features {
+            features
+                .into_iter()
+                .map(|f| f.unwrap_or_else(|| Array2::zeros((0, 0))))
+                .collect()
+        } else {
+            Vec::new()
+        },
         cosines: sums.iter().map(|(s, n)| s / n.max(1.0)).collect(),
         energies: energy.into_iter().map(Energy::means).collect(),
         means: means.into_iter().map(stats::Mean::means).collect(),
@@ -377,6 +431,7 @@ pub fn collect(
         grams: &[],
         means: &[],
         pooling,
+        feature_budget: None,
     };
     let c = collect_all(model, inputs, samples, taps, request, options)?;
     Ok((c.features, c.provider))

@@ -320,16 +320,17 @@ impl SecondMoment {
             self.sum = Array2::zeros((width + 1, width + 1));
         }
         // mᵀm by symmetric tiles on every thread (f32 products, summed in
-        // f64 across batches): tokens × width² is most of a statistics pass.
-        let g = crate::linalg::gram(m.t());
-        self.sum.zip_mut_with(&g, |a, &v| *a += v as f64);
+        // f64 across batches; the lower tiles mirrored once, in `mean`):
+        // tokens × width² is most of a statistics pass.
+        crate::linalg::add_gram(m.t(), &mut self.sum);
         self.tokens += picked.len() as f64;
         Ok(())
     }
 
     /// The mean of `[a; 1][a; 1]ᵀ` (`(width + 1)²`; the last row and column
     /// carry the mean of `a`).
-    pub fn mean(self) -> Array2<f64> {
+    pub fn mean(mut self) -> Array2<f64> {
+        crate::linalg::mirror_tiles(&mut self.sum);
         self.sum / self.tokens.max(1.0)
     }
 }

@@ -218,11 +218,13 @@ pub enum RepairMethod {
 }
 
 impl RepairMethod {
-    fn refits(self) -> bool {
+    /// Whether the method refits slimmed projections.
+    pub fn refits(self) -> bool {
         matches!(self, RepairMethod::Lsq | RepairMethod::LsqBias)
     }
 
-    fn compensates(self) -> bool {
+    /// Whether the method replaces removed branches by their means.
+    pub fn compensates(self) -> bool {
         matches!(self, RepairMethod::Bias | RepairMethod::LsqBias)
     }
 }

@@ -10,10 +10,7 @@
 
 use std::collections::HashMap;
 
-use super::{
-    MeasureError, MeasureOptions, estimate_matrices, estimate_taps, feature_bytes, residual_value,
-    tap,
-};
+use super::{MeasureError, MeasureOptions, estimate_matrices, estimate_taps, residual_value, tap};
 use crate::arch::{Architecture, TowerKind};
 use crate::calib::collect;
 use crate::calib::{Inputs, Provider, RuntimeOptions, Tap};
@@ -58,6 +55,24 @@ pub struct BlockMeasurements {
     pub blocks: Vec<BlockStats>,
     /// The provider that ran.
     pub provider: Provider,
+    /// The second moments asked for by [`RepairTaps::grams`], keyed by
+    /// value (`(width + 1)²`, as [`collect::Collected::grams`]).
+    pub grams: Vec<(String, ndarray::Array2<f64>)>,
+    /// The per-channel means asked for by [`RepairTaps::means`].
+    pub means: Vec<(String, Vec<f64>)>,
+}
+
+/// Values whose repair statistics the measuring pass gathers too: the
+/// repair of candidate plans reads the same activations of the same
+/// samples, so one pass serves both instead of a second run of the model.
+#[derive(Debug, Clone, Default)]
+pub struct RepairTaps {
+    /// Values (with their tower) whose token second moments `[a; 1][a; 1]ᵀ`
+    /// are accumulated: the inputs of the projections a refit solves for.
+    pub grams: Vec<(String, TowerKind)>,
+    /// Values whose per-channel means are accumulated: the branches a
+    /// removed sub-block's compensation replaces by their mean.
+    pub means: Vec<(String, TowerKind)>,
 }
 
 /// The tapped values of one block (indices into the pass's taps).
@@ -75,13 +90,16 @@ struct Streams {
 /// of `inputs` (`mask`: the text padding input); with `units`, also the
 /// energies unit scores need. One pass gathers influence and energies,
 /// and the ID features when they fit in `options.max_memory`; otherwise the
-/// features follow in further passes.
+/// features follow in further passes. The statistics of `repair` are
+/// gathered in the same pass.
+#[allow(clippy::too_many_arguments)]
 pub fn measure_blocks(
     model: &Model,
     arch: &Architecture,
     inputs: &Inputs,
     mask: Option<&str>,
     units: bool,
+    repair: &RepairTaps,
     options: &MeasureOptions,
     runtime: &RuntimeOptions,
 ) -> Result<BlockMeasurements, MeasureError> {
@@ -127,6 +145,16 @@ pub fn measure_blocks(
             });
         }
     }
+    let gram_taps: Vec<usize> = repair
+        .grams
+        .iter()
+        .map(|(v, t)| add(v.clone(), *t, &mut taps))
+        .collect();
+    let mean_taps: Vec<usize> = repair
+        .means
+        .iter()
+        .map(|(v, t)| add(v.clone(), *t, &mut taps))
+        .collect();
     let pairs: Vec<(usize, usize)> = streams
         .iter()
         .flat_map(|s| [(s.x, s.h), (s.h, s.y)])
@@ -152,19 +180,19 @@ pub fn measure_blocks(
     };
     let id_taps: Vec<Tap> = measured.iter().map(|&i| taps[i].clone()).collect();
     let labels: Vec<String> = measured.iter().map(|&i| taps[i].value.clone()).collect();
-    let bytes: u64 = feature_bytes(&model, inputs, &id_taps, samples, options, runtime)?
-        .iter()
-        .sum();
-    let fits = bytes <= options.max_memory;
+    // The features come with the pass when they fit in memory (the first
+    // batch tells); else they are measured in passes of their own.
     let request = collect::Request {
-        features: if fits { &measured } else { &[] },
+        features: &measured,
         pairs: &pairs,
         energies: &energy_taps,
-        grams: &[],
-        means: &[],
+        grams: &gram_taps,
+        means: &mean_taps,
         pooling: options.pooling,
+        feature_budget: Some(options.max_memory),
     };
-    let pass = collect::collect_all(&model, inputs, samples, &taps, request, runtime)?;
+    let mut pass = collect::collect_all(&model, inputs, samples, &taps, request, runtime)?;
+    let fits = pass.features.len() == measured.len();
     let estimates = if fits {
         estimate_matrices(&pass.features, &labels, &options.id)?
     } else {
@@ -201,9 +229,22 @@ pub fn measure_blocks(
             },
         })
         .collect();
+    let value = |(v, _): &(String, TowerKind)| v.clone();
     Ok(BlockMeasurements {
         blocks,
         provider: pass.provider,
+        grams: repair
+            .grams
+            .iter()
+            .map(value)
+            .zip(std::mem::take(&mut pass.grams))
+            .collect(),
+        means: repair
+            .means
+            .iter()
+            .map(value)
+            .zip(std::mem::take(&mut pass.means))
+            .collect(),
     })
 }
 

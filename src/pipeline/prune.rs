@@ -468,12 +468,25 @@ impl PruneJob {
             let decision = decide::unstructured(graph, &layers, &settings.decide)?;
             (decision, provider, repair::Statistics::default(), stages)
         } else {
-            let measured = measure::blocks::measure_blocks(
+            // The repair statistics of every plan the search could make
+            // come out of the measuring pass: the same activations of the
+            // same samples, so the judge runs no pass of its own. Second
+            // moments only where plans slim projections (units).
+            let mode = settings.decide.mode;
+            let method = settings.decide.repair;
+            let (grams, means) = repair::every_tap(
+                graph,
+                arch,
+                mode.scores_units() && method.refits(),
+                method.compensates(),
+            );
+            let mut measured = measure::blocks::measure_blocks(
                 &source.model,
                 arch,
                 &split.decision,
                 mask.as_deref(),
-                settings.decide.mode.scores_units(),
+                mode.scores_units(),
+                &measure::blocks::RepairTaps { grams, means },
                 &options,
                 &self.runtime,
             )
@@ -486,6 +499,11 @@ impl PruneJob {
                 split.samples,
                 mask.as_deref(),
                 &self.runtime,
+            );
+            judge.statistics.absorb(
+                split.samples,
+                std::mem::take(&mut measured.grams),
+                std::mem::take(&mut measured.means),
             );
             let decision = decide::structural(
                 arch,

@@ -21,6 +21,7 @@
 //! residual stream of the original model.
 
 use ndarray::{Array2, Axis};
+use rayon::prelude::*;
 
 use super::RewriteError;
 use crate::arch::{Architecture, Block, Linear, TowerKind};
@@ -133,6 +134,45 @@ fn removed_branches(
     out
 }
 
+/// Value names, each with its tower.
+pub type TowerValues = Vec<(String, TowerKind)>;
+
+/// Every value a plan's repair could read statistics of: the inputs of
+/// every block's attention output projection and `fc2` (second moments,
+/// when `refits`) and every sub-block's residual branch (means, when
+/// `compensates`), each with its tower. A measuring pass that gathers
+/// these ([`Statistics::absorb`]) leaves the search's judge nothing to
+/// gather.
+pub fn every_tap(
+    original: &Graph,
+    arch: &Architecture,
+    refits: bool,
+    compensates: bool,
+) -> (TowerValues, TowerValues) {
+    let (mut grams, mut means) = (Vec::new(), Vec::new());
+    for tower in &arch.towers {
+        for block in &tower.blocks {
+            if refits {
+                for value in [&block.attention.body.out.input, &block.mlp.body.fc2.input] {
+                    if !grams.iter().any(|(v, _)| v == value) {
+                        grams.push((value.clone(), tower.kind));
+                    }
+                }
+            }
+            if compensates {
+                for join in [&block.attention.join, &block.mlp.join] {
+                    if let Some(value) = branch(join, original.node(join.node).inputs())
+                        && !means.iter().any(|(v, _)| *v == value)
+                    {
+                        means.push((value, tower.kind));
+                    }
+                }
+            }
+        }
+    }
+    (grams, means)
+}
+
 /// What bias compensation adds in place of each removed branch: its mean
 /// output (plus the bias a fused join adds to it), keyed by the join node.
 pub fn compensation(
@@ -179,10 +219,10 @@ pub fn compensation(
 pub struct Statistics {
     grams: std::collections::HashMap<String, Array2<f64>>,
     means: std::collections::HashMap<String, Vec<f64>>,
-    /// Per projection (weight and input), its output energy tr(W'ᵀGW'):
-    /// the same for every candidate plan that refits it, and the one part
-    /// of a refit that needs the full product G·W'.
-    energies: Energies,
+    /// Per projection (weight and input), the product G·W' and the output
+    /// energy tr(W'ᵀGW'): the same for every candidate plan that refits
+    /// it, so the search's candidates only take rows of it.
+    products: Products,
     /// Calibration samples the statistics were computed over.
     samples: usize,
     /// The provider that ran.
@@ -229,6 +269,7 @@ impl Statistics {
             grams: &grams,
             means: &means,
             pooling: Pooling::Flatten,
+            feature_budget: None,
         };
         let collected = collect::collect_all(original, inputs, samples, &taps, request, runtime)?;
         let name = |i: &usize| taps[*i].value.clone();
@@ -238,6 +279,26 @@ impl Statistics {
             .extend(means.iter().map(name).zip(collected.means));
         self.provider = Some(collected.provider);
         Ok(())
+    }
+
+    /// Takes over statistics another pass gathered over the same first
+    /// `samples` samples (the measuring pass, [`every_tap`]): second
+    /// moments and means keyed by value, as [`Statistics::gather`] would
+    /// have computed them.
+    pub fn absorb(
+        &mut self,
+        samples: usize,
+        grams: Vec<(String, Array2<f64>)>,
+        means: Vec<(String, Vec<f64>)>,
+    ) {
+        if self.samples != samples {
+            *self = Statistics {
+                samples,
+                ..Statistics::default()
+            };
+        }
+        self.grams.extend(grams);
+        self.means.extend(means);
     }
 
     /// Whether `plans` need statistics over `samples` samples that these
@@ -309,29 +370,48 @@ impl Statistics {
     }
 }
 
-/// Output energies of projections, computed once per run ([`Statistics`]).
-#[derive(Debug, Default)]
-struct Energies(std::sync::Mutex<std::collections::HashMap<String, f64>>);
+/// One projection's G·W' and output energy tr(W'ᵀGW') ([`Products`]).
+#[derive(Debug)]
+struct Product {
+    g_full: Array2<f64>,
+    energy: f64,
+}
 
-impl Clone for Energies {
+/// G·W' and the output energy of projections, computed once per run
+/// ([`Statistics`]): a dozen candidate plans refit the same projections
+/// with different kept rows, and each refit's right-hand side is rows of
+/// this product (it was most of a refit's work when made per candidate).
+#[derive(Debug, Default)]
+struct Products(std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Product>>>);
+
+impl Clone for Products {
     fn clone(&self) -> Self {
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Self(std::sync::Mutex::new(map))
     }
 }
 
-impl Energies {
-    /// The energy under `key`, computed by `compute` the first time.
-    fn get_or(&self, key: &str, compute: impl FnOnce() -> f64) -> f64 {
-        if let Some(&e) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
-            return e;
+impl Products {
+    /// The product under `key`, computed from `gram` and `full` the first
+    /// time.
+    fn get_or(
+        &self,
+        key: &str,
+        gram: &Array2<f64>,
+        full: &Array2<f64>,
+        threads: Threads,
+    ) -> std::sync::Arc<Product> {
+        if let Some(p) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+            return p.clone();
         }
-        let energy = compute();
+        let g_full = linalg::product(gram.view(), full.view(), threads);
+        let energy = linalg::inner(full.view(), g_full.view());
+        let product = std::sync::Arc::new(Product { g_full, energy });
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_string(), energy);
-        energy
+            .insert(key.to_string(), product.clone());
+        product
     }
 }
 
@@ -356,33 +436,54 @@ pub fn apply(
     if !plan.repair.as_ref().is_some_and(|r| r.refits()) {
         return Ok(refits);
     }
-    for target in targets(arch, plan) {
-        let gram = statistics.grams.get(&target.linear.input).ok_or_else(|| {
-            RewriteError::Unsupported {
-                label: format!("repair {}", target.label),
-                reason: "no calibration statistics for this layer".into(),
-            }
-        })?;
-        refits.push(refit(
-            &original.graph,
-            &mut pruned.graph,
-            &target,
-            gram,
-            &statistics.energies,
-        )?);
+    let targets = targets(arch, plan);
+    let grams = targets
+        .iter()
+        .map(|target| {
+            statistics
+                .grams
+                .get(&target.linear.input)
+                .ok_or_else(|| RewriteError::Unsupported {
+                    label: format!("repair {}", target.label),
+                    reason: "no calibration statistics for this layer".into(),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // The fits are independent: one per thread, each on one thread (whole
+    // layers keep both cores busier than the small products inside one
+    // factorisation, and a product sums every element in the same order on
+    // any number of threads, so the weights do not change). A single fit
+    // has every thread.
+    let threads = if targets.len() > 1 {
+        Threads::One
+    } else {
+        Threads::All
+    };
+    let solved: Vec<(Refit, Option<Array2<f64>>)> = targets
+        .par_iter()
+        .zip(&grams)
+        .map(|(target, gram)| solve(&original.graph, target, gram, &statistics.products, threads))
+        .collect::<Result<_, _>>()?;
+    for (target, (refit, solution)) in targets.iter().zip(solved) {
+        if let Some(solution) = solution {
+            write(&original.graph, &mut pruned.graph, target, &solution)?;
+        }
+        refits.push(refit);
     }
     // The sliced weights the refits replaced are dead now.
     pruned.graph.eliminate_dead_code();
     Ok(refits)
 }
 
-fn refit(
+/// The refit of one projection (its record, and the new weights with the
+/// bias row last, or none when the plain slice stays).
+fn solve(
     original: &Graph,
-    graph: &mut Graph,
     target: &Target<'_>,
     gram: &Array2<f64>,
-    energies: &Energies,
-) -> Result<Refit, RewriteError> {
+    products: &Products,
+    threads: Threads,
+) -> Result<(Refit, Option<Array2<f64>>), RewriteError> {
     let label = format!("repair {}", target.label);
     let unsupported = |reason: String| RewriteError::Unsupported {
         label: label.clone(),
@@ -431,11 +532,11 @@ fn refit(
     if target.bias.is_some() {
         k.push(rows);
     }
-    // The weights are the original's, the Gram its input's: one energy per
-    // pair, whichever plan refits it.
+    // The weights are the original's, the Gram its input's: one product
+    // per pair, whichever plan refits it.
     let key = format!("{}\u{0}{}", linear.weight.storage, linear.input);
-    let total = energies.get_or(&key, || output_energy(gram, &full));
-    let fitted = least_squares(gram, &full, &k, total);
+    let product = products.get_or(&key, gram, &full, threads);
+    let fitted = least_squares(gram, &full, &k, &product.g_full, product.energy, threads);
     let plain_slice = Refit {
         layer: target.label.clone(),
         rows: [target.kept.len(), rows],
@@ -443,13 +544,36 @@ fn refit(
         error_refit: fitted.error_dropped,
     };
     let (Some(solution), Some(error_refit)) = (fitted.solution, fitted.error_refit) else {
-        return Ok(plain_slice);
+        return Ok((plain_slice, None));
     };
     let error_dropped = fitted.error_dropped;
     // Never make things worse (numerical trouble): keep the plain slice.
     if !(error_refit.is_finite() && error_refit <= error_dropped) {
-        return Ok(plain_slice);
+        return Ok((plain_slice, None));
     }
+    let refit = Refit {
+        layer: target.label.clone(),
+        rows: [target.kept.len(), rows],
+        error_dropped,
+        error_refit,
+    };
+    Ok((refit, Some(solution)))
+}
+
+/// Writes the refit `solution` of `target` (from [`solve`]) into `graph`.
+fn write(
+    original: &Graph,
+    graph: &mut Graph,
+    target: &Target<'_>,
+    solution: &Array2<f64>,
+) -> Result<(), RewriteError> {
+    let label = format!("repair {}", target.label);
+    let unsupported = |reason: String| RewriteError::Unsupported {
+        label: label.clone(),
+        reason,
+    };
+    let linear = target.linear;
+    let cols = linear.out_features;
     let kept = target.kept.len();
     // Written as the node reads it: [kept, out], or [out, kept] for a Gemm
     // with transB.
@@ -492,12 +616,7 @@ fn refit(
         };
         super::replace_values(graph, reader, slot, "refit", new, &label)?;
     }
-    Ok(Refit {
-        layer: target.label.clone(),
-        rows: [kept, rows],
-        error_dropped,
-        error_refit,
-    })
+    Ok(())
 }
 
 /// The least-squares fit of one projection ([`least_squares`]).
@@ -513,6 +632,7 @@ struct Fitted {
 
 /// tr(W'ᵀ G W'): the output energy of `full` (W') under `gram` (G), the
 /// scale of both errors of [`least_squares`].
+#[cfg(test)]
 fn output_energy(gram: &Array2<f64>, full: &Array2<f64>) -> f64 {
     let g_full = linalg::product(gram.view(), full.view(), Threads::All);
     linalg::inner(full.view(), g_full.view())
@@ -520,8 +640,15 @@ fn output_energy(gram: &Array2<f64>, full: &Array2<f64>) -> f64 {
 
 /// Fits the rows K of `full` (W' = [W; b]) to reproduce `full`'s output
 /// under the second moment `gram` (G): (G_KK + λI) X = (G W')_K, given
-/// `total` = tr(W'ᵀGW') ([`output_energy`]).
-fn least_squares(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize], total: f64) -> Fitted {
+/// `g_full` = G·W' and `total` = tr(W'ᵀGW').
+fn least_squares(
+    gram: &Array2<f64>,
+    full: &Array2<f64>,
+    k: &[usize],
+    g_full: &Array2<f64>,
+    total: f64,
+    threads: Threads,
+) -> Fitted {
     let rows = full.nrows();
     // R: the rows outside K (the removed ones, and the constant's when
     // there is no bias; W' is zero there).
@@ -532,13 +659,10 @@ fn least_squares(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize], total: f64
     // row): there is nothing to refit, and the closed-form error below
     // could round a refit that only shrinks the weights to "no worse".
     let slimmed = removed.iter().any(|&i| i + 1 < rows);
-    // The right-hand side (G W')_K = G_K· W': only the kept rows of the
-    // product, which is what candidates plans differ in (the full product
-    // is needed for the energy alone, once per projection).
-    let g_k = gram.select(Axis(0), k);
-    let rhs = linalg::product(g_k.view(), full.view(), Threads::All);
-    let g_kk = g_k.select(Axis(1), k);
-    drop(g_k);
+    // The right-hand side (G W')_K: rows of the product every candidate
+    // plan shares.
+    let rhs = g_full.select(Axis(0), k);
+    let g_kk = Array2::from_shape_fn((k.len(), k.len()), |(i, j)| gram[[k[i], k[j]]]);
     // A small ridge for rank-deficient activations (dead neurons, tokens
     // that repeat), larger when rounding in the accumulated moments still
     // leaves a negative pivot; no solution at all keeps the plain slice.
@@ -550,7 +674,7 @@ fn least_squares(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize], total: f64
     };
     let solution = ridges.iter().find_map(|relative| {
         let ridge = (relative * mean_diagonal).max(1e-12);
-        linalg::solve_spd(g_kk.clone(), rhs.clone(), ridge).map(|x| (x, ridge))
+        linalg::solve_spd(g_kk.clone(), rhs.clone(), ridge, threads).map(|x| (x, ridge))
     });
     // Relative output errors, tr(Δᵀ G Δ) / tr(W'ᵀ G W'). Rounding can take
     // a near-zero error just below zero; NaN (a Gram with NaN) stays NaN.
@@ -561,15 +685,26 @@ fn least_squares(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize], total: f64
     } else {
         total.max(f64::MIN_POSITIVE)
     };
-    // The plain slice leaves Δ = W' on the rows outside K, zero on K.
-    let w_removed = full.select(Axis(0), &removed);
-    let g_removed = gram.select(Axis(0), &removed).select(Axis(1), &removed);
-    let error_dropped = non_negative(
+    // The plain slice leaves Δ = W' on the rows outside K, zero on K:
+    // tr(W_Rᵀ G_RR W_R), from whichever side is smaller. With more rows
+    // removed than kept, expanding tr(W'ᵀGW') over K and R gives
+    // tr(W'ᵀGW') − 2⟨W_K, (GW')_K⟩ + tr(W_Kᵀ G_KK W_K) (a product over K).
+    let quadratic = |w: &Array2<f64>, g: &Array2<f64>| {
         linalg::inner(
-            w_removed.view(),
-            linalg::product(g_removed.view(), w_removed.view(), Threads::All).view(),
-        ) / scale,
-    );
+            w.view(),
+            linalg::product(g.view(), w.view(), threads).view(),
+        )
+    };
+    let dropped = if removed.len() <= k.len() {
+        let g_removed = Array2::from_shape_fn((removed.len(), removed.len()), |(i, j)| {
+            gram[[removed[i], removed[j]]]
+        });
+        quadratic(&full.select(Axis(0), &removed), &g_removed)
+    } else {
+        let w_k = full.select(Axis(0), k);
+        total - 2.0 * linalg::inner(w_k.view(), rhs.view()) + quadratic(&w_k, &g_kk)
+    };
+    let error_dropped = non_negative(dropped / scale);
     let Some((solution, ridge)) = solution else {
         return Fitted {
             solution: None,
@@ -657,30 +792,42 @@ mod tests {
         let full = Array2::from_shape_fn((width + 1, outputs), |(i, o)| {
             ((i * 13 + o * 7) % 19) as f64 / 19.0 - 0.5
         });
-        // Every other row kept, and the bias.
-        let k: Vec<usize> = (0..width).step_by(2).chain([width]).collect();
-        let fitted = least_squares(&gram, &full, &k, output_energy(&gram, &full));
-        let x = fitted.solution.expect("the system is positive definite");
-        let dropped = full.select(Axis(0), &k);
-        let expect_dropped = direct_error(&gram, &full, &k, &dropped);
-        let expect_refit = direct_error(&gram, &full, &k, &x);
-        assert!((fitted.error_dropped - expect_dropped).abs() < 1e-12 * expect_dropped.max(1.0));
-        let refit = fitted.error_refit.unwrap();
-        assert!(
-            (refit - expect_refit).abs() < 1e-9,
-            "{refit} vs {expect_refit}"
-        );
-        assert!(
-            refit < expect_dropped,
-            "the refit helps: {refit} vs {expect_dropped}"
-        );
-        // X solves the normal equations (up to the small ridge).
-        let g_kk = gram.select(Axis(0), &k).select(Axis(1), &k);
-        let rhs = gram.select(Axis(0), &k).dot(&full);
-        let residual = (g_kk.dot(&x) - &rhs)
-            .mapv(f64::abs)
-            .fold(0.0, |m: f64, &v| m.max(v));
-        assert!(residual < 1e-4, "normal-equation residual {residual}");
+        // Every other row kept, and the bias; then every fourth (more rows
+        // removed than kept: the dropped error comes from the kept side).
+        for step in [2, 4] {
+            let k: Vec<usize> = (0..width).step_by(step).chain([width]).collect();
+            let fitted = least_squares(
+                &gram,
+                &full,
+                &k,
+                &gram.dot(&full),
+                output_energy(&gram, &full),
+                Threads::All,
+            );
+            let x = fitted.solution.expect("the system is positive definite");
+            let dropped = full.select(Axis(0), &k);
+            let expect_dropped = direct_error(&gram, &full, &k, &dropped);
+            let expect_refit = direct_error(&gram, &full, &k, &x);
+            assert!(
+                (fitted.error_dropped - expect_dropped).abs() < 1e-11 * expect_dropped.max(1.0)
+            );
+            let refit = fitted.error_refit.unwrap();
+            assert!(
+                (refit - expect_refit).abs() < 1e-9,
+                "{refit} vs {expect_refit}"
+            );
+            assert!(
+                refit < expect_dropped,
+                "the refit helps: {refit} vs {expect_dropped}"
+            );
+            // X solves the normal equations (up to the small ridge).
+            let g_kk = gram.select(Axis(0), &k).select(Axis(1), &k);
+            let rhs = gram.select(Axis(0), &k).dot(&full);
+            let residual = (g_kk.dot(&x) - &rhs)
+                .mapv(f64::abs)
+                .fold(0.0, |m: f64, &v| m.max(v));
+            assert!(residual < 1e-4, "normal-equation residual {residual}");
+        }
     }
 
     #[test]
@@ -696,9 +843,23 @@ mod tests {
         });
         let gram = a.t().dot(&a) / 50.0;
         let mut full = Array2::from_shape_fn((4, 2), |(i, o)| (i + o) as f64 - 1.5);
-        let with_bias = least_squares(&gram, &full, &[0, 1, 2, 3], output_energy(&gram, &full));
+        let with_bias = least_squares(
+            &gram,
+            &full,
+            &[0, 1, 2, 3],
+            &gram.dot(&full),
+            output_energy(&gram, &full),
+            Threads::All,
+        );
         full.row_mut(3).fill(0.0);
-        let without_bias = least_squares(&gram, &full, &[0, 1, 2], output_energy(&gram, &full));
+        let without_bias = least_squares(
+            &gram,
+            &full,
+            &[0, 1, 2],
+            &gram.dot(&full),
+            output_energy(&gram, &full),
+            Threads::All,
+        );
         for fitted in [with_bias, without_bias] {
             assert!(fitted.solution.is_none());
             assert!(fitted.error_refit.is_none());
@@ -711,7 +872,14 @@ mod tests {
         let mut gram = Array2::<f64>::eye(5);
         gram[[1, 1]] = f64::NAN;
         let full = Array2::<f64>::ones((5, 2));
-        let fitted = least_squares(&gram, &full, &[0, 1, 4], output_energy(&gram, &full));
+        let fitted = least_squares(
+            &gram,
+            &full,
+            &[0, 1, 4],
+            &gram.dot(&full),
+            output_energy(&gram, &full),
+            Threads::All,
+        );
         assert!(fitted.solution.is_none());
         assert!(fitted.error_dropped.is_nan(), "{}", fitted.error_dropped);
         assert!(fitted.error_refit.is_none());
