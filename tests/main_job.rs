@@ -107,7 +107,9 @@ fn deterministic_and_the_plan_re_applies_byte_for_byte() {
         "same input and flags must give identical bytes"
     );
     // The default repair refits on calibration data: the plan re-applies
-    // with the same file.
+    // with the same file. (The decided run's repair statistics come out of
+    // its measuring pass, the re-applied plan's from a pass of their own
+    // over the same samples: the two must agree to the bit.)
     let again = sandbox.path("again.onnx");
     let model = util::fixtures().join(CLIP);
     let calib = util::fixtures().join("calib/clip_tiny_calib.npz");

@@ -9,8 +9,9 @@
 //! - [`profile`]: the ID of every block's output, per tower (`id`).
 //!
 //! Features are held in memory up to [`MeasureOptions::max_memory`]; more
-//! taps are measured in several passes (a one-sample probe learns each
-//! tap's width first).
+//! taps are measured in several passes (the measuring pass's first batch
+//! tells whether they fit; the passes are then grouped by the widths a
+//! one-sample probe learns).
 
 pub mod blocks;
 pub mod profile;

@@ -101,8 +101,9 @@ pub struct Decided {
     pub statistics: repair::Statistics,
     /// Seconds of the deciding stage's parts, in order: `calibrate` (the
     /// samples read and the measuring pass: taps, ID, scores) and, where
-    /// candidate plans were judged, `judge: statistics` (the repair
-    /// statistics passes), `judge: rewrite+repair` and `judge: run` (the
+    /// candidate plans were judged, `judge: statistics` (repair statistics
+    /// the measuring pass did not gather, normally none), `judge:
+    /// rewrite+repair` and `judge: run` (the
     /// candidates run on the decision samples). The rest of the stage is
     /// the report's `decide`.
     pub stages: Vec<(&'static str, f64)>,
