@@ -273,8 +273,9 @@ impl Statistics {
         };
         let collected = collect::collect_all(original, inputs, samples, &taps, request, runtime)?;
         let name = |i: &usize| taps[*i].value.clone();
-        self.grams
-            .extend(grams.iter().map(name).zip(collected.grams));
+        let new: Vec<String> = grams.iter().map(name).collect();
+        self.products.forget(&new);
+        self.grams.extend(new.into_iter().zip(collected.grams));
         self.means
             .extend(means.iter().map(name).zip(collected.means));
         self.provider = Some(collected.provider);
@@ -297,6 +298,8 @@ impl Statistics {
                 ..Statistics::default()
             };
         }
+        let new: Vec<String> = grams.iter().map(|(v, _)| v.clone()).collect();
+        self.products.forget(&new);
         self.grams.extend(grams);
         self.means.extend(means);
     }
@@ -392,6 +395,18 @@ impl Clone for Products {
 }
 
 impl Products {
+    /// Drops the products made from the Grams of `inputs` (replaced by new
+    /// ones), so no refit reads a product of an old Gram.
+    fn forget(&self, inputs: &[String]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| {
+                key.split_once('\u{0}')
+                    .is_none_or(|(_, input)| !inputs.iter().any(|i| i == input))
+            });
+    }
+
     /// The product under `key`, computed from `gram` and `full` the first
     /// time.
     fn get_or(
@@ -452,18 +467,22 @@ pub fn apply(
     // The fits are independent: one per thread, each on one thread (whole
     // layers keep both cores busier than the small products inside one
     // factorisation, and a product sums every element in the same order on
-    // any number of threads, so the weights do not change). A single fit
-    // has every thread.
-    let threads = if targets.len() > 1 {
+    // any number of threads, so the weights do not change). Fewer fits
+    // than threads take turns with every thread each.
+    let threads = if targets.len() >= rayon::current_num_threads() {
         Threads::One
     } else {
         Threads::All
     };
-    let solved: Vec<(Refit, Option<Array2<f64>>)> = targets
-        .par_iter()
-        .zip(&grams)
-        .map(|(target, gram)| solve(&original.graph, target, gram, &statistics.products, threads))
-        .collect::<Result<_, _>>()?;
+    let fit = |(target, gram): (&Target<'_>, &&Array2<f64>)| {
+        solve(&original.graph, target, gram, &statistics.products, threads)
+    };
+    let fits: Vec<Result<Solved, RewriteError>> = match threads {
+        Threads::One => targets.par_iter().zip(&grams).map(fit).collect(),
+        Threads::All => targets.iter().zip(&grams).map(fit).collect(),
+    };
+    // The first failure in target order, whichever thread met it first.
+    let solved: Vec<Solved> = fits.into_iter().collect::<Result<_, _>>()?;
     for (target, (refit, solution)) in targets.iter().zip(solved) {
         if let Some(solution) = solution {
             write(&original.graph, &mut pruned.graph, target, &solution)?;
@@ -475,15 +494,18 @@ pub fn apply(
     Ok(refits)
 }
 
-/// The refit of one projection (its record, and the new weights with the
-/// bias row last, or none when the plain slice stays).
+/// The refit of one projection: its record, and the new weights with the
+/// bias row last, or none when the plain slice stays.
+type Solved = (Refit, Option<Array2<f64>>);
+
+/// The refit of one projection ([`Solved`]).
 fn solve(
     original: &Graph,
     target: &Target<'_>,
     gram: &Array2<f64>,
     products: &Products,
     threads: Threads,
-) -> Result<(Refit, Option<Array2<f64>>), RewriteError> {
+) -> Result<Solved, RewriteError> {
     let label = format!("repair {}", target.label);
     let unsupported = |reason: String| RewriteError::Unsupported {
         label: label.clone(),
