@@ -559,27 +559,21 @@ fn solve(
     let key = format!("{}\u{0}{}", linear.weight.storage, linear.input);
     let product = products.get_or(&key, gram, &full, threads);
     let fitted = least_squares(gram, &full, &k, &product.g_full, product.energy, threads);
-    let plain_slice = Refit {
-        layer: target.label.clone(),
-        rows: [target.kept.len(), rows],
-        error_dropped: fitted.error_dropped,
-        error_refit: fitted.error_dropped,
-    };
-    let (Some(solution), Some(error_refit)) = (fitted.solution, fitted.error_refit) else {
-        return Ok((plain_slice, None));
-    };
     let error_dropped = fitted.error_dropped;
-    // Never make things worse (numerical trouble): keep the plain slice.
-    if !(error_refit.is_finite() && error_refit <= error_dropped) {
-        return Ok((plain_slice, None));
-    }
-    let refit = Refit {
+    let record = |error_refit| Refit {
         layer: target.label.clone(),
         rows: [target.kept.len(), rows],
         error_dropped,
         error_refit,
     };
-    Ok((refit, Some(solution)))
+    let (Some(solution), Some(error_refit)) = (fitted.solution, fitted.error_refit) else {
+        return Ok((record(error_dropped), None));
+    };
+    // Never make things worse (numerical trouble): keep the plain slice.
+    if !(error_refit.is_finite() && error_refit <= error_dropped) {
+        return Ok((record(error_dropped), None));
+    }
+    Ok((record(error_refit), Some(solution)))
 }
 
 /// Writes the refit `solution` of `target` (from [`solve`]) into `graph`.
@@ -650,14 +644,6 @@ struct Fitted {
     error_dropped: f64,
     /// The same for the refit (Δ = W' − X on K, W' outside).
     error_refit: Option<f64>,
-}
-
-/// tr(W'ᵀ G W'): the output energy of `full` (W') under `gram` (G), the
-/// scale of both errors of [`least_squares`].
-#[cfg(test)]
-fn output_energy(gram: &Array2<f64>, full: &Array2<f64>) -> f64 {
-    let g_full = linalg::product(gram.view(), full.view(), Threads::All);
-    linalg::inner(full.view(), g_full.view())
 }
 
 /// Fits the rows K of `full` (W' = [W; b]) to reproduce `full`'s output
@@ -787,6 +773,13 @@ fn locate(
 mod tests {
     use super::*;
 
+    /// [`least_squares`] with G·W' and tr(W'ᵀGW') made for this one fit.
+    fn fit_alone(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize]) -> Fitted {
+        let g_full = gram.dot(full);
+        let total = (full * &g_full).sum();
+        least_squares(gram, full, k, &g_full, total, Threads::All)
+    }
+
     /// tr(ΔᵀGΔ) / tr(W'ᵀGW') computed directly, with Δ = W' − X̃.
     fn direct_error(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize], x: &Array2<f64>) -> f64 {
         let mut delta = full.clone();
@@ -818,14 +811,7 @@ mod tests {
         // removed than kept: the dropped error comes from the kept side).
         for step in [2, 4] {
             let k: Vec<usize> = (0..width).step_by(step).chain([width]).collect();
-            let fitted = least_squares(
-                &gram,
-                &full,
-                &k,
-                &gram.dot(&full),
-                output_energy(&gram, &full),
-                Threads::All,
-            );
+            let fitted = fit_alone(&gram, &full, &k);
             let x = fitted.solution.expect("the system is positive definite");
             let dropped = full.select(Axis(0), &k);
             let expect_dropped = direct_error(&gram, &full, &k, &dropped);
@@ -865,23 +851,9 @@ mod tests {
         });
         let gram = a.t().dot(&a) / 50.0;
         let mut full = Array2::from_shape_fn((4, 2), |(i, o)| (i + o) as f64 - 1.5);
-        let with_bias = least_squares(
-            &gram,
-            &full,
-            &[0, 1, 2, 3],
-            &gram.dot(&full),
-            output_energy(&gram, &full),
-            Threads::All,
-        );
+        let with_bias = fit_alone(&gram, &full, &[0, 1, 2, 3]);
         full.row_mut(3).fill(0.0);
-        let without_bias = least_squares(
-            &gram,
-            &full,
-            &[0, 1, 2],
-            &gram.dot(&full),
-            output_energy(&gram, &full),
-            Threads::All,
-        );
+        let without_bias = fit_alone(&gram, &full, &[0, 1, 2]);
         for fitted in [with_bias, without_bias] {
             assert!(fitted.solution.is_none());
             assert!(fitted.error_refit.is_none());
@@ -894,14 +866,7 @@ mod tests {
         let mut gram = Array2::<f64>::eye(5);
         gram[[1, 1]] = f64::NAN;
         let full = Array2::<f64>::ones((5, 2));
-        let fitted = least_squares(
-            &gram,
-            &full,
-            &[0, 1, 4],
-            &gram.dot(&full),
-            output_energy(&gram, &full),
-            Threads::All,
-        );
+        let fitted = fit_alone(&gram, &full, &[0, 1, 4]);
         assert!(fitted.solution.is_none());
         assert!(fitted.error_dropped.is_nan(), "{}", fitted.error_dropped);
         assert!(fitted.error_refit.is_none());
