@@ -216,37 +216,100 @@ fn subtract_scaled(row: &mut [f64], other: &[f64], factor: f64) {
 /// (a pivot that is zero, negative or NaN). Only A's lower triangle is read.
 /// The products run on `threads` (the result is the same either way).
 pub fn solve_spd(
-    mut a: Array2<f64>,
+    a: Array2<f64>,
     mut b: Array2<f64>,
     ridge: f64,
     threads: Threads,
 ) -> Option<Array2<f64>> {
     let n = a.nrows();
-    assert_eq!(a.ncols(), n, "A is not square");
     assert_eq!(b.nrows(), n, "B has another number of rows than A");
-    for i in 0..n {
-        a[[i, i]] += ridge;
+    let factor = Cholesky::new(a, ridge, threads);
+    if factor.pivots() < n {
+        return None;
     }
-    factorise(&mut a, threads)?;
     if b.ncols() > 0 {
         if !b.is_standard_layout() {
             b = b.as_standard_layout().into_owned();
         }
-        forward(a.view(), b.view_mut(), threads);
-        backward(a.view(), b.view_mut(), threads);
+        factor.forward(b.view_mut(), threads);
+        factor.backward(b.view_mut(), threads);
     }
     Some(b)
+}
+
+/// The Cholesky factor L of A + λI as far as it exists: the leading
+/// [`Cholesky::pivots`] rows and columns, which are also the factor of A's
+/// leading block of that size (each entry of L depends only on A's entries
+/// above and left of it). Every system over a leading block of A solves
+/// with the same factor: the repair's candidate plans keep leading rows of
+/// one order, and the factor of the whole matrix serves them all.
+#[derive(Debug, Clone)]
+pub struct Cholesky {
+    /// L's column panels over the leading `pivots` square: panel `b` holds
+    /// rows `b·BLOCK..pivots` of columns `b·BLOCK..(b+1)·BLOCK` (the
+    /// diagonal block on top), so the factor keeps only its lower half.
+    panels: Vec<Array2<f64>>,
+    pivots: usize,
+}
+
+impl Cholesky {
+    /// Factors `a + ridge·I` (only its lower triangle is read) until the
+    /// first pivot that is not positive (or NaN).
+    pub fn new(mut a: Array2<f64>, ridge: f64, threads: Threads) -> Self {
+        let n = a.nrows();
+        assert_eq!(a.ncols(), n, "A is not square");
+        for i in 0..n {
+            a[[i, i]] += ridge;
+        }
+        let pivots = factorise(&mut a, threads);
+        let panels = (0..pivots)
+            .step_by(BLOCK)
+            .map(|b0| {
+                a.slice(s![b0..pivots, b0..(b0 + BLOCK).min(pivots)])
+                    .to_owned()
+            })
+            .collect();
+        Self { panels, pivots }
+    }
+
+    /// How many leading rows the factor covers (A's size when A + λI is
+    /// positive definite).
+    pub fn pivots(&self) -> usize {
+        self.pivots
+    }
+
+    /// Bytes the factor holds.
+    pub fn bytes(&self) -> usize {
+        self.panels.iter().map(Array2::len).sum::<usize>() * std::mem::size_of::<f64>()
+    }
+
+    /// L_k Y = B in place, L_k the leading block as tall as `b`
+    /// (standard layout, at most [`Cholesky::pivots`] rows).
+    pub fn forward(&self, b: ArrayViewMut2<'_, f64>, threads: Threads) {
+        assert!(b.nrows() <= self.pivots, "B reaches past the factor");
+        forward(&self.panels, b, threads);
+    }
+
+    /// L_kᵀ X = Y in place ([`Cholesky::forward`]'s other half).
+    pub fn backward(&self, y: ArrayViewMut2<'_, f64>, threads: Threads) {
+        assert!(y.nrows() <= self.pivots, "Y reaches past the factor");
+        backward(&self.panels, y, threads);
+    }
 }
 
 /// A = L Lᵀ in place (L in the lower triangle; the upper one is left as
 /// scratch), right-looking by blocks: factor the diagonal block, solve the
 /// panel below it, subtract the panel's outer product from what remains.
-fn factorise(a: &mut Array2<f64>, threads: Threads) -> Option<()> {
+/// Returns how many leading pivots were positive (all n when A is
+/// positive definite); L is complete for that leading square.
+fn factorise(a: &mut Array2<f64>, threads: Threads) -> usize {
     let n = a.nrows();
     let mut k0 = 0;
     while k0 < n {
         let k1 = (k0 + BLOCK).min(n);
-        factorise_small(a.slice_mut(s![k0..k1, k0..k1]))?;
+        if let Err(column) = factorise_small(a.slice_mut(s![k0..k1, k0..k1])) {
+            return k0 + column;
+        }
         if k1 < n {
             let diagonal = a.slice(s![k0..k1, k0..k1]).to_owned();
             // Panel rows r solve L_kk · l_rᵀ = a_rᵀ (forward substitution).
@@ -279,11 +342,13 @@ fn factorise(a: &mut Array2<f64>, threads: Threads) -> Option<()> {
         }
         k0 = k1;
     }
-    Some(())
+    n
 }
 
-/// Unblocked Cholesky of a small block (its lower triangle).
-fn factorise_small(mut a: ArrayViewMut2<'_, f64>) -> Option<()> {
+/// Unblocked Cholesky of a small block (its lower triangle); the column
+/// of the first pivot that is not positive is the error (the columns
+/// before it are complete).
+fn factorise_small(mut a: ArrayViewMut2<'_, f64>) -> Result<(), usize> {
     let n = a.nrows();
     for j in 0..n {
         let mut d = a[[j, j]];
@@ -291,7 +356,7 @@ fn factorise_small(mut a: ArrayViewMut2<'_, f64>) -> Option<()> {
             d -= a[[j, p]] * a[[j, p]];
         }
         if d.is_nan() || d <= 0.0 {
-            return None;
+            return Err(j);
         }
         let d = d.sqrt();
         a[[j, j]] = d;
@@ -303,34 +368,39 @@ fn factorise_small(mut a: ArrayViewMut2<'_, f64>) -> Option<()> {
             a[[i, j]] = s / d;
         }
     }
-    Some(())
+    Ok(())
 }
 
-/// L Y = B in place, by blocks of rows: solve a block against its diagonal
-/// block, subtract its contribution from every row below with one product.
-fn forward(l: ArrayView2<'_, f64>, mut b: ArrayViewMut2<'_, f64>, threads: Threads) {
-    let n = l.nrows();
+/// L Y = B in place for the leading block of L as tall as B, by blocks of
+/// rows: solve a block against its diagonal block (the top of its panel),
+/// subtract its contribution from every row below with one product.
+fn forward(panels: &[Array2<f64>], mut b: ArrayViewMut2<'_, f64>, threads: Threads) {
+    let n = b.nrows();
     let mut i0 = 0;
-    while i0 < n {
+    for panel in panels {
+        if i0 >= n {
+            break;
+        }
         let i1 = (i0 + BLOCK).min(n);
+        let width = i1 - i0;
         let (mut top, bottom) = b.view_mut().split_at(Axis(0), i1);
         let mut block = top.slice_mut(s![i0.., ..]);
-        for r in 0..i1 - i0 {
+        for r in 0..width {
             let (solved, mut rest) = block.view_mut().split_at(Axis(0), r);
             let mut row = rest.row_mut(0);
             let row = row.as_slice_mut().expect("B is in standard layout");
             for p in 0..r {
                 let solved_row = solved.row(p);
                 let solved_row = solved_row.as_slice().expect("B is in standard layout");
-                subtract_scaled(row, solved_row, l[[i0 + r, i0 + p]]);
+                subtract_scaled(row, solved_row, panel[[r, p]]);
             }
-            let d = l[[i0 + r, i0 + r]];
+            let d = panel[[r, r]];
             row.iter_mut().for_each(|x| *x /= d);
         }
         if i1 < n {
             multiply_into(
                 bottom,
-                l.slice(s![i1.., i0..i1]),
+                panel.slice(s![width..n - i0, ..width]),
                 block.view(),
                 -1.0,
                 true,
@@ -341,27 +411,29 @@ fn forward(l: ArrayView2<'_, f64>, mut b: ArrayViewMut2<'_, f64>, threads: Threa
     }
 }
 
-/// Lᵀ X = Y in place, by blocks of rows from the last: subtract what the
-/// solved rows below contribute (one product with a transposed panel of
-/// L), then solve the block against its diagonal block.
-fn backward(l: ArrayView2<'_, f64>, mut b: ArrayViewMut2<'_, f64>, threads: Threads) {
-    let n = l.nrows();
+/// Lᵀ X = Y in place for the leading block of L as tall as Y, by blocks of
+/// rows from the last: subtract what the solved rows below contribute (one
+/// product with a transposed piece of the block's panel), then solve the
+/// block against its diagonal block.
+fn backward(panels: &[Array2<f64>], mut b: ArrayViewMut2<'_, f64>, threads: Threads) {
+    let n = b.nrows();
     let blocks = n.div_ceil(BLOCK);
     for index in (0..blocks).rev() {
+        let panel = &panels[index];
         let (i0, i1) = (index * BLOCK, ((index + 1) * BLOCK).min(n));
+        let width = i1 - i0;
         let (mut top, bottom) = b.view_mut().split_at(Axis(0), i1);
         let mut block = top.slice_mut(s![i0.., ..]);
         if i1 < n {
             multiply_into(
                 block.view_mut(),
-                l.slice(s![i1.., i0..i1]).t(),
+                panel.slice(s![width..n - i0, ..width]).t(),
                 bottom.view(),
                 -1.0,
                 true,
                 threads,
             );
         }
-        let width = i1 - i0;
         for r in (0..width).rev() {
             let (mut head, solved) = block.view_mut().split_at(Axis(0), r + 1);
             let mut row = head.row_mut(r);
@@ -369,9 +441,9 @@ fn backward(l: ArrayView2<'_, f64>, mut b: ArrayViewMut2<'_, f64>, threads: Thre
             for p in 0..width - r - 1 {
                 let solved_row = solved.row(p);
                 let solved_row = solved_row.as_slice().expect("B is in standard layout");
-                subtract_scaled(row, solved_row, l[[i0 + r + 1 + p, i0 + r]]);
+                subtract_scaled(row, solved_row, panel[[r + 1 + p, r]]);
             }
-            let d = l[[i0 + r, i0 + r]];
+            let d = panel[[r, r]];
             row.iter_mut().for_each(|x| *x /= d);
         }
     }
@@ -464,6 +536,53 @@ mod tests {
         let got = solve_spd(garbage, b, ridge, Threads::All).unwrap();
         for (g, e) in got.iter().zip(x.iter()) {
             assert!((g - e).abs() < 1e-9, "{g} vs {e}");
+        }
+    }
+
+    #[test]
+    fn a_leading_block_of_the_factor_solves_the_leading_system() {
+        let n = 300;
+        let a = spd(n);
+        let b = Array2::from_shape_fn((n, 5), |(i, j)| ((i * 3 + j * 11) % 23) as f64 - 11.0);
+        let whole = Cholesky::new(a.clone(), 1e-3, Threads::All);
+        assert_eq!(whole.pivots(), n);
+        let mut forward = b.clone();
+        whole.forward(forward.view_mut(), Threads::All);
+        for k in [1, 2, 127, 128, 129, 250, n] {
+            let mut x = forward.slice(s![..k, ..]).to_owned();
+            whole.backward(x.view_mut(), Threads::One);
+            let alone = solve_spd(
+                a.slice(s![..k, ..k]).to_owned(),
+                b.slice(s![..k, ..]).to_owned(),
+                1e-3,
+                Threads::One,
+            )
+            .unwrap();
+            let gap = (&x - &alone).iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            assert!(gap < 1e-12, "k = {k}: {gap}");
+        }
+    }
+
+    #[test]
+    fn the_factor_stops_at_the_first_pivot_that_is_not_positive() {
+        // Pivots inside a block and on a block's first column.
+        for bad in [0, 5, 128, 150] {
+            let mut a = spd(200);
+            for j in 0..200 {
+                a[[bad, j]] = 0.0;
+                a[[j, bad]] = 0.0;
+            }
+            a[[bad, bad]] = -1.0;
+            let factor = Cholesky::new(a.clone(), 0.0, Threads::All);
+            assert_eq!(factor.pivots(), bad);
+            // The leading block before it is complete.
+            if bad > 0 {
+                let mut x = Array2::<f64>::ones((bad, 1));
+                factor.forward(x.view_mut(), Threads::All);
+                factor.backward(x.view_mut(), Threads::All);
+                let residual = a.slice(s![..bad, ..bad]).dot(&x) - 1.0;
+                assert!(residual.iter().all(|r| r.abs() < 1e-9), "{bad}");
+            }
         }
     }
 

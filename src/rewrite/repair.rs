@@ -20,7 +20,7 @@
 //! The fit is local: each sub-block reproduces what it contributed to the
 //! residual stream of the original model.
 
-use ndarray::{Array2, Axis};
+use ndarray::{Array2, Axis, s};
 use rayon::prelude::*;
 
 use super::RewriteError;
@@ -54,6 +54,9 @@ struct Target<'a> {
     linear: &'a Linear,
     bias: Option<&'a crate::arch::Bias>,
     kept: Vec<usize>,
+    /// Rows a plan keeps or removes together (a key/value group's heads'
+    /// rows for an attention output, one row for an MLP's).
+    unit: usize,
 }
 
 fn targets<'a>(arch: &'a Architecture, plan: &Plan) -> Vec<Target<'a>> {
@@ -74,6 +77,7 @@ fn targets<'a>(arch: &'a Architecture, plan: &Plan) -> Vec<Target<'a>> {
                 linear: &a.out,
                 bias: a.out.bias.as_ref().or(block.attention.join.bias.as_ref()),
                 kept: heads.iter().flat_map(|h| h * d..(h + 1) * d).collect(),
+                unit: a.group() * d,
             });
         }
         if let Some(neurons) = &action.keep_mlp {
@@ -84,6 +88,7 @@ fn targets<'a>(arch: &'a Architecture, plan: &Plan) -> Vec<Target<'a>> {
                 linear: &m.fc2,
                 bias: m.fc2.bias.as_ref().or(block.mlp.join.bias.as_ref()),
                 kept: neurons.clone(),
+                unit: 1,
             });
         }
     }
@@ -373,24 +378,108 @@ impl Statistics {
     }
 }
 
-/// One projection's G·W' and output energy tr(W'ᵀGW') ([`Products`]).
+/// One projection's G·W', output energy tr(W'ᵀGW') and rank order, with
+/// its Gram factored in that order once per ridge ([`Products`]).
 #[derive(Debug)]
 struct Product {
     g_full: Array2<f64>,
     energy: f64,
+    /// The rows a fit can keep (the constant's first when there is a
+    /// bias, then [`rank`]'s order): a plan's kept rows are almost always
+    /// a leading run of it, because the allocation removes units by the
+    /// same score.
+    order: Vec<usize>,
+    /// Each row's place in `order` (`usize::MAX` for rows outside it).
+    place: Vec<usize>,
+    /// The mean diagonal of G over `order`: the ridges' scale, the same
+    /// for every plan (so that a plan keeping a leading run of `order`
+    /// solves exactly the system the factor of the whole order holds).
+    mean_diagonal: f64,
+    /// Per ridge of [`RIDGES`], once a plan needed it: the factor of G in
+    /// `order` and L⁻¹ applied to the rows of G·W' in `order`.
+    levels: std::sync::Mutex<Vec<Option<std::sync::Arc<Level>>>>,
 }
 
-/// G·W' and the output energy of projections, computed once per run
+impl Product {
+    /// G·W' and tr(W'ᵀGW') for `gram` (G) and `full` (W'), with `order`
+    /// the rows a fit can keep, by rank.
+    fn new(gram: &Array2<f64>, full: &Array2<f64>, order: Vec<usize>, threads: Threads) -> Self {
+        let g_full = linalg::product(gram.view(), full.view(), threads);
+        let energy = linalg::inner(full.view(), g_full.view());
+        let mut place = vec![usize::MAX; full.nrows()];
+        for (i, &r) in order.iter().enumerate() {
+            place[r] = i;
+        }
+        let mean_diagonal =
+            order.iter().map(|&r| gram[[r, r]]).sum::<f64>() / order.len().max(1) as f64;
+        Self {
+            g_full,
+            energy,
+            order,
+            place,
+            mean_diagonal,
+            levels: std::sync::Mutex::new(vec![None; RIDGES.len()]),
+        }
+    }
+}
+
+/// G + λI factored in a projection's rank order, and L⁻¹ (G·W') over the
+/// factor's pivots ([`Product::levels`]).
+#[derive(Debug)]
+struct Level {
+    factor: linalg::Cholesky,
+    forward: Array2<f64>,
+}
+
+impl Level {
+    fn bytes(&self) -> usize {
+        self.factor.bytes() + self.forward.len() * std::mem::size_of::<f64>()
+    }
+}
+
+/// Relative ridges tried in turn ([`least_squares`]).
+const RIDGES: [f64; 3] = [1e-6, 1e-4, 1e-2];
+
+/// Bytes of factors [`Products`] keeps for later plans; past it a factor
+/// is made, used and dropped (the same numbers, only slower). CLIP
+/// ViT-B/32's 48 refit projections take about 1.1 GB (L's lower half and
+/// L⁻¹ G·W' per projection).
+const SHARED_FACTOR_BYTES: usize = 2 << 30;
+
+/// G·W', output energy and factors of projections, computed once per run
 /// ([`Statistics`]): a dozen candidate plans refit the same projections
-/// with different kept rows, and each refit's right-hand side is rows of
-/// this product (it was most of a refit's work when made per candidate).
-#[derive(Debug, Default)]
-struct Products(std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Product>>>);
+/// with different kept rows. Each refit's right-hand side is rows of the
+/// product, and kept rows that lead the projection's rank order solve
+/// with the leading block of one factor of the whole order (the
+/// factorisation and the forward substitution were most of a refit's
+/// work when made per candidate).
+#[derive(Debug)]
+struct Products {
+    map: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Product>>>,
+    /// Bytes of the factors kept.
+    held: std::sync::atomic::AtomicUsize,
+    /// Bytes of factors that may be kept ([`SHARED_FACTOR_BYTES`]).
+    cap: usize,
+}
+
+impl Default for Products {
+    fn default() -> Self {
+        Self {
+            map: Default::default(),
+            held: Default::default(),
+            cap: SHARED_FACTOR_BYTES,
+        }
+    }
+}
 
 impl Clone for Products {
     fn clone(&self) -> Self {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        Self(std::sync::Mutex::new(map))
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Self {
+            map: std::sync::Mutex::new(map),
+            held: self.held.load(std::sync::atomic::Ordering::Relaxed).into(),
+            cap: self.cap,
+        }
     }
 }
 
@@ -398,7 +487,7 @@ impl Products {
     /// Drops the products made from the Grams of `inputs` (replaced by new
     /// ones), so no refit reads a product of an old Gram.
     fn forget(&self, inputs: &[String]) {
-        self.0
+        self.map
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|key, _| {
@@ -407,27 +496,99 @@ impl Products {
             });
     }
 
-    /// The product under `key`, computed from `gram` and `full` the first
-    /// time.
+    /// The product under `key` of `target`'s projection, computed from
+    /// `gram` and `full` the first time.
     fn get_or(
         &self,
         key: &str,
+        target: &Target<'_>,
         gram: &Array2<f64>,
         full: &Array2<f64>,
         threads: Threads,
     ) -> std::sync::Arc<Product> {
-        if let Some(p) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+        if let Some(p) = self.map.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
             return p.clone();
         }
-        let g_full = linalg::product(gram.view(), full.view(), threads);
-        let energy = linalg::inner(full.view(), g_full.view());
-        let product = std::sync::Arc::new(Product { g_full, energy });
-        self.0
+        let rows = target.linear.in_features;
+        let mut order = Vec::with_capacity(rows + 1);
+        if target.bias.is_some() {
+            order.push(rows);
+        }
+        order.extend(rank(gram, full, rows, target.unit));
+        let product = std::sync::Arc::new(Product::new(gram, full, order, threads));
+        self.map
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key.to_string(), product.clone());
         product
     }
+
+    /// `product`'s Gram factored in its order with `ridge` (the `level`th
+    /// of [`RIDGES`]), made the first time and kept while the factors kept
+    /// fit in the cap.
+    fn level(
+        &self,
+        product: &Product,
+        level: usize,
+        ridge: f64,
+        gram: &Array2<f64>,
+        threads: Threads,
+    ) -> std::sync::Arc<Level> {
+        let mut levels = product.levels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(made) = &levels[level] {
+            return made.clone();
+        }
+        let order = &product.order;
+        let a = Array2::from_shape_fn((order.len(), order.len()), |(i, j)| {
+            gram[[order[i], order[j]]]
+        });
+        let factor = linalg::Cholesky::new(a, ridge, threads);
+        let mut forward = product.g_full.select(Axis(0), &order[..factor.pivots()]);
+        factor.forward(forward.view_mut(), threads);
+        let made = std::sync::Arc::new(Level { factor, forward });
+        let bytes = made.bytes();
+        let kept = self
+            .held
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |held| (held + bytes <= self.cap).then_some(held + bytes),
+            )
+            .is_ok();
+        if kept {
+            levels[level] = Some(made.clone());
+        }
+        made
+    }
+}
+
+/// The input rows of a projection in the order a plan keeps them: units
+/// of `unit` rows by (Σ second moment)·(Σ squared weight) over their
+/// rows, largest first (the allocation's activation-aware score, squared
+/// and without the layer's ID), ties to the higher index (the allocation
+/// removes the lower one first); a unit's rows in order.
+fn rank(gram: &Array2<f64>, full: &Array2<f64>, rows: usize, unit: usize) -> Vec<usize> {
+    let unit = unit.clamp(1, rows.max(1));
+    let units = rows / unit;
+    let energies: Vec<f64> = (0..units)
+        .map(|u| {
+            let span = u * unit..(u + 1) * unit;
+            let moment: f64 = span.clone().map(|r| gram[[r, r]]).sum();
+            let weight: f64 = span
+                .map(|r| full.row(r).iter().map(|w| w * w).sum::<f64>())
+                .sum();
+            moment * weight
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..units).collect();
+    order.sort_by(|&a, &b| energies[b].total_cmp(&energies[a]).then(b.cmp(&a)));
+    let mut in_order: Vec<usize> = order
+        .into_iter()
+        .flat_map(|u| u * unit..(u + 1) * unit)
+        .collect();
+    // Rows past the last whole unit (none in a well-formed layer).
+    in_order.extend(units * unit..rows);
+    in_order
 }
 
 /// Taps a set of statistics lacks ([`Statistics::missing`]): indices into
@@ -557,8 +718,28 @@ fn solve(
     // The weights are the original's, the Gram its input's: one product
     // per pair, whichever plan refits it.
     let key = format!("{}\u{0}{}", linear.weight.storage, linear.input);
-    let product = products.get_or(&key, gram, &full, threads);
-    let fitted = least_squares(gram, &full, &k, &product.g_full, product.energy, threads);
+    let product = products.get_or(&key, target, gram, &full, threads);
+    // K leads the rank order when every row of it has a place below |K|
+    // (the rows are distinct): almost every plan the allocation makes.
+    let solver = if k.iter().all(|&r| product.place[r] < k.len()) {
+        Solver::Leading {
+            products,
+            product: &product,
+        }
+    } else {
+        Solver::Direct {
+            mean_diagonal: product.mean_diagonal,
+        }
+    };
+    let fitted = least_squares(
+        gram,
+        &full,
+        &k,
+        &product.g_full,
+        product.energy,
+        solver,
+        threads,
+    );
     let error_dropped = fitted.error_dropped;
     let record = |error_refit| Refit {
         layer: target.label.clone(),
@@ -646,6 +827,19 @@ struct Fitted {
     error_refit: Option<f64>,
 }
 
+/// How a fit's normal equations are solved ([`least_squares`]).
+#[derive(Clone, Copy)]
+enum Solver<'a> {
+    /// Factor G_KK + λI itself, λ relative to `mean_diagonal`.
+    Direct { mean_diagonal: f64 },
+    /// K is a leading run of `product`'s order: its factors' leading
+    /// block (the same system; the factor is made once for every plan).
+    Leading {
+        products: &'a Products,
+        product: &'a Product,
+    },
+}
+
 /// Fits the rows K of `full` (W' = [W; b]) to reproduce `full`'s output
 /// under the second moment `gram` (G): (G_KK + λI) X = (G W')_K, given
 /// `g_full` = G·W' and `total` = tr(W'ᵀGW').
@@ -655,6 +849,7 @@ fn least_squares(
     k: &[usize],
     g_full: &Array2<f64>,
     total: f64,
+    solver: Solver<'_>,
     threads: Threads,
 ) -> Fitted {
     let rows = full.nrows();
@@ -670,19 +865,36 @@ fn least_squares(
     // The right-hand side (G W')_K: rows of the product every candidate
     // plan shares.
     let rhs = g_full.select(Axis(0), k);
-    let g_kk = Array2::from_shape_fn((k.len(), k.len()), |(i, j)| gram[[k[i], k[j]]]);
+    let g_kk = || Array2::from_shape_fn((k.len(), k.len()), |(i, j)| gram[[k[i], k[j]]]);
     // A small ridge for rank-deficient activations (dead neurons, tokens
     // that repeat), larger when rounding in the accumulated moments still
     // leaves a negative pivot; no solution at all keeps the plain slice.
-    let mean_diagonal = (0..k.len()).map(|i| g_kk[[i, i]]).sum::<f64>() / k.len().max(1) as f64;
-    let ridges = if slimmed {
-        &[1e-6, 1e-4, 1e-2][..]
-    } else {
-        &[]
+    // Its scale is the projection's, not K's: every plan that keeps a
+    // leading run of the rank order then solves the very system its
+    // shared factor holds.
+    let mean_diagonal = match solver {
+        Solver::Direct { mean_diagonal } => mean_diagonal,
+        Solver::Leading { product, .. } => product.mean_diagonal,
     };
-    let solution = ridges.iter().find_map(|relative| {
-        let ridge = (relative * mean_diagonal).max(1e-12);
-        linalg::solve_spd(g_kk.clone(), rhs.clone(), ridge, threads).map(|x| (x, ridge))
+    let levels = if slimmed { RIDGES.len() } else { 0 };
+    let solution = (0..levels).find_map(|level| {
+        let ridge = (RIDGES[level] * mean_diagonal).max(1e-12);
+        match solver {
+            Solver::Direct { .. } => {
+                linalg::solve_spd(g_kk(), rhs.clone(), ridge, threads).map(|x| (x, ridge))
+            }
+            Solver::Leading { products, product } => {
+                let made = products.level(product, level, ridge, gram, threads);
+                if made.factor.pivots() < k.len() {
+                    return None;
+                }
+                let mut y = made.forward.slice(s![..k.len(), ..]).to_owned();
+                made.factor.backward(y.view_mut(), threads);
+                // Rows come in the order's sequence; X's are K's.
+                let x = Array2::from_shape_fn(rhs.dim(), |(i, o)| y[[product.place[k[i]], o]]);
+                Some((x, ridge))
+            }
+        }
     });
     // Relative output errors, tr(Δᵀ G Δ) / tr(W'ᵀ G W'). Rounding can take
     // a near-zero error just below zero; NaN (a Gram with NaN) stays NaN.
@@ -710,7 +922,7 @@ fn least_squares(
         quadratic(&full.select(Axis(0), &removed), &g_removed)
     } else {
         let w_k = full.select(Axis(0), k);
-        total - 2.0 * linalg::inner(w_k.view(), rhs.view()) + quadratic(&w_k, &g_kk)
+        total - 2.0 * linalg::inner(w_k.view(), rhs.view()) + quadratic(&w_k, &g_kk())
     };
     let error_dropped = non_negative(dropped / scale);
     let Some((solution, ridge)) = solution else {
@@ -777,7 +989,9 @@ mod tests {
     fn fit_alone(gram: &Array2<f64>, full: &Array2<f64>, k: &[usize]) -> Fitted {
         let g_full = gram.dot(full);
         let total = (full * &g_full).sum();
-        least_squares(gram, full, k, &g_full, total, Threads::All)
+        let mean_diagonal = gram.diag().mean().unwrap_or(0.0);
+        let solver = Solver::Direct { mean_diagonal };
+        least_squares(gram, full, k, &g_full, total, solver, Threads::All)
     }
 
     /// tr(ΔᵀGΔ) / tr(W'ᵀGW') computed directly, with Δ = W' − X̃.
@@ -836,6 +1050,86 @@ mod tests {
                 .fold(0.0, |m: f64, &v| m.max(v));
             assert!(residual < 1e-4, "normal-equation residual {residual}");
         }
+    }
+
+    /// Correlated activations of `width` channels and the constant, and
+    /// weights for `outputs` outputs with a bias row.
+    fn layer(width: usize, outputs: usize) -> (Array2<f64>, Array2<f64>) {
+        let tokens = 400;
+        let a = Array2::from_shape_fn((tokens, width + 1), |(t, i)| {
+            if i == width {
+                1.0
+            } else {
+                ((t * 31 + i * 17) % 97) as f64 / 97.0 * (1.0 + (i % 5) as f64)
+                    + 0.3 * ((t * 7 + (i / 3) * 5) % 13) as f64
+            }
+        });
+        let gram = a.t().dot(&a) / tokens as f64;
+        let full = Array2::from_shape_fn((width + 1, outputs), |(i, o)| {
+            ((i * 13 + o * 7) % 19) as f64 / 19.0 - 0.5
+        });
+        (gram, full)
+    }
+
+    #[test]
+    fn plans_keeping_leading_rows_of_the_rank_share_one_factor() {
+        let (width, outputs) = (300, 7);
+        let (gram, full) = layer(width, outputs);
+        let mut order = vec![width];
+        order.extend(rank(&gram, &full, width, 1));
+        let product = Product::new(&gram, &full, order.clone(), Threads::All);
+        let direct = Solver::Direct {
+            mean_diagonal: product.mean_diagonal,
+        };
+        // Across the factorisation's 128-wide blocks, down to one row.
+        for (products, kept) in [(Products::default(), true), (no_room(), false)] {
+            for rows in [1, 2, 127, 128, 129, 200, 299] {
+                let mut k: Vec<usize> = order[1..=rows].to_vec();
+                k.sort_unstable();
+                k.push(width);
+                let leading = Solver::Leading {
+                    products: &products,
+                    product: &product,
+                };
+                let (g_full, total) = (&product.g_full, product.energy);
+                let shared = least_squares(&gram, &full, &k, g_full, total, leading, Threads::All);
+                let alone = least_squares(&gram, &full, &k, g_full, total, direct, Threads::One);
+                let (x, y) = (shared.solution.unwrap(), alone.solution.unwrap());
+                let scale = y.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                let gap = (&x - &y).iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                assert!(gap <= 1e-6 * scale, "{rows} rows: {gap} apart");
+                let (a, b) = (shared.error_refit.unwrap(), alone.error_refit.unwrap());
+                assert!((a - b).abs() <= 1e-9, "{rows} rows: {a} vs {b}");
+                assert_eq!(shared.error_dropped, alone.error_dropped);
+            }
+            // One factor made for all of them, kept only where it fits.
+            let levels = product.levels.lock().unwrap();
+            assert_eq!(levels[0].is_some(), kept);
+            assert!(levels[1..].iter().all(Option::is_none), "no ridge retried");
+            let held = products.held.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(held > 0, kept);
+            drop(levels);
+            product.levels.lock().unwrap()[0] = None;
+        }
+    }
+
+    /// [`Products`] that keep no factor.
+    fn no_room() -> Products {
+        Products {
+            cap: 0,
+            ..Products::default()
+        }
+    }
+
+    #[test]
+    fn the_rank_orders_units_by_moment_times_weight() {
+        // Four units of two rows: unit 2 carries the most, unit 0 and
+        // unit 3 tie (the higher index ranks first), unit 1 the least.
+        let diagonal = [1.0, 1.0, 0.5, 0.5, 3.0, 3.0, 1.0, 1.0, 1.0];
+        let gram = Array2::from_diag(&ndarray::arr1(&diagonal));
+        let full = Array2::from_shape_fn((9, 2), |(r, _)| if r == 8 { 5.0 } else { 1.0 });
+        assert_eq!(rank(&gram, &full, 8, 2), vec![4, 5, 6, 7, 0, 1, 2, 3]);
+        assert_eq!(rank(&gram, &full, 8, 1), vec![5, 4, 7, 6, 1, 0, 3, 2]);
     }
 
     #[test]
