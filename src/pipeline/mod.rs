@@ -340,8 +340,8 @@ impl Verifier {
         )?)
     }
 
-    /// How closely `model` follows the original.
-    pub fn check(&self, model: &Model) -> Result<Fidelity, Error> {
+    /// The original's outputs on the samples, run the first time.
+    fn reference(&self) -> Result<&verify::Reference, Error> {
         if self.reference.get().is_none() {
             let reference = verify::Reference::run(
                 &self.original,
@@ -353,7 +353,12 @@ impl Verifier {
             .ignoring(self.cache_outputs.clone());
             let _ = self.reference.set(reference);
         }
-        let reference = self.reference.get().expect("set just above");
+        Ok(self.reference.get().expect("set just above"))
+    }
+
+    /// How closely `model` follows the original.
+    pub fn check(&self, model: &Model) -> Result<Fidelity, Error> {
+        let reference = self.reference()?;
         let candidate = onnx::encode_to_vec(&model.to_proto());
         Ok(verify::compare_to(
             reference,
@@ -468,10 +473,17 @@ struct CandidateJudge<'a> {
     seconds: JudgeSeconds,
 }
 
+/// Where the judge's wall time went; the parts add up to it.
 #[derive(Debug, Default, Clone, Copy)]
 struct JudgeSeconds {
+    /// A statistics pass of its own (none when the measuring pass gathered
+    /// them).
     statistics: f64,
+    /// Waiting for the next candidate: rewriting and refitting that the
+    /// previous candidate's run did not hide.
     apply: f64,
+    /// Running the candidates (the original's reference run with the
+    /// first).
     run: f64,
 }
 
@@ -519,6 +531,9 @@ impl decide::Judge for CandidateJudge<'_> {
     type Error = Error;
 
     fn judge(&mut self, plans: &[Plan]) -> Result<Vec<decide::Verdict>, Error> {
+        if plans.is_empty() {
+            return Ok(Vec::new());
+        }
         // Repair statistics once for every layer any plan refits and every
         // branch any plan compensates that no earlier call needed.
         let refitting: Vec<&Plan> = plans.iter().filter(|p| p.repair.is_some()).collect();
@@ -533,48 +548,76 @@ impl decide::Judge for CandidateJudge<'_> {
             self.runtime,
         )?;
         self.seconds.statistics += clock.elapsed().as_secs_f64();
-        let statistics = &self.statistics;
-        let seconds = &mut self.seconds;
-        plans
-            .iter()
-            .map(|plan| {
-                let applied = apply_and_verify(
-                    self.source,
-                    Some(self.arch),
-                    plan,
-                    Some(statistics),
-                    &self.verifier,
-                );
-                match applied {
-                    Ok((candidate, fidelity)) => {
-                        for (stage, s) in &candidate.timings {
-                            match *stage {
-                                "verify" => seconds.run += s,
-                                _ => seconds.apply += s,
-                            }
-                        }
-                        Ok(decide::Verdict {
-                            min_cosine: fidelity.min_cosine,
-                            top1_agreement: fidelity.top1_agreement,
-                            top1_spread: fidelity.top1_spread,
-                            applied: true,
-                        })
+        let (source, arch, statistics) = (self.source, self.arch, &self.statistics);
+        let (verifier, seconds) = (&self.verifier, &mut self.seconds);
+        // The next plan is rewritten and refitted on a thread of its own
+        // while this one's model runs: building a session and rewriting
+        // are mostly single-threaded, so each fills the core the other
+        // leaves. Candidates are made and judged in order, at most one
+        // waiting (a rendezvous channel), so the verdicts are those of the
+        // plans one after the other.
+        std::thread::scope(|scope| {
+            let (sender, receiver) = std::sync::mpsc::sync_channel(0);
+            let maker = scope.spawn(move || {
+                for plan in plans {
+                    let made = apply_plan(source, Some(arch), plan, Some(statistics));
+                    // The judge stopped (an error): nothing more to make.
+                    if sender.send(made).is_err() {
+                        break;
                     }
-                    // This model's form does not support one of the plan's
-                    // rewrites (a fused norm below opset 17, say): the
-                    // candidate loses; if every one does, applying the
-                    // chosen plan reports the reason.
-                    Err(Error::Rewrite(crate::rewrite::RewriteError::Unsupported { .. })) => {
-                        Ok(decide::Verdict {
-                            min_cosine: f64::NAN,
-                            top1_agreement: None,
-                            top1_spread: None,
-                            applied: false,
-                        })
-                    }
-                    Err(e) => Err(e),
                 }
-            })
-            .collect()
+            });
+            let mut judge_all = || -> Result<Vec<decide::Verdict>, Error> {
+                // The original runs while the first candidate is made.
+                let clock = Instant::now();
+                verifier.reference()?;
+                seconds.run += clock.elapsed().as_secs_f64();
+                let mut verdicts = Vec::with_capacity(plans.len());
+                for _ in plans {
+                    let clock = Instant::now();
+                    let Ok(made) = receiver.recv() else {
+                        // The maker panicked; joining it below re-raises.
+                        break;
+                    };
+                    // What the runs did not hide of the rewriting.
+                    seconds.apply += clock.elapsed().as_secs_f64();
+                    let candidate = match made {
+                        Ok(candidate) => candidate,
+                        // This model's form does not support one of the
+                        // plan's rewrites (a fused norm below opset 17,
+                        // say): the candidate loses; if every one does,
+                        // applying the chosen plan reports the reason.
+                        Err(Error::Rewrite(crate::rewrite::RewriteError::Unsupported {
+                            ..
+                        })) => {
+                            verdicts.push(decide::Verdict {
+                                min_cosine: f64::NAN,
+                                top1_agreement: None,
+                                top1_spread: None,
+                                applied: false,
+                            });
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    let clock = Instant::now();
+                    let fidelity = verifier.check(&candidate.model)?;
+                    seconds.run += clock.elapsed().as_secs_f64();
+                    verdicts.push(decide::Verdict {
+                        min_cosine: fidelity.min_cosine,
+                        top1_agreement: fidelity.top1_agreement,
+                        top1_spread: fidelity.top1_spread,
+                        applied: true,
+                    });
+                }
+                Ok(verdicts)
+            };
+            let judged = judge_all();
+            drop(receiver);
+            if let Err(panic) = maker.join() {
+                std::panic::resume_unwind(panic);
+            }
+            judged
+        })
     }
 }

@@ -103,9 +103,10 @@ pub struct Decided {
     /// samples read and the measuring pass: taps, ID, scores) and, where
     /// candidate plans were judged, `judge: statistics` (repair statistics
     /// the measuring pass did not gather, normally none), `judge:
-    /// rewrite+repair` and `judge: run` (the
-    /// candidates run on the decision samples). The rest of the stage is
-    /// the report's `decide`.
+    /// rewrite+repair` (waiting for the next candidate: the next one is
+    /// made while the last one runs, so this is what the runs did not
+    /// hide) and `judge: run` (the candidates run on the decision
+    /// samples). The rest of the stage is the report's `decide`.
     pub stages: Vec<(&'static str, f64)>,
 }
 
