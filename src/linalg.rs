@@ -278,11 +278,6 @@ impl Cholesky {
         self.pivots
     }
 
-    /// Bytes the factor holds.
-    pub fn bytes(&self) -> usize {
-        self.panels.iter().map(Array2::len).sum::<usize>() * std::mem::size_of::<f64>()
-    }
-
     /// L_k Y = B in place, L_k the leading block as tall as `b`
     /// (standard layout, at most [`Cholesky::pivots`] rows).
     pub fn forward(&self, b: ArrayViewMut2<'_, f64>, threads: Threads) {

@@ -452,6 +452,10 @@ pub fn apply_and_verify(
     Ok((candidate, fidelity))
 }
 
+/// Stack of the thread that makes the judge's candidates: the main
+/// thread's usual 8 MiB, not a spawned thread's 2 MiB.
+const MAKER_STACK: usize = 8 << 20;
+
 /// Decision samples the `all` search judges each candidate plan on.
 pub const JUDGE_SAMPLES: usize = 64;
 
@@ -558,20 +562,25 @@ impl decide::Judge for CandidateJudge<'_> {
         // plans one after the other.
         std::thread::scope(|scope| {
             let (sender, receiver) = std::sync::mpsc::sync_channel(0);
-            let maker = scope.spawn(move || {
-                for plan in plans {
-                    let made = apply_plan(source, Some(arch), plan, Some(statistics));
-                    // The judge stopped (an error): nothing more to make.
-                    if sender.send(made).is_err() {
-                        break;
+            // The rewrite ran on the main thread before; its stack is as
+            // deep here (graph walks of large models).
+            let maker = std::thread::Builder::new().stack_size(MAKER_STACK);
+            let maker = maker
+                .spawn_scoped(scope, move || {
+                    for plan in plans {
+                        let made = apply_plan(source, Some(arch), plan, Some(statistics));
+                        // The judge stopped (an error): nothing more to make.
+                        if sender.send(made).is_err() {
+                            break;
+                        }
                     }
-                }
-            });
+                })
+                .map_err(|e| {
+                    Error::Runtime(crate::calib::RuntimeError::Session(format!(
+                        "cannot start the thread that makes candidates: {e}"
+                    )))
+                })?;
             let mut judge_all = || -> Result<Vec<decide::Verdict>, Error> {
-                // The original runs while the first candidate is made.
-                let clock = Instant::now();
-                verifier.reference()?;
-                seconds.run += clock.elapsed().as_secs_f64();
                 let mut verdicts = Vec::with_capacity(plans.len());
                 for _ in plans {
                     let clock = Instant::now();

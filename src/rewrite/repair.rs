@@ -421,6 +421,35 @@ impl Product {
             levels: std::sync::Mutex::new(vec![None; RIDGES.len()]),
         }
     }
+
+    /// The Gram factored in `order` with `ridge` (the `level`th of
+    /// [`RIDGES`]), made the first time. Made without holding the lock (the
+    /// factorisation's products run on rayon, whose workers may pick up
+    /// other fits meanwhile); two threads making the same level make the
+    /// same numbers, and the first one stored is the one kept.
+    fn level(
+        &self,
+        level: usize,
+        ridge: f64,
+        gram: &Array2<f64>,
+        threads: Threads,
+    ) -> std::sync::Arc<Level> {
+        let stored = |levels: &[Option<std::sync::Arc<Level>>]| levels[level].clone();
+        if let Some(made) = stored(&self.levels.lock().unwrap_or_else(|e| e.into_inner())) {
+            return made;
+        }
+        let order = &self.order;
+        let a = Array2::from_shape_fn((order.len(), order.len()), |(i, j)| {
+            gram[[order[i], order[j]]]
+        });
+        let factor = linalg::Cholesky::new(a, ridge, threads);
+        let mut forward = self.g_full.select(Axis(0), &order[..factor.pivots()]);
+        factor.forward(forward.view_mut(), threads);
+        let mut levels = self.levels.lock().unwrap_or_else(|e| e.into_inner());
+        levels[level]
+            .get_or_insert_with(|| std::sync::Arc::new(Level { factor, forward }))
+            .clone()
+    }
 }
 
 /// G + λI factored in a projection's rank order, and L⁻¹ (G·W') over the
@@ -431,20 +460,16 @@ struct Level {
     forward: Array2<f64>,
 }
 
-impl Level {
-    fn bytes(&self) -> usize {
-        self.factor.bytes() + self.forward.len() * std::mem::size_of::<f64>()
-    }
-}
-
 /// Relative ridges tried in turn ([`least_squares`]).
 const RIDGES: [f64; 3] = [1e-6, 1e-4, 1e-2];
 
-/// Bytes of factors [`Products`] keeps for later plans; past it a factor
-/// is made, used and dropped (the same numbers, only slower). CLIP
-/// ViT-B/32's 48 refit projections take about 1.1 GB (L's lower half and
-/// L⁻¹ G·W' per projection).
-const SHARED_FACTOR_BYTES: usize = 2 << 30;
+/// Projections with at most this many rows a fit can keep share one factor
+/// across plans (CLIP ViT-B/32's widest, 3,073, does): the factor's lower
+/// half and L⁻¹·G·W' then take at most 1.5× the projection's Gram, which
+/// the statistics hold anyway. A wider one (a 7B decoder's 11,009-row MLP
+/// output would keep about 0.8 GB per layer) factors each plan's kept
+/// block alone, as every plan outside the rank order does.
+const SHARED_FACTOR_ROWS: usize = 4097;
 
 /// G·W', output energy and factors of projections, computed once per run
 /// ([`Statistics`]): a dozen candidate plans refit the same projections
@@ -453,33 +478,13 @@ const SHARED_FACTOR_BYTES: usize = 2 << 30;
 /// with the leading block of one factor of the whole order (the
 /// factorisation and the forward substitution were most of a refit's
 /// work when made per candidate).
-#[derive(Debug)]
-struct Products {
-    map: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Product>>>,
-    /// Bytes of the factors kept.
-    held: std::sync::atomic::AtomicUsize,
-    /// Bytes of factors that may be kept ([`SHARED_FACTOR_BYTES`]).
-    cap: usize,
-}
-
-impl Default for Products {
-    fn default() -> Self {
-        Self {
-            map: Default::default(),
-            held: Default::default(),
-            cap: SHARED_FACTOR_BYTES,
-        }
-    }
-}
+#[derive(Debug, Default)]
+struct Products(std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Product>>>);
 
 impl Clone for Products {
     fn clone(&self) -> Self {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        Self {
-            map: std::sync::Mutex::new(map),
-            held: self.held.load(std::sync::atomic::Ordering::Relaxed).into(),
-            cap: self.cap,
-        }
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Self(std::sync::Mutex::new(map))
     }
 }
 
@@ -487,7 +492,7 @@ impl Products {
     /// Drops the products made from the Grams of `inputs` (replaced by new
     /// ones), so no refit reads a product of an old Gram.
     fn forget(&self, inputs: &[String]) {
-        self.map
+        self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|key, _| {
@@ -506,7 +511,7 @@ impl Products {
         full: &Array2<f64>,
         threads: Threads,
     ) -> std::sync::Arc<Product> {
-        if let Some(p) = self.map.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+        if let Some(p) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
             return p.clone();
         }
         let rows = target.linear.in_features;
@@ -516,49 +521,11 @@ impl Products {
         }
         order.extend(rank(gram, full, rows, target.unit));
         let product = std::sync::Arc::new(Product::new(gram, full, order, threads));
-        self.map
+        self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key.to_string(), product.clone());
         product
-    }
-
-    /// `product`'s Gram factored in its order with `ridge` (the `level`th
-    /// of [`RIDGES`]), made the first time and kept while the factors kept
-    /// fit in the cap.
-    fn level(
-        &self,
-        product: &Product,
-        level: usize,
-        ridge: f64,
-        gram: &Array2<f64>,
-        threads: Threads,
-    ) -> std::sync::Arc<Level> {
-        let mut levels = product.levels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(made) = &levels[level] {
-            return made.clone();
-        }
-        let order = &product.order;
-        let a = Array2::from_shape_fn((order.len(), order.len()), |(i, j)| {
-            gram[[order[i], order[j]]]
-        });
-        let factor = linalg::Cholesky::new(a, ridge, threads);
-        let mut forward = product.g_full.select(Axis(0), &order[..factor.pivots()]);
-        factor.forward(forward.view_mut(), threads);
-        let made = std::sync::Arc::new(Level { factor, forward });
-        let bytes = made.bytes();
-        let kept = self
-            .held
-            .fetch_update(
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-                |held| (held + bytes <= self.cap).then_some(held + bytes),
-            )
-            .is_ok();
-        if kept {
-            levels[level] = Some(made.clone());
-        }
-        made
     }
 }
 
@@ -721,11 +688,9 @@ fn solve(
     let product = products.get_or(&key, target, gram, &full, threads);
     // K leads the rank order when every row of it has a place below |K|
     // (the rows are distinct): almost every plan the allocation makes.
-    let solver = if k.iter().all(|&r| product.place[r] < k.len()) {
-        Solver::Leading {
-            products,
-            product: &product,
-        }
+    let leads = k.iter().all(|&r| product.place[r] < k.len());
+    let solver = if leads && product.order.len() <= SHARED_FACTOR_ROWS {
+        Solver::Leading { product: &product }
     } else {
         Solver::Direct {
             mean_diagonal: product.mean_diagonal,
@@ -834,10 +799,7 @@ enum Solver<'a> {
     Direct { mean_diagonal: f64 },
     /// K is a leading run of `product`'s order: its factors' leading
     /// block (the same system; the factor is made once for every plan).
-    Leading {
-        products: &'a Products,
-        product: &'a Product,
-    },
+    Leading { product: &'a Product },
 }
 
 /// Fits the rows K of `full` (W' = [W; b]) to reproduce `full`'s output
@@ -883,8 +845,8 @@ fn least_squares(
             Solver::Direct { .. } => {
                 linalg::solve_spd(g_kk(), rhs.clone(), ridge, threads).map(|x| (x, ridge))
             }
-            Solver::Leading { products, product } => {
-                let made = products.level(product, level, ridge, gram, threads);
+            Solver::Leading { product } => {
+                let made = product.level(level, ridge, gram, threads);
                 if made.factor.pivots() < k.len() {
                     return None;
                 }
@@ -1082,42 +1044,28 @@ mod tests {
             mean_diagonal: product.mean_diagonal,
         };
         // Across the factorisation's 128-wide blocks, down to one row.
-        for (products, kept) in [(Products::default(), true), (no_room(), false)] {
-            for rows in [1, 2, 127, 128, 129, 200, 299] {
-                let mut k: Vec<usize> = order[1..=rows].to_vec();
-                k.sort_unstable();
-                k.push(width);
-                let leading = Solver::Leading {
-                    products: &products,
-                    product: &product,
-                };
-                let (g_full, total) = (&product.g_full, product.energy);
-                let shared = least_squares(&gram, &full, &k, g_full, total, leading, Threads::All);
-                let alone = least_squares(&gram, &full, &k, g_full, total, direct, Threads::One);
-                let (x, y) = (shared.solution.unwrap(), alone.solution.unwrap());
-                let scale = y.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-                let gap = (&x - &y).iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                assert!(gap <= 1e-6 * scale, "{rows} rows: {gap} apart");
-                let (a, b) = (shared.error_refit.unwrap(), alone.error_refit.unwrap());
-                assert!((a - b).abs() <= 1e-9, "{rows} rows: {a} vs {b}");
-                assert_eq!(shared.error_dropped, alone.error_dropped);
-            }
-            // One factor made for all of them, kept only where it fits.
+        let mut first = None;
+        for rows in [1, 2, 127, 128, 129, 200, 299] {
+            let mut k: Vec<usize> = order[1..=rows].to_vec();
+            k.sort_unstable();
+            k.push(width);
+            let leading = Solver::Leading { product: &product };
+            let (g_full, total) = (&product.g_full, product.energy);
+            let shared = least_squares(&gram, &full, &k, g_full, total, leading, Threads::All);
+            let alone = least_squares(&gram, &full, &k, g_full, total, direct, Threads::One);
+            let (x, y) = (shared.solution.unwrap(), alone.solution.unwrap());
+            let scale = y.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            let gap = (&x - &y).iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            assert!(gap <= 1e-6 * scale, "{rows} rows: {gap} apart");
+            let (a, b) = (shared.error_refit.unwrap(), alone.error_refit.unwrap());
+            assert!((a - b).abs() <= 1e-9, "{rows} rows: {a} vs {b}");
+            assert_eq!(shared.error_dropped, alone.error_dropped);
+            // One factor made for all of them, at the first ridge.
             let levels = product.levels.lock().unwrap();
-            assert_eq!(levels[0].is_some(), kept);
+            let made = levels[0].clone().expect("the first ridge's factor");
             assert!(levels[1..].iter().all(Option::is_none), "no ridge retried");
-            let held = products.held.load(std::sync::atomic::Ordering::Relaxed);
-            assert_eq!(held > 0, kept);
-            drop(levels);
-            product.levels.lock().unwrap()[0] = None;
-        }
-    }
-
-    /// [`Products`] that keep no factor.
-    fn no_room() -> Products {
-        Products {
-            cap: 0,
-            ..Products::default()
+            let first = first.get_or_insert_with(|| made.clone());
+            assert!(std::sync::Arc::ptr_eq(first, &made), "made again");
         }
     }
 
