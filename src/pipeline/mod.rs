@@ -340,8 +340,8 @@ impl Verifier {
         )?)
     }
 
-    /// The original's outputs on the samples, run the first time.
-    fn reference(&self) -> Result<&verify::Reference, Error> {
+    /// How closely `model` follows the original.
+    pub fn check(&self, model: &Model) -> Result<Fidelity, Error> {
         if self.reference.get().is_none() {
             let reference = verify::Reference::run(
                 &self.original,
@@ -353,12 +353,7 @@ impl Verifier {
             .ignoring(self.cache_outputs.clone());
             let _ = self.reference.set(reference);
         }
-        Ok(self.reference.get().expect("set just above"))
-    }
-
-    /// How closely `model` follows the original.
-    pub fn check(&self, model: &Model) -> Result<Fidelity, Error> {
-        let reference = self.reference()?;
+        let reference = self.reference.get().expect("set just above");
         let candidate = onnx::encode_to_vec(&model.to_proto());
         Ok(verify::compare_to(
             reference,
@@ -535,9 +530,6 @@ impl decide::Judge for CandidateJudge<'_> {
     type Error = Error;
 
     fn judge(&mut self, plans: &[Plan]) -> Result<Vec<decide::Verdict>, Error> {
-        if plans.is_empty() {
-            return Ok(Vec::new());
-        }
         // Repair statistics once for every layer any plan refits and every
         // branch any plan compensates that no earlier call needed.
         let refitting: Vec<&Plan> = plans.iter().filter(|p| p.repair.is_some()).collect();

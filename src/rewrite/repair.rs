@@ -434,8 +434,8 @@ impl Product {
         gram: &Array2<f64>,
         threads: Threads,
     ) -> std::sync::Arc<Level> {
-        let stored = |levels: &[Option<std::sync::Arc<Level>>]| levels[level].clone();
-        if let Some(made) = stored(&self.levels.lock().unwrap_or_else(|e| e.into_inner())) {
+        let stored = self.levels.lock().unwrap_or_else(|e| e.into_inner())[level].clone();
+        if let Some(made) = stored {
             return made;
         }
         let order = &self.order;
@@ -465,8 +465,9 @@ const RIDGES: [f64; 3] = [1e-6, 1e-4, 1e-2];
 
 /// Projections with at most this many rows a fit can keep share one factor
 /// across plans (CLIP ViT-B/32's widest, 3,073, does): the factor's lower
-/// half and L⁻¹·G·W' then take at most 1.5× the projection's Gram, which
-/// the statistics hold anyway. A wider one (a 7B decoder's 11,009-row MLP
+/// half and L⁻¹·G·W' then take ½ + outputs/rows of the projection's Gram,
+/// which the statistics hold anyway (at most 1.5× where, as in MLP and
+/// attention outputs, a projection has no more outputs than inputs). A wider one (a 7B decoder's 11,009-row MLP
 /// output would keep about 0.8 GB per layer) factors each plan's kept
 /// block alone, as every plan outside the rank order does.
 const SHARED_FACTOR_ROWS: usize = 4097;
@@ -836,7 +837,7 @@ fn least_squares(
     // shared factor holds.
     let mean_diagonal = match solver {
         Solver::Direct { mean_diagonal } => mean_diagonal,
-        Solver::Leading { product, .. } => product.mean_diagonal,
+        Solver::Leading { product } => product.mean_diagonal,
     };
     let levels = if slimmed { RIDGES.len() } else { 0 };
     let solution = (0..levels).find_map(|level| {
